@@ -24,6 +24,7 @@ table to docs/results/locate.md.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import os
 import platform
 import sys
@@ -160,34 +161,42 @@ def main(argv=None) -> int:
             t_tl += time.perf_counter() - t0
         mem["tl"] = max(mem.get("tl", 0.0), pk.mb)
 
-    def run_ours(comp, box):
-        nonlocal t_ours
+    def run_ours(comp, box, skip_noops=True, res=res_ours, key="ours"):
         with PeakRSS() as pk, torch.no_grad():
             t0 = time.perf_counter()
             if "engine" not in box:
                 src, _ = clean_source(model, cb, sum(hooks.values(), []), rows)
                 base = Base(xb.input_ids, xb.attention_mask, xb.lengths, rows)
-                box["engine"] = PatchEngine(model, base, {"clean": src}, metric)
-            res_ours[comp] = ours_fns[comp](box["engine"])
-            t_ours += time.perf_counter() - t0
-        mem["ours"] = max(mem.get("ours", 0.0), pk.mb)
+                box["engine"] = PatchEngine(model, base, {"clean": src}, metric, skip_noops=skip_noops,
+                                            progress=False)
+            res[comp] = ours_fns[comp](box["engine"])
+            box["t"] = box.get("t", 0.0) + time.perf_counter() - t0
+        mem[key] = max(mem.get(key, 0.0), pk.mb)
 
-    tl_box, our_box = {}, {}
+    # the engine with no-op skipping off: every site is computed, as TransformerLens does
+    res_all = {}
+    run_all = partial(run_ours, skip_noops=False, res=res_all, key="all")
+    tl_box, our_box, all_box = {}, {}, {}
+    boxes = {run_tl: tl_box, run_ours: our_box, run_all: all_box}
     for i, comp in enumerate(("resid", "mlp", "attn")):
-        order = (run_tl, run_ours) if i % 2 == 0 else (run_ours, run_tl)
+        order = (run_tl, run_ours, run_all) if i % 2 == 0 else (run_all, run_ours, run_tl)
         for f in order:
-            f(comp, tl_box if f is run_tl else our_box)
-        print(f"  {comp}: TransformerLens {t_tl:.1f}s, biaslens {t_ours:.1f}s (cumulative)", flush=True)
-    max_diff = max(float((res_tl[c] - res_ours[c]).abs().max()) for c in res_tl)
+            f(comp, boxes[f])
+        print(f"  {comp}: TransformerLens {t_tl:.1f}s, biaslens {our_box['t']:.1f}s, biaslens computing "
+              f"every site {all_box['t']:.1f}s (cumulative)", flush=True)
+    t_ours, t_all = our_box["t"], all_box["t"]
+    max_diff = max(float((res_tl[c] - r[c]).abs().max()) for c in res_tl for r in (res_ours, res_all))
     # what each side computes: block-token passes (x 12 d^2 MACs) and unembedded positions (x d V)
-    st = our_box["engine"].stats
+    st, st_all = our_box["engine"].stats, all_box["engine"].stats
     n_sites = 3 * L * T
     c_block, c_unembed = 12 * model.d_model ** 2, model.d_model * model.bridge.cfg.d_vocab
     work_tl = n_sites * B * T * (L * c_block + c_unembed)
-    work_ours = st["block_tokens"] * c_block + st["unembed_rows"] * c_unembed
+    eng = our_box["engine"]
+    n_cols = len(eng._cols[0]) if eng._cols is not None else model.bridge.cfg.d_vocab
+    work_ours = st["block_tokens"] * c_block + st["unembed_rows"] * model.d_model * n_cols
 
-    our_box.clear()
-    tl_box.clear()
+    for box in boxes.values():
+        box.clear()
     with PeakRSS() as pk:
         t0 = time.perf_counter()
         src, _ = clean_source(model, cb, sum(hooks.values(), []), rows)
@@ -200,7 +209,8 @@ def main(argv=None) -> int:
     approx = torch.cat([attr[c].flatten() for c in hooks])
     pearson = float(torch.corrcoef(torch.stack([exact, approx]))[0, 1])
 
-    r_exact, r_attr = t_tl / t_ours, t_tl / t_attr
+    r_exact, r_all, r_attr = t_tl / t_ours, t_tl / t_all, t_tl / t_attr
+    n_pairs = n_sites * B
     lines = [
         "# Locate speed: batched exact patching and attribution patching vs TransformerLens",
         "",
@@ -215,6 +225,8 @@ def main(argv=None) -> int:
         f"| TransformerLens `patching` (1 forward per site) | {t_tl:.1f} | 1.0x | | {mem['tl']:.0f} | |",
         f"| biaslens exact (`PatchEngine`) | {t_ours:.1f} | {r_exact:.1f}x | >= 5x | {mem['ours']:.0f} | "
         f"max abs diff vs TL {max_diff:.1e} |",
+        f"| biaslens exact, no-op skipping off (every site computed) | {t_all:.1f} | {r_all:.1f}x | | "
+        f"{mem['all']:.0f} | same numbers |",
         f"| biaslens attribution patching | {t_attr:.2f} | {r_attr:.0f}x | >= 50x | {mem['attr']:.0f} | "
         f"Pearson r vs exact {pearson:.3f} |",
         "",
@@ -224,6 +236,15 @@ def main(argv=None) -> int:
         f"unembedded positions vs {n_sites * B * T:,}): the engine does {work_tl / work_ours:.1f}x less "
         f"work and is {r_exact:.1f}x faster in wall time (per-call overheads on both sides and matmul "
         "efficiency at small batches make up the difference; both swing with load on a shared CPU).",
+        "",
+        f"No-op patches: of the {n_pairs:,} (site, prompt) pairs, {st['noop_rows']:,} set an activation to "
+        "the value the corrupted run already has there (the BOS token and the shared first word "
+        "before the occupation at every layer; the token embeddings of shared words at layer 0). "
+        "Patching them cannot change the output, so the engine returns the corrupted run's value "
+        "for them without a forward (a bitwise equality test: exact); TransformerLens runs them. "
+        f"With that off, the engine does {st_all['block_tokens']:,} block-token passes and "
+        f"{st_all['unembed_rows']:,} unembedded positions. The metric is a log-ratio of two single "
+        "tokens, so both biaslens rows unembed only those two columns (`LogitMetric.columns`).",
         "",
         f"Command: `python benchmarks/locate.py{' --quick' if args.quick else f' --prompts {n_prompts}'}"
         f" --threads {args.threads}`",

@@ -31,10 +31,17 @@ def pronoun_pair(prompt: Any) -> tuple[str, str]:
 
 @dataclass
 class LogitMetric:
-    """``fn(last_logits) -> [batch]``; ``name`` says what it measures (stored in effect maps)."""
+    """``fn(last_logits) -> [batch]``; ``name`` says what it measures (stored in effect maps).
+
+    ``columns`` (optional): the only vocabulary ids ``fn`` reads, for a metric that is also
+    unchanged when a constant is added to every logit of a row (a log-ratio of single tokens).
+    Such a metric gives the same value on logits that are ``-inf`` outside ``columns``, so a
+    patching engine may unembed only those columns.
+    """
 
     fn: Callable[["torch.Tensor"], "torch.Tensor"]
     name: str
+    columns: "torch.Tensor | None" = None
 
     def __call__(self, last_logits: "Float[torch.Tensor, 'batch vocab']") -> "Float[torch.Tensor, 'batch']":
         return self.fn(last_logits)
@@ -66,7 +73,9 @@ def _make(kind: str, male, female) -> LogitMetric:
         return p[idx, female[: logits.shape[0]]] - p[idx, male[: logits.shape[0]]]
 
     name = {"log_ratio": "log P(female) - log P(male)", "prob_gap": "P(female) - P(male)"}[kind]
-    metric = LogitMetric(fn, name)
+    # log P(f) - log P(m) = logit(f) - logit(m): only the pronoun columns matter
+    cols = torch.unique(torch.cat([male, female])) if kind == "log_ratio" else None
+    metric = LogitMetric(fn, name, cols)
     metric._subset = lambda idx: _make(kind, male[idx], female[idx])  # type: ignore[attr-defined]
     return metric
 

@@ -145,17 +145,64 @@ def test_edited_model_has_the_balance_the_targets_promised(arch, models, corpus,
     metric = pronoun_log_ratio(m, P)
     with torch.no_grad():
         gap0 = metric(m.last_logits(b))
-    hp = LSDMHparams(**{**HP, "v_steps": 0, "v_newton_steps": 4})
+    hp = LSDMHparams(**{**HP, "v_steps": 0, "v_newton_steps": 4, "v_tol": 0.0})
     delta = lsdm(m, P, layers=[1], role="last", corpus=corpus, hparams=hp, keep_prompts=[],
                  cache_dir=cache, progress=False)
     try:
         with torch.no_grad():
             gap1 = metric(m.last_logits(b))
         t = delta.info["diagnostics"]["targets"]
+        assert t["newton_steps"] == 4
         assert abs(gap0.pow(2).mean().item() - t["initial_gap_sq"]) < 1e-4 * (1 + t["initial_gap_sq"])
         assert gap1.pow(2).mean().item() < 1e-3 * gap0.pow(2).mean().item() + 1e-9
     finally:
         delta.undo(m)
+    # with a tolerance the steps stop once the mean squared gap is below it, and the edit has it
+    tol = 0.1 * gap0.pow(2).mean().item()
+    delta = lsdm(m, P, layers=[1], role="last", corpus=corpus, keep_prompts=[], cache_dir=cache,
+                 hparams=LSDMHparams(**{**HP, "v_steps": 0, "v_newton_steps": 4, "v_tol": tol}),
+                 progress=False)
+    try:
+        with torch.no_grad():
+            gap2 = metric(m.last_logits(b))
+        t = delta.info["diagnostics"]["targets"]
+        assert t["newton_steps"] < 4 and t["gap_sq_after_newton"] <= tol
+        assert gap2.pow(2).mean().item() <= 1.01 * tol
+    finally:
+        delta.undo(m)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("role", ["subject_last", "last"])
+def test_kv_suffix_runner_equals_the_full_suffix_run(arch, role, models):
+    """The target runner that re-enters after the site on cached prefixes gives the log-probs
+    and the gradient in δ of the one that re-runs every position from the layer on."""
+    from biaslens.edit.keys import site_batch
+    from biaslens.edit.targets import KVSuffixRunner, SuffixRunner
+
+    m = models[arch]
+    site = site_batch(m, edit_prompts(2), role, "none")
+    fast = KVSuffixRunner.build(m, site, 0, 256)
+    slow = SuffixRunner(m, site, 0, 256)
+    assert isinstance(fast, KVSuffixRunner)
+    assert any(skip > 0 for _, skip in fast.engines.values())  # prefixes really come from a cache
+    torch.manual_seed(0)
+    pair = fast.engines[fast.buckets[0][0]][0]._cols[0]  # the two pronoun ids
+    for idx in fast.buckets:
+        d = torch.randn(len(idx), m.d_model) * 0.5
+        lps, grads = [], []
+        for run, full in ((fast, True), (fast, False), (slow, True)):
+            x = d.clone().requires_grad_(True)
+            lp = run.logprobs(idx, x, full=full)
+            (lp[:, pair[1]] - lp[:, pair[0]]).sum().backward()
+            lps.append(lp.detach())
+            grads.append(x.grad)
+        torch.testing.assert_close(lps[0], lps[2], atol=1e-4, rtol=1e-4)
+        gap = [lp[:, pair[1]] - lp[:, pair[0]] for lp in lps]
+        torch.testing.assert_close(gap[1], gap[2], atol=1e-5, rtol=1e-4)  # pronoun columns only
+        torch.testing.assert_close(grads[0], grads[2], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grads[1], grads[2], atol=1e-5, rtol=1e-4)
+        assert grads[2].abs().max() > 0
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -30,21 +30,21 @@ def model(request, tiny_dirs):
     return biaslens.load(tiny_dirs[request.param])
 
 
-def _engine(model, early_start=True):
+def _engine(model, early_start=True, metric=None, **kw):
     from biaslens.hooks import act_name
     from biaslens.locate.patching import Base, PatchEngine, clean_source
     from biaslens.metrics import pronoun_log_ratio
 
     cb, xb = model.encode(CLEAN), model.encode(CORRUPT)
     assert torch.equal(cb.lengths, xb.lengths)  # same-length corruption, as TL's API needs
-    metric = pronoun_log_ratio(model, CLEAN)
+    metric = metric or pronoun_log_ratio(model, CLEAN)
     rows = torch.arange(len(cb))
     hooks = [act_name(c, l) for c in ("resid_pre", "mlp_out", "attn_out") for l in range(model.n_layers)]
     src, _ = clean_source(model, cb, hooks, rows)
     base = Base(xb.input_ids, xb.attention_mask, xb.lengths, rows)
     # merge_tokens=0 and a small token budget: many chunks, each skipping its unchanged prefix
     return PatchEngine(model, base, {"clean": src}, metric, early_start=early_start, progress=False,
-                       max_tokens=40, merge_tokens=0), cb, xb, metric
+                       max_tokens=40, merge_tokens=0, **kw), cb, xb, metric
 
 
 def test_exact_patching_equals_transformer_lens(model):
@@ -83,6 +83,31 @@ def test_full_forward_fallback_gives_the_same_numbers(arch, tiny_dirs):
     slow, *_ = _engine(model, early_start=False)
     assert not slow.early_start and fast.skip_prefix
     torch.testing.assert_close(patch_mlp_out_by_pos(fast), patch_mlp_out_by_pos(slow), atol=1e-5, rtol=0)
+
+
+def test_noop_skipping_and_metric_columns_change_no_number(model):
+    """The two shortcuts against the engine without them: skipping patches whose source equals
+    the base (the prompts share "The"/"My" and BOS) and unembedding only the pronoun columns."""
+    from biaslens.locate.patching import patch_attn_out_by_pos, patch_resid_pre_by_pos
+    from biaslens.metrics import pronoun_log_ratio
+
+    full_metric = pronoun_log_ratio(model, CLEAN)
+    plain = full_metric.fn  # the same function, without the declared columns
+
+    fast, cb, xb, _ = _engine(model)
+    slow, *_ = _engine(model, metric=plain, skip_noops=False)
+    assert fast._cols is not None and slow._cols is None
+    for fn in (patch_resid_pre_by_pos, patch_attn_out_by_pos):
+        a, b = fn(fast), fn(slow)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert fast.stats["noop_rows"] > 0 and slow.stats["noop_rows"] == 0
+    assert fast.stats["block_tokens"] < slow.stats["block_tokens"]
+    # the shared first token: patching it changes nothing, and the engine knew without running it
+    same = (cb.input_ids[:, 0] == xb.input_ids[:, 0]).all()
+    assert same
+    torch.testing.assert_close(a[:, 0], fast.base_metric[None].expand(a.shape[0], -1), atol=0, rtol=0)
+    # a position where the prompts differ is not a no-op
+    assert (a - fast.base_metric).abs().max() > 1e-3
 
 
 def _reference_noise_ie(model, prompts, hook: str, role: str, n_samples: int, seed: int):

@@ -54,7 +54,8 @@ class LSDMHparams(_Loadable):
 
     Target values (MEMIT ``compute_z``): a residual δ per key column, added to the residual
     stream after the last edited layer at the site's token, starts from ``v_newton_steps``
-    minimum-norm Gauss-Newton steps on the gap (cheap: one backward pass each), then is
+    minimum-norm Gauss-Newton steps on the gap (cheap: one backward pass each; they stop once the
+    mean squared gap is ≤ ``v_tol``, an RMS gap of 0.03 nats by default), then is
     optimised with Adam for ``v_steps`` steps of ``v_lr`` on ``(log P(f) - log P(m))² + kl_weight·KL + v_weight_decay·
     ‖δ‖²/‖h‖²``, with ‖δ‖ clamped to ``clamp_norm_factor·‖h‖``. The KL term compares the
     original and edited next-token distributions with the gendered pair merged into one outcome,
@@ -71,6 +72,7 @@ class LSDMHparams(_Loadable):
     """
 
     v_newton_steps: int = 3
+    v_tol: float = 1e-3
     v_steps: int = 10
     v_lr: float = 0.1
     kl_weight: float = 1.0

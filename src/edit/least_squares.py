@@ -65,7 +65,9 @@ def least_squares_update(
             "the LSDM system is singular (not positive definite); use mom2_weight > 0 with a key "
             "statistic from general text, or fewer key columns than the MLP width"
         )
-    X = torch.cholesky_solve(K.T @ R, L)  # [d_mlp, d_model] = A⁻¹ K R, no explicit inverse
+    # A⁻¹Kᵀ first (n right-hand sides, n = number of keys ≪ d_model), then times R: the same
+    # X = A⁻¹ Kᵀ R [d_mlp, d_model] with far fewer triangular solves; no explicit inverse
+    X = torch.cholesky_solve(K.T.contiguous(), L) @ R
     return X.T.contiguous()
 
 
@@ -210,14 +212,15 @@ def apply_lsdm(model: "BiasModel", prompts: Sequence[Any], keep_prompts: Sequenc
     site = site_batch(model, prompts, role, hp.average_keys)
     keep = site_batch(model, keep_prompts, role, "none") if keep_prompts else None
     top = layers[-1]
-    z, tinfo = compute_targets(model, site, top, hp, progress=progress)
-    clock["targets"] += time.perf_counter() - t
     z_name = act_name("resid_post", top)
+    first = {act_name("mlp_key", layers[0]): None, z_name: None}  # the unedited model's, reused
+    z, tinfo = compute_targets(model, site, top, hp, progress=progress, acts_out=first)
+    clock["targets"] += time.perf_counter() - t
     per_layer = []
     for i, layer in enumerate(layers):
         t = time.perf_counter()
         k_name = act_name("mlp_key", layer)
-        acts = gather(model, site, [k_name, z_name], hp.batch_size)
+        acts = first if i == 0 else gather(model, site, [k_name, z_name], hp.batch_size)
         K = group_mean(acts[k_name].float(), site.group, site.n_groups)
         cur = group_mean(acts[z_name].float(), site.group, site.n_groups)
         if i == 0:

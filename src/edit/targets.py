@@ -87,14 +87,16 @@ def _clamp_(delta: "torch.Tensor", limit: "torch.Tensor") -> None:
 
 
 class SuffixRunner:
-    """Next-token log-probs of a site's prompts with hooks at or after ``layer``, re-running only
-    the blocks from ``layer`` on: the residual stream entering ``layer`` is computed once per
-    length bucket (no padding inside a bucket) and only the last position is unembedded."""
+    """Next-token log-probs of a site's prompts with δ added to ``resid_post`` of ``layer`` at
+    each prompt's site position, re-running only the blocks from ``layer`` on: the residual stream
+    entering ``layer`` is computed once per length bucket (no padding inside a bucket) and only
+    the last position is unembedded. The general fallback of :class:`KVSuffixRunner`."""
 
     def __init__(self, model: "BiasModel", site: "SiteBatch", layer: int, batch_size: int):
         import torch
 
         self.model, self.site, self.layer = model, site, layer
+        self.name = act_name("resid_post", layer)
         self.buckets = length_buckets(site.batch.lengths, batch_size)
         self.prefix: dict[int, Any] = {}
         with torch.no_grad():
@@ -104,10 +106,12 @@ class SuffixRunner:
                     sub.input_ids, attention_mask=sub.attention_mask, fwd_hooks=[],
                     stop_at_layer=layer) if layer > 0 else None
 
-    def logprobs(self, idx: list[int], hooks=()) -> "Float[torch.Tensor, 'batch vocab']":
+    def logprobs(self, idx: list[int], delta_rows=None, full: bool = True) -> "Float[torch.Tensor, 'batch vocab']":
+        """Log-probs at the last token of prompts ``idx`` (one bucket) with ``delta_rows`` added."""
         import torch
 
         sub = self.site.batch.select(idx)
+        hooks = [] if delta_rows is None else [(self.name, _adder(delta_rows, self.site.pos[idx]))]
         x = self.prefix[idx[0]]
         if x is None:
             logits = self.model.bridge.run_with_hooks(sub.input_ids, attention_mask=sub.attention_mask,
@@ -119,27 +123,104 @@ class SuffixRunner:
         return torch.log_softmax(logits[:, -1].float(), -1)
 
 
-def newton_steps(run: SuffixRunner, name: str, col, delta, male, female, steps: int,
-                 limit) -> list[float]:
+class KVSuffixRunner:
+    """:class:`SuffixRunner` doing less: δ enters the residual stream entering block
+    ``layer + 1``, so only blocks ``layer + 1 ..`` run, and only at positions from the bucket's
+    first site position on; earlier positions cannot change (causal attention) and their keys and
+    values come from one base run's KV cache (the exact-patching engine's re-entry, checked once
+    per bucket against the full forward). ``full=False``: only the pronoun columns are unembedded
+    (enough for the gap, a log-ratio)."""
+
+    def __init__(self, model: "BiasModel", site: "SiteBatch", layer: int, batch_size: int,
+                 cache_hooks: Sequence[str] = ()):
+        import torch
+
+        from biaslens.locate.patching import Base, PatchEngine
+        from biaslens.metrics import pronoun_log_ratio
+
+        self.model, self.site, self.layer = model, site, layer
+        self.start = layer + 1
+        self.name = act_name("resid_pre", self.start)
+        self.buckets = length_buckets(site.batch.lengths, batch_size)
+        self.engines: dict[int, tuple[Any, int]] = {}
+        for b in self.buckets:
+            sub = site.batch.select(b)
+            skip = int(site.pos[b].min())
+            base = Base(sub.input_ids, sub.attention_mask, sub.lengths,
+                        torch.arange(len(b), device=sub.input_ids.device))
+            engine = PatchEngine(model, base, {}, pronoun_log_ratio(model, sub.prompts), cache_hooks,
+                                 skip_noops=False, reentry_check=(self.start, skip), progress=False)
+            if not engine.skip_prefix:
+                raise RuntimeError("block re-entry with a cached prefix failed its check")
+            self.engines[b[0]] = (engine, skip)
+
+    @classmethod
+    def build(cls, model: "BiasModel", site: "SiteBatch", layer: int, batch_size: int,
+              cache_hooks: Sequence[str] = ()):
+        """This runner where the model allows it, else :class:`SuffixRunner`."""
+        if layer + 1 < model.n_layers:
+            try:
+                return cls(model, site, layer, batch_size, cache_hooks)
+            except RuntimeError:
+                pass
+        return SuffixRunner(model, site, layer, batch_size)
+
+    def site_acts(self, name: str) -> "Float[torch.Tensor, 'n_prompts d']":
+        """The base run's activation of ``name`` (``resid_post`` of the layer, or a hook given as
+        ``cache_hooks``) at every prompt's site token, in site order: the unedited model's."""
+        import torch
+
+        if name == act_name("resid_post", self.layer):
+            name = self.name
+        out = None
+        for b in self.buckets:
+            engine, _ = self.engines[b[0]]
+            act = engine.base_cache[name]
+            vals = act[torch.arange(len(b), device=act.device), self.site.pos[b]]
+            if out is None:
+                out = vals.new_empty((len(self.site),) + vals.shape[1:])
+            out[b] = vals
+        return out
+
+    def logprobs(self, idx: list[int], delta_rows=None, full: bool = True) -> "Float[torch.Tensor, 'batch vocab']":
+        import torch
+
+        engine, skip = self.engines[idx[0]]
+        hooks = [] if delta_rows is None else [(self.name, _adder(delta_rows, self.site.pos[idx] - skip))]
+        logits = engine.forward_from(self.start, hooks, skip, full=full)
+        return torch.log_softmax(logits.float(), -1)
+
+
+def newton_steps(run: "SuffixRunner | KVSuffixRunner", col, delta, male, female, steps: int,
+                 limit, tol: float = 0.0) -> list[float]:
     """Minimum-norm Gauss-Newton steps on the pronoun gap: per column j with residuals r_j
     (log P(f) − log P(m) of its prompts) and Jacobian J_j, δ_j ← δ_j − J_jᵀ(J_j J_jᵀ + μI)⁻¹ r_j.
     One backward pass gives every prompt's Jacobian (the prompts are independent sequences).
-    A cheap start for the Adam steps; returns the mean squared gap before each step."""
+    Stops early once the mean squared gap is ≤ ``tol`` (checked on the forward, before the
+    backward is paid for). Returns the mean squared gap before each step taken, and the gap
+    after the last one."""
     import torch
 
     site = run.site
     n, history = len(site), []
-    for _ in range(steps):
+    for step in range(steps + 1):
         J = torch.zeros((n, delta.shape[1]), device=delta.device)
         r = torch.zeros(n, device=delta.device)
+        graphs = []
         for idx in run.buckets:
-            d_i = delta[col[idx]].detach().clone().requires_grad_(True)
-            lp = run.logprobs(idx, [(name, _adder(d_i, site.pos[idx]))])
+            d_i = delta[col[idx]].detach().clone().requires_grad_(step < steps)
+            lp = run.logprobs(idx, d_i, full=False)
             rows = torch.arange(len(idx), device=lp.device)
             gap = lp[rows, female[idx]] - lp[rows, male[idx]]
-            gap.sum().backward()
-            J[idx], r[idx] = d_i.grad, gap.detach()
+            r[idx] = gap.detach()
+            graphs.append((idx, d_i, gap))
         history.append(float(r.pow(2).mean()))
+        if step == steps or history[-1] <= tol:
+            break
+        for idx, d_i, gap in graphs:
+            gap.sum().backward()
+            J[idx] = d_i.grad
+        del graphs
         with torch.no_grad():
             for j in range(delta.shape[0]):
                 m = (col == j).nonzero()[:, 0]
@@ -155,23 +236,32 @@ def newton_steps(run: SuffixRunner, name: str, col, delta, male, female, steps: 
 
 def compute_targets(
     model: "BiasModel", site: "SiteBatch", layer: int, hp: "LSDMHparams", shared: bool = False,
-    progress: bool = True,
+    progress: bool = True, acts_out: dict | None = None,
 ) -> tuple["Float[torch.Tensor, 'g d_model']", dict[str, Any]]:
     """Targets z ``[n_groups, d_model]`` at ``resid_post`` of ``layer``; with ``shared`` one δ for
     all columns (ROME's single v*). ``hp.v_newton_steps`` minimum-norm Gauss-Newton steps on the
     gap start δ, then ``hp.v_steps`` Adam steps on the full loss (gap² + KL + decay) refine it.
-    Returns ``(z, diagnostics)``."""
+    Returns ``(z, diagnostics)``. ``acts_out``: hook names as keys; their values are set to the
+    (unedited) activations at the site tokens ``[n_prompts, d]``, taken from the same forward."""
     import torch
     from tqdm.auto import tqdm
 
     from biaslens.edit.keys import gather, group_mean
 
     name = act_name("resid_post", layer)
-    h = gather(model, site, [name], hp.batch_size)[name].float()
+    wanted = list(acts_out or ())
+    names = list(dict.fromkeys([name] + wanted))
+    run = KVSuffixRunner.build(model, site, layer, hp.batch_size, wanted)
+    if isinstance(run, KVSuffixRunner):
+        found = {n: run.site_acts(n) for n in names}
+    else:
+        found = gather(model, site, names, hp.batch_size)
+    if acts_out is not None:
+        acts_out.update({n: found[n] for n in wanted})
+    h = found[name].float()
     h_group = group_mean(h, site.group, site.n_groups)
     male, female = pronoun_ids(model, site.batch.prompts)
     n = len(site)
-    run = SuffixRunner(model, site, layer, hp.batch_size)
     n_delta = 1 if shared else site.n_groups
     delta = torch.zeros((n_delta, model.d_model), device=model.device)
     col = torch.zeros_like(site.group) if shared else site.group
@@ -182,7 +272,7 @@ def compute_targets(
         p.requires_grad_(False)
     history: list[dict] = []
     try:
-        newton = newton_steps(run, name, col, delta, male, female, hp.v_newton_steps, limit)
+        newton = newton_steps(run, col, delta, male, female, hp.v_newton_steps, limit, hp.v_tol)
         delta.requires_grad_(True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
         if hp.v_steps:
@@ -195,7 +285,7 @@ def compute_targets(
             tot = {"gap": 0.0, "kl": 0.0}
             for idx in run.buckets:
                 rows = torch.arange(len(idx), device=model.device)
-                lp = run.logprobs(idx, [(name, _adder(delta[col[idx]], site.pos[idx]))])
+                lp = run.logprobs(idx, delta[col[idx]])
                 gap = lp[rows, female[idx]] - lp[rows, male[idx]]
                 kl = merged_pair_kl(lp0[idx[0]], lp, male[idx], female[idx])
                 loss = (gap.pow(2).sum() + hp.kl_weight * kl.sum()) / n
@@ -217,10 +307,10 @@ def compute_targets(
     first = newton[0] if newton else (history[0]["gap_sq"] if history else None)
     info = {
         "layer": layer,
-        "newton_steps": len(newton),
+        "newton_steps": max(0, len(newton) - 1),
         "adam_steps": len(history),
         "initial_gap_sq": first,
-        "gap_sq_after_newton": newton[-1] if newton else None,
+        "gap_sq_after_newton": newton[-1] if len(newton) > 1 else None,
         "final_gap_sq": history[-1]["gap_sq"] if history else None,
         "final_kl": history[-1]["kl"] if history else None,
         "delta_norm_mean": float(d.norm(dim=-1).mean()),

@@ -16,6 +16,13 @@ forward pass per site. Here:
   run's KV cache. The final norm and unembedding run only at each row's last real token, the
   only position the metric reads. A row a variant does not touch (its role is
   absent, or the position is padding) is not run: its value is the base value.
+- **No-op patches skipped.** Where a source's activation equals the base run's own at every
+  position a patch sets (a prefix shared by the clean and corrupted prompts, a position the noise
+  did not touch), the patch changes nothing: a (variant, row) whose every patch is such a no-op
+  gets the base value without a forward. The test is bitwise equality, so this is exact.
+- **Only the columns the metric reads.** A metric that declares ``columns`` (a log-ratio of
+  single tokens, unchanged by a shift of all logits) gets logits unembedded at those columns only
+  and ``-inf`` elsewhere.
 - **Right-padded prompts of different lengths.** Masks are per row and position, so each
   prompt is patched at its own role positions and read at its own last token.
 
@@ -215,6 +222,8 @@ class PatchEngine:
         metric: Callable,
         cache_hooks: Iterable[str] = (),
         early_start: bool = True,
+        skip_noops: bool = True,
+        reentry_check: tuple[int, int] | None = None,
         max_tokens: int = 8192,
         merge_tokens: int | None = None,
         progress: bool = True,
@@ -228,8 +237,12 @@ class PatchEngine:
                              else merge_tokens)
         self.n_layers = model.n_layers
         # work done by run(): chunks, block-token passes (rows × positions × blocks), unembedded rows
-        self.stats = {"chunks": 0, "block_tokens": 0, "unembed_rows": 0}
-        self._run_base(set(cache_hooks), early_start)
+        self.stats = {"chunks": 0, "block_tokens": 0, "unembed_rows": 0, "noop_rows": 0}
+        self.skip_noops = skip_noops
+        self._eq: dict[tuple[str, str], torch.Tensor] = {}
+        # base activations of every hook a source can patch (to recognise no-op patches)
+        patchable = set().union(*(s.acts for s in self.sources.values())) if skip_noops else set()
+        self._run_base(set(cache_hooks), patchable, early_start, reentry_check)
 
     # ------------------------------------------------------------ base run
     def _embed_hook(self, rows: torch.Tensor | None = None):
@@ -238,15 +251,18 @@ class PatchEngine:
             return []
         return [(act_name("embed"), partial(_add, delta=d if rows is None else d[rows]))]
 
-    def _run_base(self, cache_hooks: set[str], early_start: bool) -> None:
+    def _run_base(self, cache_hooks: set[str], patchable: set[str], early_start: bool,
+                  reentry_check: tuple[int, int] | None = None) -> None:
         """Run the base rows once (in row chunks that bound the ``[rows, pos, vocab]`` logits),
         keeping the residual entering every block, ``cache_hooks``, each block's call arguments
-        and the KV cache, all merged over chunks."""
+        and the KV cache, all merged over chunks. Re-entry is checked at block 0 with 0 and 1
+        cached positions, or only at ``reentry_check = (block, cached positions)`` when the
+        caller will only ever re-enter there (a cheaper check)."""
         b = self.base
         width, vocab = int(b.input_ids.shape[1]), int(self.model.bridge.cfg.d_vocab)
         step = max(1, min(self.max_tokens // max(1, width), 2**26 // max(1, width * vocab)))
         parts = [self._run_base_rows(torch.arange(s, min(len(b), s + step), device=b.input_ids.device),
-                                     cache_hooks) for s in range(0, len(b), step)]
+                                     cache_hooks | patchable) for s in range(0, len(b), step)]
         cache = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
         last = torch.cat([p[1] for p in parts])
         captured = {l: _merge([p[2][l] for p in parts], [p[3] for p in parts])
@@ -265,7 +281,17 @@ class PatchEngine:
         self.base_cache = cache
         self._block_args = captured
         self.sources["base"] = ActSource({k: v for k, v in cache.items() if k in cache_hooks}, rows)
-        self.early_start = early_start and len(captured) == self.n_layers and self._check_reentry(0)
+        self._cols = self._column_head()
+        able = early_start and len(captured) == self.n_layers
+        if reentry_check is not None:
+            start, skip = reentry_check
+            able = able and (self._kv is not None or skip == 0)
+            self.early_start = self.skip_prefix = able and self._check_reentry(skip, start)
+            return
+        self.early_start = able and self._check_reentry(0)
+        if self._cols is not None and not self.early_start and able:  # retry on full logits
+            self._cols = None
+            self.early_start = self._check_reentry(0)
         # skipping an unchanged prefix needs the base run's KV cache, checked like re-entry
         self.skip_prefix = self.early_start and self._kv is not None and self._check_reentry(1)
 
@@ -281,33 +307,65 @@ class PatchEngine:
             handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         cache: dict[str, torch.Tensor] = {}
         hooks = self._embed_hook(rows) + [(n, partial(_keep, cache=cache, name=n)) for n in names]
+        width = int(b.input_ids.shape[1])
+        # rows without padding: their last token is the last position, the only one to unembed
+        kw = {"logits_to_keep": 1} if bool((b.lengths[rows] == width).all()) else {}
         try:
             with torch.no_grad(), bridge.hooks(fwd_hooks=hooks):
-                logits = bridge(b.input_ids[rows], attention_mask=b.attention_mask[rows])
+                logits = bridge(b.input_ids[rows], attention_mask=b.attention_mask[rows], **kw)
         finally:
             for h in handles:
                 h.remove()
-        last = logits[torch.arange(len(rows), device=logits.device), b.lengths[rows] - 1]
+        pos = b.lengths[rows] - 1 - (width - logits.shape[1])
+        last = logits[torch.arange(len(rows), device=logits.device), pos]
         return cache, last, captured, len(rows)
 
-    def _check_reentry(self, skip: int) -> bool:
-        """Re-entering at block 0 (after ``skip`` cached positions) must reproduce the full
-        forward's last-token logits."""
+    def _check_reentry(self, skip: int, start: int = 0) -> bool:
+        """Re-entering at block ``start`` (after ``skip`` cached positions) must reproduce the
+        full forward's last-token logits."""
         rows = (self.base.lengths > skip).nonzero().squeeze(1)
         if not len(rows):
             return skip == 0
         try:
             with torch.no_grad():
-                again = self._forward_from(0, rows, [], skip)
+                again = self._forward_from(start, rows, [], skip)
         except Exception:  # an architecture whose blocks cannot be called on their own
             return False
-        scale = float(self.base_logits.abs().max()) + 1.0
-        return bool((again - self.base_logits[rows]).abs().max() <= 1e-4 * scale)
+        ref = self.base_logits[rows]
+        if self._cols is not None:
+            again, ref = again[:, self._cols[0]], ref[:, self._cols[0]]
+        scale = float(ref.abs().max()) + 1.0
+        return bool((again - ref).abs().max() <= 1e-4 * scale)
+
+    def _column_head(self):
+        """``(columns, output embedding)`` when the metric declares the columns it reads and the
+        output embedding is a plain linear map, else None."""
+        cols = getattr(self.metric, "columns", None)
+        head = self.model.hf.get_output_embeddings() if cols is not None else None
+        if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+            return None
+        return cols.to(head.weight.device), head
+
+    def _unembed(self, resid: torch.Tensor, full: bool = False) -> torch.Tensor:
+        """Logits of final residuals: full, or only the metric's columns (``-inf`` elsewhere)."""
+        bridge = self.model.bridge
+        if self._cols is None or full:
+            return bridge.unembed(bridge.ln_final(resid))
+        cols, head = self._cols
+        h = bridge.ln_final(resid)
+        bias = getattr(head, "bias", None)
+        out = torch.full((h.shape[0], int(bridge.cfg.d_vocab)), float("-inf"), dtype=h.dtype, device=h.device)
+        out[:, cols] = torch.nn.functional.linear(  # sliced per call: the weights may change
+            h, head.weight[cols].to(h.dtype), None if bias is None else bias[cols].to(h.dtype))
+        return out
 
     # ------------------------------------------------------------- forwards
-    def _forward_from(self, start: int, rows: torch.Tensor, hooks: list, skip: int = 0) -> torch.Tensor:
+    def _forward_from(self, start: int, rows: torch.Tensor, hooks: list, skip: int = 0,
+                      full: bool = False) -> torch.Tensor:
         """Last-token logits of base ``rows`` run from block ``start`` with ``hooks``; the first
-        ``skip`` positions (unchanged by the hooks) come from the base run's KV cache."""
+        ``skip`` positions (unchanged by the hooks) come from the base run's KV cache. ``full``:
+        every vocabulary column even when the metric declares fewer. Differentiable (no
+        ``no_grad`` here): gradients reach tensors the hooks add."""
         bridge, n = self.model.bridge, len(self.base)
         x = self.base_cache[act_name("resid_pre", start)][rows, skip:]
         kv = None
@@ -325,7 +383,17 @@ class PatchEngine:
                 out = bridge.blocks[l](x, *args, **kwargs)
                 x = out[0] if isinstance(out, tuple) else out
             last = x[torch.arange(len(rows), device=x.device), self.base.lengths[rows] - 1 - skip]
-            return bridge.unembed(bridge.ln_final(last))
+            return self._unembed(last, full)
+
+    def forward_from(self, start: int, hooks: Sequence = (), skip: int = 0,
+                     rows: torch.Tensor | None = None, full: bool = False) -> torch.Tensor:
+        """Last-token logits of the base ``rows`` (default all) re-run from block ``start`` with
+        ``hooks``, recomputing only positions ``skip:`` (the hooks must leave earlier positions
+        unchanged); differentiable in whatever the hooks add. Needs a passed re-entry check."""
+        if not self.early_start or (skip and not self.skip_prefix):
+            raise RuntimeError("this engine cannot re-enter blocks (its re-entry check failed)")
+        rows = torch.arange(len(self.base), device=self.base.input_ids.device) if rows is None else rows
+        return self._forward_from(start, rows, list(hooks), skip, full)
 
     def _forward_full(self, rows: torch.Tensor, hooks: list) -> torch.Tensor:
         b, bridge = self.base, self.model.bridge
@@ -347,6 +415,12 @@ class PatchEngine:
             for p in var:  # first patched position of each row (width: untouched)
                 pos = torch.where(p.positions.any(1), p.positions.int().argmax(1), width)
                 first = torch.minimum(first, pos)
+            if self.skip_noops:
+                live = torch.zeros(len(self.base), dtype=torch.bool, device=out.device)
+                for p in var:
+                    live |= ~self._noop(p)
+                self.stats["noop_rows"] += int((~live & (first < width)).sum())
+                first = torch.where(live, first, width)
             start = min(p.layer for p in var) if self.early_start else 0
             for skip in first[first < width].unique().tolist():
                 rows = (first == skip).nonzero().squeeze(1)
@@ -425,6 +499,26 @@ class PatchEngine:
         self.stats["block_tokens"] += n * (width - skip) * (self.n_layers - start)
         self.stats["unembed_rows"] += n if self.early_start else n * width
         return v_idx, rows, metric_rows(self.metric, logits, self.base.prompt_idx[rows])
+
+    def _noop(self, p: Patch) -> torch.Tensor:
+        """``[rows]``: True where patch ``p`` sets only values equal to the base run's own."""
+        key = (p.source, p.hook)
+        if key not in self._eq:
+            base = self.base_cache.get(p.hook)
+            if base is None:  # no base activation kept: never assume a no-op
+                eq = torch.zeros(self.base.input_ids.shape, dtype=torch.bool)
+            else:
+                src = self._source(p.source, p.hook, torch.arange(len(self.base), device=base.device))
+                eq = (src == base) if src.shape == base.shape else torch.zeros(base.shape, dtype=torch.bool)
+                # [rows, pos] for whole-site patches; [rows, pos, unit] when units exist
+                eq = eq.flatten(3).all(-1) if eq.ndim > 3 else eq
+            self._eq[key] = eq.to(p.positions.device)
+        eq = self._eq[key]
+        if eq.ndim == 2 or p.unit is None:
+            eq = eq if eq.ndim == 2 else eq.all(-1)
+        else:
+            eq = eq[:, :, p.unit]
+        return (~p.positions | eq).all(1)
 
     def _n_units(self, name: str, hook: str) -> int:
         return int(self._source(name, hook, self.base.prompt_idx[:1]).shape[2])
