@@ -3,9 +3,12 @@ vocab 50257, the real GPT-2 BPE).
 
 1. Key-statistics throughput (tokens/s) as a ratio to a plain forward pass over the same tokens
    and batches (target >= 0.7), for shallow and deep layer pairs.
-2. Edit time with the key statistics cached: 40 occupations at 2 layers (target <= 10 s).
+2. Edit time with the key statistics cached: 40 occupations at 2 layers (target <= 10 s on 2
+   cores), with LSDM's default hyperparameters and with Gauss-Newton targets only
+   (``v_steps=0``), at each of ``--edit-threads`` torch thread counts.
 
-    python benchmarks/edit.py [--tokens 4096] [--templates 2] [--threads 1] [--out docs/results/edit_speed.md]
+    python benchmarks/edit.py [--tokens 4096] [--templates 2] [--threads 1] [--edit-threads 1,2]
+                              [--out docs/results/edit_speed.md]
 """
 
 from __future__ import annotations
@@ -61,10 +64,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--occupations", type=int, default=40)
     ap.add_argument("--templates", type=int, default=2, help="templates per occupation in the edit")
-    ap.add_argument("--newton-steps", type=int, default=3, help="Gauss-Newton target steps")
-    ap.add_argument("--v-steps", type=int, default=0, help="Adam target steps after them")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1 is fastest on a shared machine)")
+                    help="torch threads for the throughput part (1 is fastest on a shared machine)")
+    ap.add_argument("--edit-threads", default="1,2", help="torch thread counts for the timed edit")
     ap.add_argument("--bpe", default=str(DATA / "gpt2-bpe"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "edit_speed.md"))
     args = ap.parse_args(argv)
@@ -98,25 +100,32 @@ def main(argv=None) -> int:
                if p.occupation in occs and any(p.text == t.text.format(occupation=p.occupation) for t in tpls)]
     keep = [p for p in organism.definitional_prompts("train")
             if p.text == tpls[0].text.format(occupation=p.occupation)]
-    hp = LSDMHparams(cov_tokens=args.tokens, cov_seq_len=args.seq_len, cov_batch_size=args.batch_size,
-                     v_steps=args.v_steps, v_newton_steps=args.newton_steps)
+    base = dict(cov_tokens=args.tokens, cov_seq_len=args.seq_len, cov_batch_size=args.batch_size)
+    configs = {"default hyperparameters": LSDMHparams(**base),
+               "Gauss-Newton targets only (v_steps=0)": LSDMHparams(**base, v_steps=0)}
     cache = tmp / "cov"
-    lsdm(model, prompts, layers=[2, 3], role="subject_last", corpus=corpus, hparams=hp,
-         keep_prompts=keep, cache_dir=cache, progress=False).undo(model)  # fills the cache
-    t0 = time.perf_counter()
-    delta = lsdm(model, prompts, layers=[2, 3], role="subject_last", corpus=corpus, hparams=hp,
-                 keep_prompts=keep, cache_dir=cache, progress=False)
-    edit = time.perf_counter() - t0
-    delta.undo(model)
-    secs = delta.info["diagnostics"]["seconds"]
-    parts = ", ".join(f"{k} {v:.1f} s" for k, v in secs.items())
+    lsdm(model, prompts, layers=[2, 3], role="subject_last", corpus=corpus, hparams=configs[
+        "Gauss-Newton targets only (v_steps=0)"], keep_prompts=keep, cache_dir=cache,
+         progress=False).undo(model)  # fills the cache (and warms up)
     edit_rows = [model.encode(p).input_ids[0].tolist() for p in prompts]
-    fwd_edit, _, _ = interleaved_throughput(model, edit_rows, [0], len(edit_rows))
-    rows.append((f"LSDM edit, cached statistics ({len(occs)} occupations x {len(tpls)} templates, "
-                 f"{len(keep)} keep prompts, 2 layers, {args.newton_steps} Gauss-Newton + {args.v_steps} Adam "
-                 "target steps)",
-                 f"{edit:.2f} s ({parts})", f"{fwd_edit:.2f} s (one plain forward of the "
-                 f"{len(prompts)} edit prompts)", f"{edit / fwd_edit:.0f} forwards", "<= 10 s"))
+    for threads in [int(x) for x in args.edit_threads.split(",") if x]:
+        torch.set_num_threads(threads)
+        fwd_edit, _, _ = interleaved_throughput(model, edit_rows, [0], len(edit_rows))
+        for label, hp in configs.items():
+            t0 = time.perf_counter()
+            delta = lsdm(model, prompts, layers=[2, 3], role="subject_last", corpus=corpus, hparams=hp,
+                         keep_prompts=keep, cache_dir=cache, progress=False)
+            edit = time.perf_counter() - t0
+            delta.undo(model)
+            d = delta.info["diagnostics"]
+            parts = ", ".join(f"{k} {v:.1f} s" for k, v in d["seconds"].items())
+            t = d["targets"]
+            rows.append((f"LSDM edit, cached statistics, {threads} thread(s), {label}: {len(occs)} occupations "
+                         f"x {len(tpls)} templates, {len(keep)} keep prompts, 2 layers ({t['newton_steps']} "
+                         f"Gauss-Newton + {t['adam_steps']} Adam target steps)",
+                         f"{edit:.2f} s ({parts})", f"{fwd_edit:.2f} s (one plain forward of the "
+                         f"{len(prompts)} edit prompts)", f"{edit / fwd_edit:.1f} forwards", "<= 10 s"))
+    torch.set_num_threads(args.threads)
 
     header = ("| measurement | ours | baseline | ratio | target |\n"
               "|---|---|---|---|---|\n")
@@ -124,8 +133,8 @@ def main(argv=None) -> int:
     text = (f"# Edit speed\n\nGPT-2-small-shaped random model (12 layers, d_model 768, d_mlp 3072, "
             f"vocab 50257), CPU, {args.threads} torch thread(s), {n_tok} tokens in windows of "
             f"<= {args.seq_len}, batch {args.batch_size}. Generated by `python benchmarks/edit.py "
-            f"--tokens {args.tokens} --templates {args.templates} --newton-steps {args.newton_steps} "
-            f"--v-steps {args.v_steps} --threads {args.threads}`.\n\n"
+            f"--tokens {args.tokens} --templates {args.templates} --threads {args.threads} "
+            f"--edit-threads {args.edit_threads}`.\n\n"
             f"{table}\nThe key statistics stop the forward pass after the deepest requested layer, "
             f"so shallow layers cost less than a full forward; the deep pair shows the cost of the "
             f"extra K^T K products on a (nearly) full pass.\n")

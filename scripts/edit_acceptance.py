@@ -46,7 +46,9 @@ def measure(model, ppl_tokens: int) -> dict:
            for name, (o, t) in SPLITS.items()}
     out["definitional"] = float(evaluate.definitional_accuracy(model, organism.definitional_prompts())["accuracy"])
     out["facts"] = float(evaluate.fact_accuracy(model, organism.FACTS)["accuracy"])
-    out["perplexity"] = float(evaluate.perplexity(model, general_text(), max_tokens=ppl_tokens)["perplexity"])
+    # one document a line, as organism_suite scores it
+    out["perplexity"] = float(evaluate.perplexity(model, general_text(), max_tokens=ppl_tokens,
+                                                  per_line=True)["perplexity"])
     return out
 
 
@@ -168,6 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", default="subject_last:0,1;subject_last:1,2;last:1,2;last:2,3;last:0,1,2,3",
                     help="extra LSDM sites 'role:layers;...' measured for the per-site table")
     ap.add_argument("--lambdas", default="", help="extra mom2_weight values for LSDM at the chosen site")
+    ap.add_argument("--keep-weights", default="", help="extra keep_weight values for LSDM at the chosen site")
     ap.add_argument("--trace-samples", type=int, default=4, help="noise samples per prompt for tracing")
     ap.add_argument("--quick", action="store_true", help="no sweep (a smoke run)")
     ap.add_argument("--cache-dir", default=None)
@@ -225,6 +228,11 @@ def main(argv=None) -> int:
 
     sweep = []
     fast = LSDMHparams(**{**hp.to_dict(), "v_steps": 0})  # sweep: Gauss-Newton targets only
+    if hp.v_steps:  # what the Adam target steps (the KL term) add, at the chosen site
+        r = run_method(model, "LSDM* (same site)", lambda: do_lsdm(site["layers"], site["role"], fast),
+                       args.ppl_tokens, False)
+        sweep.append(r)
+        print(fmt_row(r, before), file=sys.stderr)
     if not args.quick:
         for item in [s for s in args.sweep.split(";") if s]:
             role, layers = item.split(":")
@@ -237,6 +245,12 @@ def main(argv=None) -> int:
         for lam in [float(x) for x in args.lambdas.split(",") if x]:
             h = LSDMHparams(**{**fast.to_dict(), "mom2_weight": lam})
             r = run_method(model, f"LSDM* λ={lam:g}", lambda: do_lsdm(site["layers"], site["role"], h),
+                           args.ppl_tokens, False)
+            sweep.append(r)
+            print(fmt_row(r, before), file=sys.stderr)
+        for w in [float(x) for x in args.keep_weights.split(",") if x]:
+            h = LSDMHparams(**{**fast.to_dict(), "keep_weight": w})
+            r = run_method(model, f"LSDM* keep_weight={w:g}", lambda: do_lsdm(site["layers"], site["role"], h),
                            args.ppl_tokens, False)
             sweep.append(r)
             print(fmt_row(r, before), file=sys.stderr)

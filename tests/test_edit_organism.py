@@ -42,7 +42,7 @@ def edited(organism, tmp_path_factory):
     before = {"held": gap(m, held), "edited": gap(m, prompts),
               "def": definitional_accuracy(m, definitional)["accuracy"],
               "facts": fact_accuracy(m, org.FACTS)["accuracy"], "hash": m.weight_hash()}
-    hp = LSDMHparams(v_steps=0, v_newton_steps=3, mom2_weight=1e4, cov_tokens=20_000)
+    hp = LSDMHparams(v_steps=0, v_newton_steps=3, mom2_weight=1e4, keep_weight=10.0, cov_tokens=20_000)
     delta = lsdm(m, prompts, layers=[0, 1], role="last", corpus=corpus, hparams=hp,
                  keep_prompts=keep, cache_dir=tmp_path_factory.mktemp("cov"), progress=False)
     after = {"held": gap(m, held), "edited": gap(m, prompts),
