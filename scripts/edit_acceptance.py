@@ -211,8 +211,27 @@ def main(argv=None) -> int:
         return lsdm(model, prompts, layers=layers, role=role, effect_map=emap, corpus=corpus,
                     hparams=h, keep_prompts=keep, cache_dir=cache)
 
-    rec = run_method(model, "LSDM", do_lsdm, args.ppl_tokens,
-                     why=lambda d: transfer(model, d, d.info["site"], hp))
+    def why(d):
+        """Per template transfer; and each layer's output change on general text (the weight
+        ratio can be large while general text barely sees the change)."""
+        from biaslens.edit.covariance import key_covariances
+        from biaslens.edit.least_squares import output_change_ratio
+
+        out = transfer(model, d, d.info["site"], hp)
+        d.undo(model)  # the key statistics belong to the unedited weights (cached by the edit)
+        layers = d.info["site"]["layers"]
+        covs = key_covariances(model, layers, corpus, hp.cov_tokens, hp.cov_seq_len, hp.cov_batch_size,
+                               cache, progress=False)
+        for x in d.info["diagnostics"]["layers"]:
+            W0 = model.mlp_out_matrix(x["layer"]).clone()
+            d.apply(model)
+            dW = model.mlp_out_matrix(x["layer"]) - W0
+            d.undo(model)
+            x["relative_output_change"] = output_change_ratio(dW, W0, covs[x["layer"]])
+        d.apply(model)
+        return out
+
+    rec = run_method(model, "LSDM", do_lsdm, args.ppl_tokens, why=why)
     records.append(rec)
     site = rec["site"]
     print(fmt_row(rec, before), file=sys.stderr)
@@ -228,9 +247,11 @@ def main(argv=None) -> int:
 
     sweep = []
     fast = LSDMHparams(**{**hp.to_dict(), "v_steps": 0})  # sweep: Gauss-Newton targets only
-    if hp.v_steps:  # what the Adam target steps (the KL term) add, at the chosen site
-        r = run_method(model, "LSDM* (same site)", lambda: do_lsdm(site["layers"], site["role"], fast),
-                       args.ppl_tokens, False)
+    # what the Adam target steps (the KL term) add at the chosen site: none, and 10 of them
+    for label, h in (("LSDM* (same site)", fast), ("LSDM, v_steps=10", LSDMHparams(**{**hp.to_dict(), "v_steps": 10}))):
+        if h.v_steps == hp.v_steps:
+            continue
+        r = run_method(model, label, lambda: do_lsdm(site["layers"], site["role"], h), args.ppl_tokens, False)
         sweep.append(r)
         print(fmt_row(r, before), file=sys.stderr)
     if not args.quick:
@@ -307,10 +328,12 @@ def write_report(out: Path, before, before_tpl, records, sweep, emap, hp, args, 
     d = records[0]["diagnostics"] or {}
     if d:
         lines += ["", "LSDM diagnostics: " + json.dumps({k: d[k] for k in d if k != "layers"}, default=str),
-                  "", "| layer | residual norm | fit error | keep shift | relative update |",
-                  "|---|---|---|---|---|"]
+                  "", "| layer | residual norm | fit error | keep shift | relative update (weights) | "
+                  "relative output change on general text |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {x['layer']} | {x['residual_norm']:.4f} | {x['fit_error']:.3f} | "
-                  f"{(x['keep_shift'] or 0):.4f} | {x['relative_update']:.4f} |" for x in d["layers"]]
+                  f"{(x['keep_shift'] or 0):.4f} | {x['relative_update']:.4f} | "
+                  f"{x.get('relative_output_change') or float('nan'):.4f} |" for x in d["layers"]]
     if sweep:
         lines += ["", "## Per site (and regularisation)", "",
                   "LSDM* = the same method with Gauss-Newton targets only (no Adam/KL refinement), "

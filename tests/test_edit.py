@@ -81,6 +81,22 @@ def test_least_squares_update_is_the_regularised_minimiser():
     assert (dW0 @ Kkd.T).abs().max() < 1e-5
 
 
+def test_woodbury_solve_with_a_factor_equals_the_direct_solve():
+    from biaslens.edit.least_squares import regularised_factor
+
+    g = torch.Generator().manual_seed(1)
+    n, m, d_mlp, d_model = 6, 5, 40, 8
+    K, R, Kk = (torch.randn(n, d_mlp, generator=g), torch.randn(n, d_model, generator=g),
+                torch.randn(m, d_mlp, generator=g))
+    X = torch.randn(200, d_mlp, generator=g)
+    C = X.T @ X / 200
+    for lam, w in ((3.0, 10.0), (1e4, 100.0), (0.5, 0.0)):
+        L = regularised_factor(C, lam, 1e-6)
+        direct = least_squares_update(K, R, C, lam, Kk, w, 1e-6)
+        fast = least_squares_update(K, R, C, lam, Kk, w, 1e-6, factor=L)
+        torch.testing.assert_close(fast, direct, atol=1e-9 * direct.abs().max().item(), rtol=1e-7)
+
+
 def test_singular_system_is_refused():
     K = torch.randn(2, 8, dtype=torch.float64)
     with pytest.raises(BiasLensError, match="singular"):
@@ -214,6 +230,7 @@ def test_two_layers_spread_the_residual_and_undo_is_exact(arch, models, corpus, 
                  hparams=LSDMHparams(**{**HP, "mom2_weight": 1e-3}), keep_prompts=[],
                  cache_dir=cache, progress=False)
     assert sorted(delta.names) == sorted(m.mlp_out_name(l) for l in (0, 1))
+    assert len(list(cache.glob("*.chol-*.safetensors"))) == 2  # the factors sit beside the statistics
     d = delta.info["diagnostics"]
     assert d["n_columns"] == d["n_prompts"] == len(edit_prompts())  # last role: one per prompt
     assert m.weight_hash() != hash0

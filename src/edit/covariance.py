@@ -145,8 +145,10 @@ def key_covariances(
     model: "BiasModel", layers: Iterable[int], corpus_path: str | os.PathLike,
     n_tokens: int = 50_000, seq_len: int = 128, batch_size: int = 32,
     cache_dir: str | os.PathLike | None = None, use_cache: bool = True, progress: bool = True,
+    paths_out: dict | None = None,
 ) -> dict[int, "Float[torch.Tensor, 'd_mlp d_mlp']"]:
-    """C_l = E[k kᵀ] for each layer (float64, uncentred as in MEMIT), from the cache or one pass."""
+    """C_l = E[k kᵀ] for each layer (float64, uncentred as in MEMIT), from the cache or one pass.
+    ``paths_out`` (optional) receives each layer's cache file (when caching is on)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -161,6 +163,8 @@ def key_covariances(
     root = cache_root(cache_dir)
     mhash, chash = model.weight_hash(), file_hash(corpus_path)
     paths = {l: _cache_path(root, mhash, chash, l, n_tokens, seq_len) for l in layers}
+    if paths_out is not None and use_cache:
+        paths_out.update(paths)
     out: dict[int, torch.Tensor] = {}
     if use_cache:
         for l, p in paths.items():
@@ -189,6 +193,31 @@ def key_covariances(
                     "seq_len": str(seq_len)})
                 os.replace(tmp, paths[l])
     return {l: out[l] for l in layers}
+
+
+def cached_factors(covs: dict[int, "torch.Tensor"], paths: dict[int, Path], mom2_weight: float,
+                   ridge: float) -> dict[int, "torch.Tensor"]:
+    """The Cholesky factor of λC + ridge·mean(diag λC)·I for each layer whose key statistic has a
+    cache file, itself cached beside it (keyed by λ and ridge), so an edit with cached statistics
+    does no d_mlp × d_mlp factorisation (:func:`biaslens.edit.least_squares.least_squares_update`)."""
+    from safetensors.torch import load_file, save_file
+
+    from biaslens.edit.least_squares import regularised_factor
+
+    out = {}
+    for l, cov_path in paths.items():
+        if l not in covs:
+            continue
+        f = cov_path.with_name(f"{cov_path.stem}.chol-{mom2_weight:g}-{ridge:g}.safetensors")
+        if f.exists():
+            out[l] = load_file(str(f))["factor"].to(covs[l].device)
+            continue
+        out[l] = regularised_factor(covs[l], mom2_weight, ridge)
+        tmp = f.with_suffix(".tmp")
+        save_file({"factor": out[l].cpu().contiguous()}, str(tmp),
+                  metadata={"mom2_weight": repr(mom2_weight), "ridge": repr(ridge), "of": cov_path.name})
+        os.replace(tmp, f)
+    return out
 
 
 def key_covariance(

@@ -75,7 +75,7 @@ class LSDMHparams(_Loadable):
 
     v_newton_steps: int = 3
     v_tol: float = 1e-3
-    v_steps: int = 10
+    v_steps: int = 3
     v_lr: float = 0.1
     kl_weight: float = 1.0
     v_weight_decay: float = 0.01

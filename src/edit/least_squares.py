@@ -43,22 +43,37 @@ def least_squares_update(
     keep_keys: "Float[torch.Tensor, 'm d_mlp'] | None" = None,
     keep_weight: float = 1.0,
     ridge: float = 0.0,
+    factor: "Float[torch.Tensor, 'd_mlp d_mlp'] | None" = None,
 ) -> "Float[torch.Tensor, 'd_model d_mlp']":
     """ΔW = R Kᵀ (λC + K Kᵀ + w K_keep K_keepᵀ)⁻¹ in float64 (MEMIT eq. 14), with keys and
     residuals as rows. It minimises Σ‖ΔW k_i − r_i‖² + w Σ‖ΔW k_keep‖² + λ tr(ΔW C ΔWᵀ)
-    (+ ``ridge``·mean(diag A)·‖ΔW‖², a relative damping, when ``ridge`` > 0)."""
+    (+ ``ridge``·mean(diag λC)·‖ΔW‖², a relative damping, when ``ridge`` > 0; relative to the
+    whole system's diagonal when there is no C).
+
+    ``factor``: the Cholesky factor of B = λC + ridge·mean(diag λC)·I (:func:`regularised_factor`,
+    cached per key statistic). The keys then enter through the Woodbury identity, with triangular
+    solves on the n + m key columns only instead of a new d_mlp × d_mlp factorisation; the result
+    is checked against the normal equations and recomputed directly if it falls short."""
     import torch
 
     K = keys.to(torch.float64)
     R = resid.to(torch.float64)
-    A = K.T @ K
-    if second_moment is not None and mom2_weight > 0:
-        A = A + mom2_weight * second_moment.to(device=A.device, dtype=torch.float64)
+    U = K
     if keep_keys is not None and len(keep_keys) and keep_weight > 0:
-        Kk = keep_keys.to(torch.float64)
-        A = A + keep_weight * (Kk.T @ Kk)
+        U = torch.cat([K, keep_weight**0.5 * keep_keys.to(device=K.device, dtype=torch.float64)])
+    if factor is not None and second_moment is not None and mom2_weight > 0:
+        Y = _woodbury_solve(factor.to(device=K.device, dtype=torch.float64), U, len(K))
+        if Y is not None:
+            return (Y @ R).T.contiguous()
+    A = U.T @ U
+    if second_moment is not None and mom2_weight > 0:
+        B = mom2_weight * second_moment.to(device=A.device, dtype=torch.float64)
+        A = A + B
+        scale = B.diagonal().mean()
+    else:
+        scale = A.diagonal().mean()
     if ridge > 0:  # relative Tikhonov damping: keeps A definite when the keys span too little
-        A = A + ridge * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        A = A + ridge * scale * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     L, info = torch.linalg.cholesky_ex(A)  # A is symmetric positive definite unless singular
     if int(info) != 0:
         raise BiasLensError(
@@ -69,6 +84,41 @@ def least_squares_update(
     # X = A⁻¹ Kᵀ R [d_mlp, d_model] with far fewer triangular solves; no explicit inverse
     X = torch.cholesky_solve(K.T.contiguous(), L) @ R
     return X.T.contiguous()
+
+
+def regularised_factor(second_moment: "torch.Tensor", mom2_weight: float, ridge: float) -> "torch.Tensor":
+    """Lower Cholesky factor of B = λC + ridge·mean(diag λC)·I (float64), for :func:`least_squares_update`."""
+    import torch
+
+    B = mom2_weight * second_moment.to(torch.float64)
+    if ridge > 0:
+        B = B + ridge * B.diagonal().mean() * torch.eye(B.shape[0], dtype=B.dtype, device=B.device)
+    L, info = torch.linalg.cholesky_ex(B)
+    if int(info) != 0:
+        raise BiasLensError("the key statistic is singular: use ridge > 0 or more general text (cov_tokens)")
+    return L
+
+
+def _woodbury_solve(L: "torch.Tensor", U: "torch.Tensor", n: int) -> "torch.Tensor | None":
+    """Y = (B + UᵀU)⁻¹ K ᵀ with B = L Lᵀ and K = U[:n] (Woodbury):
+    Z = B⁻¹Uᵀ, S = I + U Z, Y = Z_K − Z S⁻¹ (U Z_K). None if the normal equations
+    (B + UᵀU) Y = Kᵀ are not met to 1e-8 (relative), e.g. when UᵀU dwarfs B."""
+    import torch
+
+    Z = torch.cholesky_solve(U.T.contiguous(), L)  # [d, n + m]
+    S = U @ Z
+    S.diagonal().add_(1.0)
+    Ls, info = torch.linalg.cholesky_ex(S)
+    if int(info) != 0:
+        return None
+    Y = Z[:, :n] - Z @ torch.cholesky_solve(S[:, :n] - torch.eye(S.shape[0], n, dtype=S.dtype, device=S.device), Ls)
+    # the normal equations on a few random combinations of the columns (matrix-vector products)
+    v = torch.randn(n, 4, dtype=Y.dtype, device=Y.device, generator=torch.Generator(device=Y.device).manual_seed(0))
+    y = Y @ v
+    check = L @ (L.T @ y) + U.T @ (U @ y) - U[:n].T @ v
+    if not bool(check.norm() <= 1e-8 * (U[:n].T @ v).norm()):
+        return None
+    return Y
 
 
 # ------------------------------------------------------------------------------------ defaults
@@ -201,7 +251,7 @@ def parse_layers(text: str) -> list[int]:
 # ------------------------------------------------------------------------------------ the edit
 def apply_lsdm(model: "BiasModel", prompts: Sequence[Any], keep_prompts: Sequence[Any],
                layers: list[int], role: str, covs: dict[int, "torch.Tensor"], hp: LSDMHparams,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, factors: dict[int, "torch.Tensor"] | None = None) -> dict[str, Any]:
     """Edit ``model`` in place (MEMIT Alg. 1 with LSDM targets); return diagnostics."""
     import torch
 
@@ -229,7 +279,8 @@ def apply_lsdm(model: "BiasModel", prompts: Sequence[Any], keep_prompts: Sequenc
         Kk = gather(model, keep, [k_name], hp.batch_size)[k_name] if keep is not None else None
         clock["activations"] += time.perf_counter() - t
         t = time.perf_counter()
-        dW = least_squares_update(K, R, covs[layer], hp.mom2_weight, Kk, hp.keep_weight, hp.ridge)
+        dW = least_squares_update(K, R, covs[layer], hp.mom2_weight, Kk, hp.keep_weight, hp.ridge,
+                                  factors.get(layer) if factors else None)
         if not torch.isfinite(dW).all():
             raise BiasLensError(f"the LSDM update at layer {layer} is not finite; raise mom2_weight "
                                 "or check the key statistics")
@@ -262,6 +313,21 @@ def apply_lsdm(model: "BiasModel", prompts: Sequence[Any], keep_prompts: Sequenc
     }
 
 
+def output_change_ratio(dW, W, second_moment) -> float | None:
+    """sqrt(tr(ΔW C ΔWᵀ) / tr(W C Wᵀ)) with C = E[k kᵀ] over general text: how much the edit moves
+    the layer's output on general text, relative to the output itself (a weight-norm ratio can be
+    large while this is small, when ΔW lies along key directions general text rarely excites).
+    A diagnostic, so float32."""
+    import torch
+
+    if second_moment is None:
+        return None
+    C = second_moment.to(device=W.device, dtype=torch.float32)
+    dW, W = dW.to(device=W.device, dtype=torch.float32), W.detach().float()
+    num, den = ((dW @ C) * dW).sum(), ((W @ C) * W).sum()
+    return float((num / den.clamp(min=1e-30)).clamp(min=0).sqrt())
+
+
 def lsdm(
     model: "BiasModel",
     prompts: Sequence[Any] | None = None,
@@ -285,7 +351,7 @@ def lsdm(
     site, the effect-map summary that chose it and per-layer diagnostics. A non-finite edit is
     refused (:class:`BiasLensError`) and the weights restored.
     """
-    from biaslens.edit.covariance import key_covariances
+    from biaslens.edit.covariance import cached_factors, key_covariances
 
     hp = as_hparams(hparams, LSDMHparams)
     prompts = default_prompts() if prompts is None else list(prompts)
@@ -295,12 +361,14 @@ def lsdm(
     layers, role = site["layers"], site["role"]
     corpus_path = resolve_corpus(model, corpus)
     t_cov = time.perf_counter()
+    paths: dict = {}
     covs = key_covariances(model, layers, corpus_path, hp.cov_tokens, hp.cov_seq_len,
-                           hp.cov_batch_size, cache_dir, progress=progress)
+                           hp.cov_batch_size, cache_dir, progress=progress, paths_out=paths)
+    factors = cached_factors(covs, paths, hp.mom2_weight, hp.ridge) if hp.mom2_weight > 0 else None
     t_cov = time.perf_counter() - t_cov
     names = [model.mlp_out_name(l) for l in layers]
     snap, diag = guarded_edit(model, names, lambda: apply_lsdm(
-        model, prompts, keep, layers, role, covs, hp, progress))
+        model, prompts, keep, layers, role, covs, hp, progress, factors))
     info = {
         "site": {"layers": layers, "role": role, "source": site["source"]},
         "effect_map": site["effect_map"],

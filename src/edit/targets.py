@@ -106,6 +106,10 @@ class SuffixRunner:
                     sub.input_ids, attention_mask=sub.attention_mask, fwd_hooks=[],
                     stop_at_layer=layer) if layer > 0 else None
 
+    def base_logprobs(self, idx: list[int]) -> "Float[torch.Tensor, 'batch vocab']":
+        """The unedited model's next-token log-probs of prompts ``idx`` (one bucket)."""
+        return self.logprobs(idx)
+
     def logprobs(self, idx: list[int], delta_rows=None, full: bool = True) -> "Float[torch.Tensor, 'batch vocab']":
         """Log-probs at the last token of prompts ``idx`` (one bucket) with ``delta_rows`` added."""
         import torch
@@ -182,6 +186,12 @@ class KVSuffixRunner:
             out[b] = vals
         return out
 
+    def base_logprobs(self, idx: list[int]) -> "Float[torch.Tensor, 'batch vocab']":
+        """The unedited model's next-token log-probs of prompts ``idx``: the base run's own."""
+        import torch
+
+        return torch.log_softmax(self.engines[idx[0]][0].base_logits.float(), -1)
+
     def logprobs(self, idx: list[int], delta_rows=None, full: bool = True) -> "Float[torch.Tensor, 'batch vocab']":
         import torch
 
@@ -218,8 +228,9 @@ def newton_steps(run: "SuffixRunner | KVSuffixRunner", col, delta, male, female,
         if step == steps or history[-1] <= tol:
             break
         for idx, d_i, gap in graphs:
-            gap.sum().backward()
-            J[idx] = d_i.grad
+            # only δ's gradient: parameters the bridge keeps outside model.params (GPT-2's split
+            # q/k/v views) may still require grad, and a plain backward would compute theirs
+            J[idx] = torch.autograd.grad(gap.sum(), d_i)[0]
         del graphs
         with torch.no_grad():
             for j in range(delta.shape[0]):
@@ -277,7 +288,7 @@ def compute_targets(
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
         if hp.v_steps:
             with torch.no_grad():
-                lp0 = {b[0]: run.logprobs(b) for b in run.buckets}
+                lp0 = {b[0]: run.base_logprobs(b) for b in run.buckets}
         bar = tqdm(range(hp.v_steps), desc="target values", disable=not progress, file=sys.stderr,
                    leave=False)
         for step in bar:
@@ -289,11 +300,11 @@ def compute_targets(
                 gap = lp[rows, female[idx]] - lp[rows, male[idx]]
                 kl = merged_pair_kl(lp0[idx[0]], lp, male[idx], female[idx])
                 loss = (gap.pow(2).sum() + hp.kl_weight * kl.sum()) / n
-                loss.backward()
+                loss.backward(inputs=[delta])  # δ only (see newton_steps)
                 tot["gap"] += float(gap.detach().pow(2).sum()) / n
                 tot["kl"] += float(kl.detach().sum()) / n
             decay = hp.v_weight_decay * (delta.pow(2).sum(-1) / h_norm.pow(2)).mean()
-            decay.backward()
+            decay.backward(inputs=[delta])
             history.append({"step": step, "gap_sq": tot["gap"], "kl": tot["kl"]})
             bar.set_postfix(gap_sq=f"{tot['gap']:.4f}", kl=f"{tot['kl']:.4f}")
             opt.step()
