@@ -64,9 +64,9 @@ class LSDMHparams(_Loadable):
     Update (MEMIT eq. 14): ΔW = R Kᵀ (λ·C + K Kᵀ + w·K_keep K_keepᵀ)⁻¹, λ = ``mom2_weight``,
     C = E[k kᵀ] over ``cov_tokens`` tokens of general text (``cov_seq_len``-token windows),
     w = ``keep_weight`` (definitional prompts as keep constraints with zero residual; 100 by
-    default: on the organism 10 cost 1.3 points of definitional accuracy, 100 cost none, see
+    default: on the organism 10 cost 1.3 to 2.0 points of definitional accuracy, 100 none, see
     docs/results/edit.md), plus
-    ``ridge``·mean(diag)·I so the system stays definite when C has fewer tokens than the MLP width.
+    ``ridge``·mean(diag λC)·I so the system stays definite when C has fewer tokens than the MLP width.
 
     ``average_keys``: ``"auto"`` averages keys over templates per subject for subject roles
     (MEMIT) and keeps one column per prompt for the ``last`` role (the last word differs by
