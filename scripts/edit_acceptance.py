@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,14 +83,13 @@ def transfer(model, delta, site: dict, hp) -> dict[str, dict]:
     import torch
 
     from biaslens import organism
-    from biaslens.edit.hparams import LSDMHparams
     from biaslens.edit.keys import gather, site_batch
     from biaslens.edit.targets import compute_targets
     from biaslens.hooks import act_name
 
     top, role = site["layers"][-1], site["role"]
     name = act_name("resid_post", top)
-    hp_n = LSDMHparams(**{**hp.to_dict(), "v_steps": 0, "v_newton_steps": 3})
+    hp_n = replace(hp, v_steps=0, v_newton_steps=3)
     out = {}
     prompts = organism.occupation_prompts("train", "all")
     for tpl in organism.TEMPLATES:
@@ -218,17 +218,16 @@ def main(argv=None) -> int:
         from biaslens.edit.least_squares import output_change_ratio
 
         out = transfer(model, d, d.info["site"], hp)
-        d.undo(model)  # the key statistics belong to the unedited weights (cached by the edit)
         layers = d.info["site"]["layers"]
+        d.undo(model)  # the key statistics belong to the unedited weights (cached by the edit)
+        before_w = {l: model.mlp_out_matrix(l).clone() for l in layers}
         covs = key_covariances(model, layers, corpus, hp.cov_tokens, hp.cov_seq_len, hp.cov_batch_size,
                                cache, progress=False)
-        for x in d.info["diagnostics"]["layers"]:
-            W0 = model.mlp_out_matrix(x["layer"]).clone()
-            d.apply(model)
-            dW = model.mlp_out_matrix(x["layer"]) - W0
-            d.undo(model)
-            x["relative_output_change"] = output_change_ratio(dW, W0, covs[x["layer"]])
         d.apply(model)
+        for x in d.info["diagnostics"]["layers"]:
+            W0 = before_w[x["layer"]]
+            x["relative_output_change"] = output_change_ratio(
+                model.mlp_out_matrix(x["layer"]) - W0, W0, covs[x["layer"]])
         return out
 
     rec = run_method(model, "LSDM", do_lsdm, args.ppl_tokens, why=why)
@@ -246,35 +245,28 @@ def main(argv=None) -> int:
     print(fmt_row(rec_rome, before), file=sys.stderr)
 
     sweep = []
-    fast = LSDMHparams(**{**hp.to_dict(), "v_steps": 0})  # sweep: Gauss-Newton targets only
-    # what the Adam target steps (the KL term) add at the chosen site: none, and 10 of them
-    for label, h in (("LSDM* (same site)", fast), ("LSDM, v_steps=10", LSDMHparams(**{**hp.to_dict(), "v_steps": 10}))):
-        if h.v_steps == hp.v_steps:
-            continue
-        r = run_method(model, label, lambda: do_lsdm(site["layers"], site["role"], h), args.ppl_tokens, False)
+
+    def sweep_row(label, layers, role, h):
+        r = run_method(model, label, lambda: do_lsdm(layers, role, h), args.ppl_tokens, False)
         sweep.append(r)
         print(fmt_row(r, before), file=sys.stderr)
+
+    here = (site["layers"], site["role"])
+    fast = replace(hp, v_steps=0)  # sweep: Gauss-Newton targets only
+    # what the Adam target steps (the KL term) add at the chosen site: none, and 10 of them
+    for label, h in (("LSDM* (same site)", fast), ("LSDM, v_steps=10", replace(hp, v_steps=10))):
+        if h.v_steps != hp.v_steps:
+            sweep_row(label, *here, h)
     if not args.quick:
         for item in [s for s in args.sweep.split(";") if s]:
             role, layers = item.split(":")
             ls = [int(x) for x in layers.split(",")]
-            if role == site["role"] and ls == site["layers"]:
-                continue
-            r = run_method(model, "LSDM*", lambda: do_lsdm(ls, role, fast), args.ppl_tokens, False)
-            sweep.append(r)
-            print(fmt_row(r, before), file=sys.stderr)
+            if (ls, role) != here:
+                sweep_row("LSDM*", ls, role, fast)
         for lam in [float(x) for x in args.lambdas.split(",") if x]:
-            h = LSDMHparams(**{**fast.to_dict(), "mom2_weight": lam})
-            r = run_method(model, f"LSDM* λ={lam:g}", lambda: do_lsdm(site["layers"], site["role"], h),
-                           args.ppl_tokens, False)
-            sweep.append(r)
-            print(fmt_row(r, before), file=sys.stderr)
+            sweep_row(f"LSDM* λ={lam:g}", *here, replace(fast, mom2_weight=lam))
         for w in [float(x) for x in args.keep_weights.split(",") if x]:
-            h = LSDMHparams(**{**fast.to_dict(), "keep_weight": w})
-            r = run_method(model, f"LSDM* keep_weight={w:g}", lambda: do_lsdm(site["layers"], site["role"], h),
-                           args.ppl_tokens, False)
-            sweep.append(r)
-            print(fmt_row(r, before), file=sys.stderr)
+            sweep_row(f"LSDM* keep_weight={w:g}", *here, replace(fast, keep_weight=w))
 
     write_report(Path(args.out), before, before_tpl, records, sweep, emap, hp, args,
                  time.perf_counter() - t_start)

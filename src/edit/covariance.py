@@ -206,8 +206,6 @@ def cached_factors(covs: dict[int, "torch.Tensor"], paths: dict[int, Path], mom2
 
     out = {}
     for l, cov_path in paths.items():
-        if l not in covs:
-            continue
         f = cov_path.with_name(f"{cov_path.stem}.chol-{mom2_weight:g}-{ridge:g}.safetensors")
         if f.exists():
             out[l] = load_file(str(f))["factor"].to(covs[l].device)

@@ -262,7 +262,8 @@ def compute_targets(
     name = act_name("resid_post", layer)
     wanted = list(acts_out or ())
     names = list(dict.fromkeys([name] + wanted))
-    run = KVSuffixRunner.build(model, site, layer, hp.batch_size, wanted)
+    # the runner's base run keeps resid_post(layer) anyway (as the residual entering layer + 1)
+    run = KVSuffixRunner.build(model, site, layer, hp.batch_size, [n for n in wanted if n != name])
     if isinstance(run, KVSuffixRunner):
         found = {n: run.site_acts(n) for n in names}
     else:

@@ -282,18 +282,17 @@ class PatchEngine:
         self._block_args = captured
         self.sources["base"] = ActSource({k: v for k, v in cache.items() if k in cache_hooks}, rows)
         self._cols = self._column_head()
-        able = early_start and len(captured) == self.n_layers
-        if reentry_check is not None:
-            start, skip = reentry_check
-            able = able and (self._kv is not None or skip == 0)
-            self.early_start = self.skip_prefix = able and self._check_reentry(skip, start)
-            return
-        self.early_start = able and self._check_reentry(0)
-        if self._cols is not None and not self.early_start and able:  # retry on full logits
+        start, skip = reentry_check or (0, 0)
+        able = early_start and len(captured) == self.n_layers and (self._kv is not None or skip == 0)
+        ok = able and self._check_reentry(skip, start)
+        if able and not ok and self._cols is not None:  # retry with every logit column
             self._cols = None
-            self.early_start = self._check_reentry(0)
+            ok = self._check_reentry(skip, start)
+        self.early_start = ok
         # skipping an unchanged prefix needs the base run's KV cache, checked like re-entry
-        self.skip_prefix = self.early_start and self._kv is not None and self._check_reentry(1)
+        # (already, when the caller named the only place it will re-enter)
+        self.skip_prefix = ok if reentry_check else (
+            ok and self._kv is not None and self._check_reentry(1))
 
     def _run_base_rows(self, rows: torch.Tensor, cache_hooks: set[str]):
         """One base forward over ``rows``: (cache, last-token logits, block arguments, n rows)."""
@@ -503,21 +502,20 @@ class PatchEngine:
     def _noop(self, p: Patch) -> torch.Tensor:
         """``[rows]``: True where patch ``p`` sets only values equal to the base run's own."""
         key = (p.source, p.hook)
-        if key not in self._eq:
+        if key not in self._eq:  # [rows, pos], or [rows, pos, unit] where the hook has units
             base = self.base_cache.get(p.hook)
-            if base is None:  # no base activation kept: never assume a no-op
+            src = None if base is None else self._source(
+                p.source, p.hook, torch.arange(len(self.base), device=base.device))
+            if src is None or src.shape != base.shape:  # nothing to compare: never a no-op
                 eq = torch.zeros(self.base.input_ids.shape, dtype=torch.bool)
             else:
-                src = self._source(p.source, p.hook, torch.arange(len(self.base), device=base.device))
-                eq = (src == base) if src.shape == base.shape else torch.zeros(base.shape, dtype=torch.bool)
-                # [rows, pos] for whole-site patches; [rows, pos, unit] when units exist
-                eq = eq.flatten(3).all(-1) if eq.ndim > 3 else eq
+                eq = src == base
+                while eq.ndim > 3:  # [rows, pos, head, d_head] -> per head
+                    eq = eq.all(-1)
             self._eq[key] = eq.to(p.positions.device)
         eq = self._eq[key]
-        if eq.ndim == 2 or p.unit is None:
-            eq = eq if eq.ndim == 2 else eq.all(-1)
-        else:
-            eq = eq[:, :, p.unit]
+        if eq.ndim == 3:
+            eq = eq.all(-1) if p.unit is None else eq[:, :, p.unit]
         return (~p.positions | eq).all(1)
 
     def _n_units(self, name: str, hook: str) -> int:
