@@ -85,6 +85,21 @@ def test_full_forward_fallback_gives_the_same_numbers(arch, tiny_dirs):
     torch.testing.assert_close(patch_mlp_out_by_pos(fast), patch_mlp_out_by_pos(slow), atol=1e-5, rtol=0)
 
 
+def test_base_run_in_row_chunks_merges_their_kv_caches(model):
+    """A base run split into one-row chunks (one KV cache each, merged) re-enters on cached
+    prefixes and gives the numbers of the engine whose base run is one chunk."""
+    from biaslens.locate.patching import Base, PatchEngine, patch_mlp_out_by_pos
+
+    one, cb, xb, metric = _engine(model)
+    width = int(xb.input_ids.shape[1])
+    base = Base(xb.input_ids, xb.attention_mask, xb.lengths, torch.arange(len(xb)))
+    split = PatchEngine(model, base, one.sources, metric, progress=False, max_tokens=width,
+                        merge_tokens=0)
+    assert split.early_start and split.skip_prefix
+    torch.testing.assert_close(split.base_logits, one.base_logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(patch_mlp_out_by_pos(split), patch_mlp_out_by_pos(one), atol=1e-5, rtol=0)
+
+
 def test_noop_skipping_and_metric_columns_change_no_number(model):
     """The two shortcuts against the engine without them: skipping patches whose source equals
     the base (the prompts share "The"/"My" and BOS) and unembedding only the pronoun columns."""

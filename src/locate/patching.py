@@ -33,6 +33,7 @@ to full bridge forwards, still batched).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
@@ -144,7 +145,7 @@ def _merge(args: list[Any], sizes: list[int]) -> Any:
 def _find_cache(obj: Any) -> Any:
     """The transformers KV cache among a block's call arguments (filled by the base run)."""
     if type(obj).__name__.endswith("Cache"):
-        return obj if getattr(obj, "layers", None) else None
+        return obj
     if isinstance(obj, (tuple, list)):
         obj = list(obj)
     elif isinstance(obj, dict):
@@ -156,6 +157,39 @@ def _find_cache(obj: Any) -> Any:
         if found is not None:
             return found
     return None
+
+
+def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Each layer's ``(keys, values)`` ``[rows, kv_heads, pos, d_head]`` in a transformers
+    ``DynamicCache`` (read by its public iteration, the layout ``ddp_cache_data`` takes), None
+    for a layer left empty; ``[]`` for no cache, or one that cannot be read so."""
+    try:
+        layers = [tuple(t[:2]) for t in cache] if cache is not None else []
+    except TypeError:  # not iterable (a static or offloaded cache)
+        return []
+    return [(k, v) if isinstance(k, torch.Tensor) and k.ndim == 4 and k.shape[-2] else None
+            for k, v in layers]
+
+
+@contextmanager
+def _cache_as_past_key_values(bridge: Any, layers: Iterable[int]):
+    """While active, the attention of each block in ``layers`` gets the KV cache it is handed as
+    ``cache`` also as ``past_key_values``. Transformers ≥ 5.24 names it ``cache``; the bridge's
+    attentions that recompute attention themselves read only ``past_key_values`` (or
+    ``layer_past``), so they neither fill nor read it. Relies on that name; used only for blocks
+    seen to leave their cache empty without it."""
+
+    def alias(mod, args, kwargs):
+        if "cache" in kwargs and "past_key_values" not in kwargs:
+            return args, {**kwargs, "past_key_values": kwargs["cache"]}
+        return None
+
+    handles = [bridge.blocks[l].attn.register_forward_pre_hook(alias, with_kwargs=True) for l in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _skip(obj: Any, skip: int, width: int, kv: Any) -> Any:
@@ -255,26 +289,35 @@ class PatchEngine:
                   reentry_check: tuple[int, int] | None = None) -> None:
         """Run the base rows once (in row chunks that bound the ``[rows, pos, vocab]`` logits),
         keeping the residual entering every block, ``cache_hooks``, each block's call arguments
-        and the KV cache, all merged over chunks. Re-entry is checked at block 0 with 0 and 1
-        cached positions, or only at ``reentry_check = (block, cached positions)`` when the
-        caller will only ever re-enter there (a cheaper check)."""
+        and its keys and values (from the KV cache), all merged over chunks. Re-entry is checked
+        at block 0 with 0 and 1 cached positions, or only at ``reentry_check = (block, cached
+        positions)`` when the caller will only ever re-enter there (a cheaper check)."""
         b = self.base
         width, vocab = int(b.input_ids.shape[1]), int(self.model.bridge.cfg.d_vocab)
         step = max(1, min(self.max_tokens // max(1, width), 2**26 // max(1, width * vocab)))
-        parts = [self._run_base_rows(torch.arange(s, min(len(b), s + step), device=b.input_ids.device),
-                                     cache_hooks | patchable) for s in range(0, len(b), step)]
+        chunks = [torch.arange(s, min(len(b), s + step), device=b.input_ids.device)
+                  for s in range(0, len(b), step)]
+        names = cache_hooks | patchable
+        self._alias: list[int] = []  # blocks whose attention takes the cache as past_key_values
+        first = self._run_base_rows(chunks[0], names)
+        empty = [l for l, kv in enumerate(_cache_kv(_find_cache(first[2].get(0)))) if kv is None]
+        if empty:  # their attention ignored the cache under the name the block passed it: again
+            del first
+            self._alias = empty
+            first = self._run_base_rows(chunks[0], names)
+            if any(kv is None for kv in _cache_kv(_find_cache(first[2].get(0)))):
+                self._alias = []
+        parts = [first] + [self._run_base_rows(r, names) for r in chunks[1:]]
         cache = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
         last = torch.cat([p[1] for p in parts])
         captured = {l: _merge([p[2][l] for p in parts], [p[3] for p in parts])
                     for l in parts[0][2] if all(l in p[2] for p in parts)}
-        kvs = [_find_cache(p[2].get(0)) for p in parts]
-        self._kv = None
-        if all(kv is not None for kv in kvs):
-            from transformers.cache_utils import DynamicCache
-
-            self._kv = kvs[0] if len(kvs) == 1 else DynamicCache(ddp_cache_data=[
-                (torch.cat([kv.layers[l].keys for kv in kvs]), torch.cat([kv.layers[l].values for kv in kvs]))
-                for l in range(len(kvs[0].layers))])
+        kvs = [_cache_kv(_find_cache(p[2].get(0))) for p in parts]
+        self._kv = None  # per block: the base rows' (keys, values)
+        if all(len(kv) == self.n_layers and all(t is not None for t in kv) for kv in kvs):
+            self._kv = kvs[0] if len(kvs) == 1 else [
+                (torch.cat([kv[l][0] for kv in kvs]), torch.cat([kv[l][1] for kv in kvs]))
+                for l in range(self.n_layers)]
         rows = torch.arange(len(b), device=last.device)
         self.base_logits = last
         self.base_metric = metric_rows(self.metric, last, b.prompt_idx)
@@ -310,7 +353,8 @@ class PatchEngine:
         # rows without padding: their last token is the last position, the only one to unembed
         kw = {"logits_to_keep": 1} if bool((b.lengths[rows] == width).all()) else {}
         try:
-            with torch.no_grad(), bridge.hooks(fwd_hooks=hooks):
+            with (torch.no_grad(), bridge.hooks(fwd_hooks=hooks),
+                  _cache_as_past_key_values(bridge, self._alias)):
                 logits = bridge(b.input_ids[rows], attention_mask=b.attention_mask[rows], **kw)
         finally:
             for h in handles:
@@ -368,13 +412,14 @@ class PatchEngine:
         bridge, n = self.model.bridge, len(self.base)
         x = self.base_cache[act_name("resid_pre", start)][rows, skip:]
         kv = None
-        if skip:
-            from transformers.cache_utils import DynamicCache
+        if skip:  # a fresh cache holding the prefix of these rows
+            from transformers import DynamicCache
 
-            kv = DynamicCache(ddp_cache_data=[(layer.keys[rows, :, :skip], layer.values[rows, :, :skip])
-                                              for layer in self._kv.layers])
+            kv = DynamicCache()
+            for l, (keys, values) in enumerate(self._kv):
+                kv.update(keys[rows, :, :skip], values[rows, :, :skip], l)
         width = int(self.base.input_ids.shape[1])
-        with bridge.hooks(fwd_hooks=hooks):
+        with bridge.hooks(fwd_hooks=hooks), _cache_as_past_key_values(bridge, self._alias):
             for l in range(start, self.n_layers):
                 args, kwargs = self._block_args[l]
                 args, kwargs = _take(args, rows, n), _take(kwargs, rows, n)
