@@ -4,18 +4,23 @@ The folder holds the model (safetensors), config and tokenizer, plus ``delta.saf
 the changed tensors, as ``updated - original``) and ``manifest.json`` (what changed and why).
 Writes go to a temporary sibling folder that is renamed into place, so a failed export leaves
 nothing half-written and an existing folder is never clobbered without ``force``.
+
+Verification reloads the folder and compares it with the in-memory model running the same plain
+Hugging Face code: every tensor bit for bit, and the logits on a short general text within a
+tolerance scaled to the dtype (normally they are identical). How far the TransformerLens bridge's
+logits are from plain HF is recorded in ``manifest.json`` as information only.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from biaslens.errors import ExportError
+from biaslens.jsonio import dumps
 
 if TYPE_CHECKING:
     from biaslens.delta import WeightDelta
@@ -65,13 +70,81 @@ def _fresh_hf(model: "BiasModel", state: dict[str, Any]):
     return fresh
 
 
-def _probe_ids(model: "BiasModel"):
+#: General text for the round-trip check: words, digits and punctuation, no special topic.
+PROBE_TEXT = "The river runs past the old mill, and in 1987 the town had 4,200 people."
+
+#: The reloaded model runs the same code on the same weights as the in-memory HF module, so its
+#: logits are normally bit-identical. Where they are not (a kernel that reduces in another order,
+#: e.g. on an accelerator), two runs differ by rounding: a few units of the dtype's epsilon at the
+#: scale of the largest logit. Measured between two *different* implementations of the same math
+#: (the TransformerLens bridge vs plain HF, GPT-2 shapes up to 12 layers x 768), the difference
+#: stayed at or below ~9 eps * max|logit| in float32, float16 and bfloat16; ``TOL_EPS`` = 16 gives
+#: that twice over for the same code. A wrong export is caught in any case by the bit-exact
+#: comparison of every reloaded tensor with the in-memory one.
+TOL_EPS = 16
+
+
+def _probe_ids(model: "BiasModel", text: str = PROBE_TEXT):
+    """``[1, n]`` token ids of ``text`` as the model encodes prompts (with BOS where it prepends
+    one; tokenizers without a BOS token get none), kept inside the model's vocabulary and context."""
     import torch
 
-    ids = model.tokenizer("The nurse said that she would be late.", add_special_tokens=True)["input_ids"]
-    if model.prepend_bos:
-        ids = [model.tokenizer.bos_token_id] + ids
-    return torch.tensor([ids])
+    tok = model.tokenizer
+    bos = tok.bos_token_id
+    tokenize = getattr(model, "tokenize", None)  # the model's own tokenisation path, where it has one
+    if callable(tokenize):
+        ids = list(tokenize([text], length="truncate")[0])
+    else:
+        ids = list(tok(text, add_special_tokens=True)["input_ids"])
+        if model.prepend_bos and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+    cfg = model.hf.config
+    vocab = getattr(cfg, "vocab_size", None)
+    ids = [i for i in ids if i is not None and (not vocab or 0 <= i < vocab)]  # no BOS: no None
+    ctx = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if ctx:
+        ids = ids[: min(int(ctx), 64)]
+    if not ids:
+        fallback = next((i for i in (bos, tok.eos_token_id) if i is not None), 0)
+        ids = [fallback]
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def tolerance(dtype, logits_max_abs: float, k: float = TOL_EPS) -> float:
+    """Largest reloaded-vs-in-memory logits difference accepted for ``dtype``:
+    ``k * eps(dtype) * max(1, max|logits|)``."""
+    import torch
+
+    return float(k * torch.finfo(dtype).eps * max(1.0, float(logits_max_abs)))
+
+
+def dumps_manifest(man: dict[str, Any]) -> str:
+    """Strict JSON (no NaN/Infinity) for a manifest."""
+    return dumps(man)
+
+
+def preflight(model: "BiasModel") -> None:
+    """Raise :class:`ExportError` now for what would make :func:`export` refuse the model as it
+    is (NaN/inf weights, NaN/inf logits on the probe text, e.g. float16 overflow), so a command
+    can fail before minutes of editing rather than after. Any float dtype exports."""
+    import torch
+
+    if not model.dtype.is_floating_point:
+        raise ExportError(f"cannot export a {model.dtype} model: load it with a float dtype")
+    bad = model.check_finite()
+    if bad:
+        raise ExportError(f"{len(bad)} tensor(s) hold NaN or inf before any edit (first: {bad[0]})")
+    logits = _logits(model.plain_module(), _probe_ids(model).to(model.device))
+    if not torch.isfinite(logits).all():
+        raise ExportError(_nonfinite_message(model.dtype))
+
+
+def _nonfinite_message(dtype) -> str:
+    import torch
+
+    hint = "; load it in float32 or bfloat16 and export again" if dtype == torch.float16 else ""
+    return (f"cannot export: the {str(dtype).replace('torch.', '')} model's logits are NaN or "
+            f"inf on a short general text although its weights are finite{hint}")
 
 
 def export(
@@ -81,12 +154,18 @@ def export(
     manifest: dict[str, Any] | None = None,
     force: bool = False,
     verify: bool = True,
-    atol: float = 1e-5,
+    atol: float | None = None,
 ) -> Path:
     """Write ``model`` to ``out`` as a Hugging Face folder with ``delta.safetensors`` and
     ``manifest.json``. Refuses NaN/inf weights and an existing non-empty folder (unless
-    ``force``). With ``verify``, reloads the folder with ``transformers`` and checks its logits
-    equal the in-memory model's within ``atol``.
+    ``force``). Works in the model's dtype (float32, float16, bfloat16 reload as such).
+
+    With ``verify``, reloads the folder with ``transformers`` and refuses it unless every tensor
+    equals the in-memory one bit for bit, the reloaded dtype is the model's, and its logits on a
+    short general-text probe are finite and match the in-memory plain HF module (same code, same
+    weights, eager attention) within ``atol`` (default :func:`tolerance`, scaled to the dtype and
+    the logits' magnitude). The TransformerLens bridge's difference from plain HF is recorded in
+    the manifest's ``verification`` as information, never a refusal.
     """
     import torch
 
@@ -99,12 +178,13 @@ def export(
             f"refusing to export: {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}); "
             "undo the edit (delta.undo(model)) and retry with a smaller step or stronger regularisation"
         )
-    state = _state_dict(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        state = _state_dict(model)
         fresh = _fresh_hf(model, state)
         fresh.save_pretrained(tmp, safe_serialization=True)
+        del fresh, state  # the reload below needs the memory more
         model.tokenizer.save_pretrained(tmp)
         if delta is not None:
             delta.save(tmp / "delta.safetensors")
@@ -112,6 +192,7 @@ def export(
             from safetensors.torch import save_file
 
             save_file({}, str(tmp / "delta.safetensors"), metadata={"method": "none"})
+        verification = _verify(model, tmp, atol) if verify else None
         base_hash = model.weight_hash(delta.original if delta is not None else None)
         man: dict[str, Any] = {
             "biaslens_version": biaslens.__version__,
@@ -122,18 +203,18 @@ def export(
                 "weight_sha256": base_hash,
             },
             "weight_sha256": model.weight_hash(),
+            "dtype": str(model.dtype).replace("torch.", ""),
             "method": delta.method if delta is not None else None,
             "hyperparameters": delta.hparams if delta is not None else {},
             "changed_tensors": delta.stats() if delta is not None else [],
             "prepend_bos": model.prepend_bos,
+            "verification": verification,
             "versions": {"torch": torch.__version__, **_versions()},
         }
         if delta is not None:
             man.update({k: v for k, v in delta.info.items() if k not in man})
         man.update(manifest or {})
-        (tmp / "manifest.json").write_text(json.dumps(man, indent=2, default=str) + "\n")
-        if verify:
-            _verify(model, tmp, atol)
+        (tmp / "manifest.json").write_text(dumps_manifest(man))
         _publish_modes(tmp)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -171,18 +252,70 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _verify(model: "BiasModel", folder: Path, atol: float) -> None:
+def _logits(module, ids):
+    """Float32 logits of a plain HF module in eval mode (its train/eval mode is restored)."""
+    import torch
+
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return module(ids).logits.float()
+    finally:
+        module.train(was_training)
+
+
+def _verify(model: "BiasModel", folder: Path, atol: float | None = None) -> dict[str, Any]:
+    """Reload ``folder`` and compare it with the in-memory model; raise ExportError if it is not
+    the same model. Returns the numbers for the manifest."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, attn_implementation="eager")
-    reloaded.eval()
-    ids = _probe_ids(model)
-    with torch.no_grad():
-        a = model.forward(ids.to(model.device)).float().cpu()
-        b = reloaded(ids).logits.float()
-    diff = float((a - b).abs().max())
-    if not diff <= atol:
-        raise ExportError(f"exported model's logits differ from the in-memory model by {diff:.3g} "
-                          f"(> {atol}); nothing was written")
-    del reloaded
+    dtype, device = model.dtype, model.device
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", attn_implementation="eager")
+    try:
+        if reloaded.dtype != dtype:
+            raise ExportError(f"exported model reloads as {reloaded.dtype}, not {dtype}; nothing was written")
+        reloaded.to(device).eval()
+        saved = reloaded.state_dict()
+        for n, p in model.params.items():
+            q = saved.get(n)
+            if q is None or q.shape != p.shape or q.dtype != p.dtype or not torch.equal(q, p.detach()):
+                why = "is missing" if q is None else "differs from the in-memory tensor"
+                raise ExportError(f"exported tensor {n} {why} after reloading; nothing was written")
+        del saved
+        ids = _probe_ids(model).to(device)
+        ref = _logits(model.plain_module(), ids)
+        got = _logits(reloaded, ids)
+    finally:
+        del reloaded
+    if not torch.isfinite(ref).all() or not torch.isfinite(got).all():
+        raise ExportError(_nonfinite_message(dtype) + "; nothing was written")
+    peak = float(ref.abs().max())
+    tol = tolerance(dtype, peak) if atol is None else float(atol)
+    diff = float((got - ref).abs().max())
+    if not diff <= tol:
+        raise ExportError(
+            f"exported model's logits differ from the in-memory model (plain HF, same weights) by "
+            f"{diff:.3g} (> tolerance {tol:.3g} for {dtype}, max |logit| {peak:.3g}); nothing was written"
+        )
+    bridge: float | None
+    bridge_error = None
+    try:
+        with torch.no_grad():
+            b = model.forward(ids).float()
+        bridge = float((b - ref).abs().max())
+    except Exception as exc:  # information only: never a reason to refuse a correct export
+        bridge, bridge_error = None, f"{type(exc).__name__}: {exc}"[:300]
+    info: dict[str, Any] = {
+        "probe_tokens": int(ids.shape[1]),
+        "dtype": str(dtype).replace("torch.", ""),
+        "logits_max_abs": peak,
+        "reloaded_vs_hf_max_abs": diff,
+        "tolerance": tol,
+        "tensors_bit_exact": True,
+        "bridge_vs_hf_max_abs": bridge,
+    }
+    if bridge_error:
+        info["bridge_error"] = bridge_error
+    return info
