@@ -7,7 +7,6 @@ before/after -> export, ending in one self-contained ``report.html``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,12 @@ from typing import Any
 # metric rows of the before/after table: (benchmark, metric, label, lower_is_better)
 HEADLINE = (
     ("occupations_heldout_templates", "mean_abs_gap",
-     "occupational pronoun gap, training occupations × held-out templates", True),
+     "occupational pronoun gap, edit occupations × test templates", True),
     ("occupations_heldout_templates", "signed_gap",
-     "signed gap toward the stereotype, training occupations × held-out templates", True),
-    ("occupations_train", "mean_abs_gap", "occupational pronoun gap, training occupations × templates", True),
-    ("occupations_train", "corr_bls", "correlation with BLS % female, training prompts", True),
-    ("occupations", "mean_abs_gap",
-     "gap, held-out occupations × held-out templates (no planted rate: never seen with a pronoun)", True),
+     "signed gap toward the stereotype, edit occupations × test templates", True),
+    ("occupations_train", "mean_abs_gap", "occupational pronoun gap, edit occupations × edit templates", True),
+    ("occupations_train", "corr_bls", "correlation with BLS % female, edit prompts", True),
+    ("occupations", "mean_abs_gap", "gap, held-out occupations × test templates", True),
     ("definitional", "accuracy", "definitional gender accuracy (king → he)", False),
     ("facts", "accuracy", "factual probe accuracy", False),
     ("perplexity", "perplexity", "perplexity on general text", True),
@@ -67,11 +65,16 @@ def before_after_rows(before: dict, after: dict) -> list[list[Any]]:
 
 def run_demo(model_spec: str, out: str | Path, device: str = "cpu", dtype: str = "float32",
              force: bool = False, text: str | None = None, layers: str = "auto",
-             trace_prompts_n: int = 120) -> dict[str, Path]:
-    """Run the main job; return the paths written (report, model folder, effects, report.json)."""
+             trace_prompts_n: int = 120, limit: int | None = None,
+             edit_prompts_n: int | None = None) -> dict[str, Path]:
+    """Run the main job; return the paths written (report, model folder, effects, report.json).
+
+    ``limit``: a seeded subset of each evaluation prompt set; ``edit_prompts_n``: edit with a
+    balanced sample of the edit prompts and keep prompts (quick runs; default all)."""
     import biaslens
+    from biaslens import jsonio
     from biaslens.edit import lsdm
-    from biaslens.evaluate import organism_suite, perplexity
+    from biaslens.evaluate import perplexity, suite as default_suite
     from biaslens.export import check_out_dir, export
     from biaslens.locate import default_prompts, locate
     from biaslens.plots import effect_figures
@@ -86,7 +89,7 @@ def run_demo(model_spec: str, out: str | Path, device: str = "cpu", dtype: str =
     model = biaslens.load(model_spec, device=device, dtype=dtype)
 
     def suite() -> dict:
-        res = organism_suite(model, occupations="heldout", templates="heldout")
+        res = default_suite(model, limit=limit)
         if text:
             res["perplexity"] = perplexity(model, text)
         return res
@@ -94,17 +97,23 @@ def run_demo(model_spec: str, out: str | Path, device: str = "cpu", dtype: str =
     stamp("evaluating before the edit")
     before = suite()
 
-    # A seeded sample of the organism's (plain English) training occupation prompts, balanced over
-    # occupations; the same set serves any model with he/she pronouns.
-    trace_prompts = default_prompts("organism", max_prompts=trace_prompts_n, seed=0)
-    stamp(f"tracing (noise corruption + restoration) on {len(trace_prompts)} training prompts")
+    # a seeded sample of the model's edit prompts, balanced over occupations (biaslens.defaults)
+    trace_prompts = default_prompts(model, max_prompts=trace_prompts_n, seed=0)
+    stamp(f"tracing (noise corruption + restoration) on {len(trace_prompts)} edit prompts")
     effects = locate(model, trace_prompts, method="noise", components=("resid", "mlp", "attn"))
     effects_path = out / "effects.json"
     effects.save(effects_path)
 
     stamp("LSDM edit at the located site")
     edit_layers = "auto" if layers == "auto" else [int(x) for x in layers.split(",")]
-    delta = lsdm(model, layers=edit_layers, role="auto", effect_map=effects)
+    edit, keep = None, None
+    if edit_prompts_n:
+        from biaslens.defaults import balanced_sample, defaults_for
+
+        d = defaults_for(model)
+        edit = balanced_sample(d.occupation_prompts("edit", "edit"), edit_prompts_n)
+        keep = balanced_sample(d.definitional_prompts("edit"), edit_prompts_n)
+    delta = lsdm(model, edit, layers=edit_layers, role="auto", effect_map=effects, keep_prompts=keep)
     site = dict(delta.info.get("site") or {})
     stamp(f"edited {', '.join(delta.names)} (site {site})")
 
@@ -115,9 +124,8 @@ def run_demo(model_spec: str, out: str | Path, device: str = "cpu", dtype: str =
     model_dir = export(model, out / "model", delta=delta, force=True,
                        manifest={"metrics": {"before": before, "after": after},
                                  "effects": str(effects_path.name)})
-    (out / "report.json").write_text(json.dumps(
-        {"model": model_spec, "site": site, "before": before, "after": after,
-         "changed_tensors": delta.stats()}, indent=2, default=float) + "\n")
+    jsonio.write(out / "report.json", {"model": model_spec, "site": site, "before": before,
+                                       "after": after, "changed_tensors": delta.stats()})
 
     stamp("writing report.html")
     rep = Report("biaslens report", f"model: {model_spec} · method: LSDM · {time.strftime('%Y-%m-%d %H:%M')}")
@@ -159,7 +167,7 @@ def _bar_figure(before: dict, after: dict):
         va, _ = _get(after, bench, metric)
         if vb is None or va is None or bench == "perplexity":
             continue
-        labels.append(label.split(",")[0] + ("" if "held-out" not in label else " (held-out)"))
+        labels.append(label.split(",")[0] + (" (held-out)" if "test templates" in label else ""))
         b.append(vb)
         a.append(va)
     fig = go.Figure([go.Bar(name="before", x=labels, y=b), go.Bar(name="after", x=labels, y=a)])
@@ -172,13 +180,20 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder for report.html, model/, effects.json")
     p.add_argument("--model", default="organism", help="model spec (default: the embedded organism)")
     p.add_argument("--layers", default="auto", help="edit layers: auto (from the trace) or e.g. 1,2")
-    p.add_argument("--text", default=None, help="general text file for perplexity (default: organism's)")
+    p.add_argument("--text", default=None, help="general text file for perplexity (default: the "
+                                                "model's, see biaslens.defaults)")
+    p.add_argument("--max-prompts", type=int, default=120, help="tracing prompts (a balanced sample)")
+    p.add_argument("--edit-prompts", type=int, default=None,
+                   help="edit with a balanced sample of this many prompts (default: all edit prompts)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate a seeded subset of this many items per prompt set (quick runs)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
 
 def _run(args) -> int:
     paths = run_demo(args.model, args.out, device=args.device, dtype=args.dtype, force=args.force,
-                     text=args.text, layers=args.layers)
+                     text=args.text, layers=args.layers, trace_prompts_n=args.max_prompts,
+                     limit=args.limit, edit_prompts_n=args.edit_prompts)
     print("\nbiaslens demo finished:")
     for k, v in paths.items():
         print(f"  {k:<12} {v}")

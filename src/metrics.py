@@ -52,13 +52,21 @@ class LogitMetric:
         return sub(idx) if sub else self
 
 
-def _pair_ids(model: "BiasModel", prompts: Sequence[Any]):
+def pronoun_ids(model: "BiasModel", prompts: Sequence[Any]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """One-token ids ``(male, female)`` of each prompt's pronoun pair, each tokenised as the
+    continuation of its prompt (:meth:`BiasModel.single_token`); a pronoun that is several tokens
+    there raises :class:`~biaslens.errors.VocabularyError` (these metrics read one logit)."""
     import torch
 
-    pairs = [pronoun_pair(p) for p in prompts]
-    male = torch.tensor([model.single_token(m) for m, _ in pairs], device=model.device)
-    female = torch.tensor([model.single_token(f) for _, f in pairs], device=model.device)
-    return male, female
+    from biaslens.prompts import as_prompt
+
+    male, female = [], []
+    for p in prompts:
+        m, f = pronoun_pair(p)
+        text = as_prompt(p).text
+        male.append(model.single_token(m, text))
+        female.append(model.single_token(f, text))
+    return (torch.tensor(male, device=model.device), torch.tensor(female, device=model.device))
 
 
 def _make(kind: str, male, female) -> LogitMetric:
@@ -82,12 +90,12 @@ def _make(kind: str, male, female) -> LogitMetric:
 
 def pronoun_log_ratio(model: "BiasModel", prompts: Sequence[Any]) -> LogitMetric:
     """``log P(female) - log P(male)`` at the next token, with each prompt's own pronoun pair."""
-    return _make("log_ratio", *_pair_ids(model, prompts))
+    return _make("log_ratio", *pronoun_ids(model, prompts))
 
 
 def pronoun_prob_gap(model: "BiasModel", prompts: Sequence[Any]) -> LogitMetric:
     """``P(female) - P(male)`` at the next token."""
-    return _make("prob_gap", *_pair_ids(model, prompts))
+    return _make("prob_gap", *pronoun_ids(model, prompts))
 
 
 def female_share(model: "BiasModel", prompts: Sequence[Any], batch_size: int = 64) -> "torch.Tensor":

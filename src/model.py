@@ -117,6 +117,10 @@ def load(
     )
 
 
+#: the context a word is tokenised after when no prompt is given (:meth:`BiasModel.word_ids`)
+_NEUTRAL_CONTEXT = "The"
+
+
 class BiasModel:
     """A causal LM with hooks, token roles, target log-probabilities and weight snapshots.
 
@@ -201,6 +205,49 @@ class BiasModel:
                 f"d_model={self.d_model}, heads={self.n_heads}, device={self.device})")
 
     # ------------------------------------------------------------- tokens
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model can read (``n_positions`` / ``max_position_embeddings``;
+        None when the config names no limit)."""
+        cfg = self.hf.config
+        n = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def tokenize(self, texts: Sequence[str], offsets: bool = False, length: str = "check"):
+        """Token rows of ``texts`` as the model reads them: the tokenizer's special tokens, plus
+        BOS first when the model prepends one. The one tokenisation path of biaslens.
+
+        ``offsets=True`` also returns each token's character span (``(0, 0)`` for special
+        tokens). ``length``: a row longer than :attr:`max_positions` raises
+        :class:`BiasLensError` (``"check"``), keeps its first :attr:`max_positions` tokens
+        (``"truncate"``), or is returned whole for the caller to window (``"any"``).
+        """
+        from biaslens.errors import BiasLensError
+
+        if length not in ("check", "truncate", "any"):
+            raise ValueError(f"length must be 'check', 'truncate' or 'any', not {length!r}")
+        texts = list(texts)
+        if not texts:
+            return ([], []) if offsets else []
+        enc = self.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=offsets)
+        bos = [self.tokenizer.bos_token_id] if self.prepend_bos else []
+        rows = [bos + list(ids) for ids in enc["input_ids"]]
+        offs = ([[(0, 0)] * len(bos) + [tuple(o) for o in om] for om in enc["offset_mapping"]]
+                if offsets else None)
+        limit = self.max_positions
+        if limit is not None and length != "any":
+            for i, r in enumerate(rows):
+                if len(r) <= limit:
+                    continue
+                if length == "check":
+                    raise BiasLensError(
+                        f"text {i} is {len(r)} tokens, longer than the {limit} positions {self.spec} "
+                        f"can read ({texts[i][:60]!r}...); shorten it or split it")
+                rows[i] = r[:limit]
+                if offs is not None:
+                    offs[i] = offs[i][:limit]
+        return (rows, offs) if offsets else rows
+
     def encode(self, prompts: Sequence[Any] | Any) -> TokenBatch:
         """Tokenise prompts, right-padded, with role positions from character offsets."""
         import torch
@@ -210,45 +257,66 @@ class BiasModel:
         ps = [as_prompt(p) for p in prompts]
         if not ps:
             raise ValueError("no prompts to encode")
-        enc = self.tokenizer(
-            [p.text for p in ps], add_special_tokens=True, return_offsets_mapping=True
-        )
-        bos = self.tokenizer.bos_token_id
-        rows, roles = [], {}
-        for i, p in enumerate(ps):
-            ids = list(enc["input_ids"][i])
-            offs = [tuple(o) for o in enc["offset_mapping"][i]]
-            if self.prepend_bos:
-                ids, offs = [bos] + ids, [(0, 0)] + offs
+        rows, offsets = self.tokenize([p.text for p in ps], offsets=True)
+        roles: dict[str, list[list[int]]] = {}
+        for i, (p, ids, offs) in enumerate(zip(ps, rows, offsets)):
             if not ids:
                 raise ValueError(f"prompt {i} tokenises to nothing: {p.text!r}")
             r = roles_from_offsets(offs, subject_span(p.text, p.subject))
             for k, v in r.items():
                 roles.setdefault(k, []).append(v)
-            rows.append(ids)
         lengths = torch.tensor([len(r) for r in rows])
         ids, mask = pad_rows(rows, self.tokenizer.pad_token_id, self.device)
         return TokenBatch(ids, mask, lengths.to(self.device), roles, ps)
 
-    def word_ids(self, word: str) -> list[int]:
-        """Token ids of ``word`` as a continuation (include its leading space, e.g. ``" she"``)."""
-        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
-        unk = self.tokenizer.unk_token_id
-        if not ids or (unk is not None and unk in ids and word.strip() != self.tokenizer.unk_token):
+    def continuation_ids(self, context: str, word: str) -> list[int]:
+        """Token ids of ``word`` as the continuation of ``context``: the tokens of
+        ``context + word`` after those of ``context``.
+
+        This is how the model meets the word. SentencePiece/Metaspace tokenizers (LLaMA,
+        Mistral, Qwen) write a lone word's leading space as a piece of its own (``" he"`` →
+        ``["▁", "he"]``) but merge it after a context (``"that he"`` → ``["▁that", "▁he"]``);
+        byte-level BPE gives the same ids both ways. When the word merges with the context's
+        last token, the tokens from the first one that reaches into the word are used.
+        Raises :class:`VocabularyError` when the word has no tokens or an unknown token.
+        """
+        key = (context, word)
+        cache = self.__dict__.setdefault("_continuations", {})
+        if key in cache:
+            return list(cache[key])
+        tok = self.tokenizer
+        head = tok(context, add_special_tokens=False)["input_ids"] if context else []
+        full = tok(context + word, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(full["input_ids"])
+        if ids[: len(head)] == list(head):
+            cont = ids[len(head):]
+        else:  # the word merged into the context's last token: start at the first token reaching it
+            cut = len(context)
+            first = next((i for i, (a, b) in enumerate(full["offset_mapping"]) if b > cut), len(ids))
+            cont = ids[first:]
+        unk = tok.unk_token_id
+        if not cont or (unk is not None and unk in cont and word.strip() != tok.unk_token):
             raise VocabularyError(
                 f"the word {word!r} is not in the vocabulary of {self.spec}; "
-                "check its spelling and leading space, or choose another word"
-            )
-        return ids
+                "check its spelling and leading space, or choose another word")
+        cache[key] = tuple(cont)
+        return cont
 
-    def single_token(self, word: str) -> int:
-        """The one token id of ``word``; raises :class:`VocabularyError` if it splits."""
-        ids = self.word_ids(word)
+    def word_ids(self, word: str, context: str = "") -> list[int]:
+        """Token ids of ``word`` (with its leading space, e.g. ``" she"``) as the continuation of
+        ``context`` (see :meth:`continuation_ids`; without a context, of a neutral sentence)."""
+        return self.continuation_ids(context or _NEUTRAL_CONTEXT, word)
+
+    def single_token(self, word: str, context: str = "") -> int:
+        """The one token id of ``word`` after ``context``; raises :class:`VocabularyError` if it
+        is several tokens there."""
+        ids = self.word_ids(word, context)
         if len(ids) != 1:
             pieces = [self.tokenizer.decode([i]) for i in ids]
             raise VocabularyError(
-                f"{word!r} is {len(ids)} tokens for {self.spec} ({pieces}); this needs a one-token "
-                "word: pick another word, or use target_logprobs which handles multi-token words"
+                f"{word!r} is {len(ids)} tokens for {self.spec} ({pieces}); this metric needs a "
+                "one-token word: pick another word, or use a metric that sums a word's tokens "
+                "(target_logprobs, female_share)"
             )
         return ids[0]
 
@@ -293,8 +361,9 @@ class BiasModel:
         """log P(target word | prompt) for each prompt, summed over a word's tokens.
 
         ``targets`` is one list of words for every prompt, or one list per prompt (same length).
+        A word is tokenised as the continuation of its prompt (:meth:`continuation_ids`).
         One-token words are read off the prompt's last logits; multi-token words are scored by
-        one extra batched teacher-forced forward pass (with the same hooks).
+        one extra batched teacher-forced forward pass.
         """
         import torch
 
@@ -310,44 +379,37 @@ class BiasModel:
             last_logits = self.last_logits(batch, hooks)
         lp_last = torch.log_softmax(last_logits.float(), dim=-1)
         out = torch.empty((n, k), dtype=torch.float32, device=lp_last.device)
-        cache: dict[str, list[int]] = {}
         multi: list[tuple[int, int, list[int]]] = []
         for i, words in enumerate(per_prompt):
             for j, w in enumerate(words):
-                ids = cache.get(w) or cache.setdefault(w, self.word_ids(w))
+                ids = self.continuation_ids(batch.prompts[i].text, w)
                 out[i, j] = lp_last[i, ids[0]]
                 if len(ids) > 1:
                     multi.append((i, j, ids))
         if multi:
             if hooks:
                 raise ValueError("multi-token targets with hooks are not supported; use one-token words")
-            rows = []
-            for i, j, ids in multi:
-                L = int(batch.lengths[i])
-                rows.append(batch.input_ids[i, :L].tolist() + ids[:-1])
-            x, m = pad_rows(rows, self.tokenizer.pad_token_id, self.device)
-            lp = torch.log_softmax(self.forward(x, attention_mask=m).float(), dim=-1)
-            for r, (i, j, ids) in enumerate(multi):
-                L = int(batch.lengths[i])
-                extra = sum(lp[r, L - 1 + t, ids[t]] for t in range(1, len(ids)))
-                out[i, j] = out[i, j] + extra
+            from biaslens.evaluate.scoring import score_rows
+
+            # the first token was read off the last logits; score the rest teacher-forced
+            rows = [batch.input_ids[i, : int(batch.lengths[i])].tolist() + ids for i, _, ids in multi]
+            starts = [int(batch.lengths[i]) + 1 for i, _, _ in multi]
+            extra = score_rows(self, rows, starts, progress=False).sums()
+            for (i, j, _), e in zip(multi, extra):
+                out[i, j] = out[i, j] + float(e)
         return out
 
     def sequence_logprobs(self, texts: Sequence[str], batch_size: int = 32,
                           reduce: str = "sum") -> "torch.Tensor":
-        """Total (``"sum"``) or mean log-likelihood of each text under the model."""
+        """Total (``"sum"``) or mean log-likelihood of each text under the model (every token
+        given the ones before; :func:`biaslens.evaluate.scoring.score_rows`)."""
         import torch
 
-        res = []
-        for s in range(0, len(texts), batch_size):
-            b = self.encode(list(texts[s : s + batch_size]))
-            with torch.no_grad():
-                lp = torch.log_softmax(self.forward(b).float(), dim=-1)
-            tok = torch.gather(lp[:, :-1], 2, b.input_ids[:, 1:, None])[..., 0]
-            mask = b.attention_mask[:, 1:].float()
-            tot = (tok * mask).sum(1)
-            res.append(tot / mask.sum(1).clamp(min=1) if reduce == "mean" else tot)
-        return torch.cat(res)
+        from biaslens.evaluate.scoring import score_rows
+
+        s = score_rows(self, self.tokenize(texts), batch_size=batch_size, progress=False)
+        vals = s.sums() if reduce == "sum" else [m if m == m else 0.0 for m in s.means()]
+        return torch.tensor(vals, dtype=torch.float32, device=self.device)
 
     def plain_module(self, copy: bool = False) -> "torch.nn.Module":
         """A plain Hugging Face module (no TransformerBridge wrappers) running these weights.

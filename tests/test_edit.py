@@ -268,8 +268,9 @@ def test_bad_site_input_is_refused(models, corpus, cache):
                     (dict(layers="x,y", role="last"), "comma-separated")]:
         with pytest.raises(BiasLensError, match=msg):
             lsdm(m, edit_prompts(), corpus=corpus, cache_dir=cache, progress=False, **kw)
-    with pytest.raises(BiasLensError, match="corpus"):
-        lsdm(m, edit_prompts(), layers=[1], role="last", progress=False)
+    with pytest.raises(BiasLensError, match="does not exist"):
+        lsdm(m, edit_prompts(), layers=[1], role="last", corpus=corpus.parent / "missing.txt",
+             progress=False)
 
 
 # ------------------------------------------------------------------------------ key statistics

@@ -8,6 +8,7 @@ import pytest
 
 from biaslens import organism
 from biaslens.cli import main
+from biaslens.defaults import templates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,7 +27,7 @@ def files(tmp_path_factory):
 def common(files, tiny_dirs, out):
     return ["--model", str(tiny_dirs["gpt2"]), "--corpus", str(files / "general.txt"),
             "--occupations", str(files / "occ.txt"), "--cache-dir", str(files / "cache"),
-            "--out", str(out), "--quiet"]
+            "--limit", "40", "--out", str(out), "--quiet"]
 
 
 def test_edit_writes_model_and_report(files, tiny_dirs, tmp_path, capsys):
@@ -37,10 +38,10 @@ def test_edit_writes_model_and_report(files, tiny_dirs, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["site"] == {"layers": [0, 1], "role": "subject_last", "source": "explicit"}
     assert report["hyperparameters"]["cov_tokens"] == 800
+    n_edit_templates = len(templates("edit"))  # a user's model edits with the bank's templates
     for when in ("before", "after"):
-        n_train_templates = sum(t.split == "train" for t in organism.TEMPLATES)
-        assert report[when]["occupations_train"]["n"] == 3 * n_train_templates
-        assert report[when]["perplexity"]["perplexity"] > 1
+        assert report[when]["occupations_train"]["n"] == 3 * n_edit_templates
+        assert report[when]["perplexity_corpus"]["perplexity"] > 1
     assert {c["name"] for c in report["changed_tensors"]} == {
         "transformer.h.0.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.weight"}
     manifest = json.loads((out / "model" / "manifest.json").read_text())

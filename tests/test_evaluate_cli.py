@@ -101,7 +101,11 @@ def test_evaluate_bad_benchmark_and_missing_data(tiny_dirs, tmp_path, capsys):
                "--json", str(tmp_path / "x.json")])
     assert rc == 2 and "crowz" in capsys.readouterr().err
     rc = main(["evaluate", "--model", str(tiny_dirs["gpt2"]), "--benchmarks", "crows",
-               "--json", str(tmp_path / "x.json")])
+               "--data-dir", str(tmp_path / "none"), "--json", str(tmp_path / "x.json")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    rc = main(["evaluate", "--model", str(tiny_dirs["gpt2"]), "--benchmarks", "crows",
+               "--data-dir", str(tmp_path / "empty"), "--json", str(tmp_path / "x.json")])
     assert rc == 2 and "--data-dir" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 

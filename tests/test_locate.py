@@ -225,5 +225,19 @@ def test_bad_input_messages(planted):
         locate(planted, ["The nurse said that"])
     with pytest.raises(BiasLensError, match="unknown method"):
         locate(planted, PROMPTS, method="magic")
-    with pytest.raises(BiasLensError, match="no default prompts"):
-        locate(planted)
+    with pytest.raises(BiasLensError, match="unknown components"):
+        locate(planted, components=("mlp", "heads"))
+
+
+def test_any_model_gets_default_prompts_from_the_shipped_bank(planted):
+    """Without prompts a model that is not the organism traces the bank's edit prompts: a
+    balanced sample over occupations, never a test template or a held-out occupation."""
+    from biaslens.defaults import defaults_for, templates
+    from biaslens.locate import default_prompts
+
+    prompts = default_prompts(planted, max_prompts=24, seed=0)
+    assert defaults_for(planted).kind == "general" and len(prompts) == 24
+    assert len({p.occupation for p in prompts}) == 24  # one per occupation before any repeats
+    edit = {t for t, _, _ in templates("edit")}
+    assert all(p.template_split == "edit" and p.occupation_split == "edit" for p in prompts)
+    assert all(p.text.replace(p.subject, "{occupation}", 1) in edit for p in prompts)

@@ -24,7 +24,7 @@ def _fails(capsys, argv, needle):
     (["--method", "erase", "--model", "organism"], "unknown --method 'erase'"),
     (["--method", "pcgu", "--model", "organism", "--max-steps", "0"], "--max-steps must be a positive"),
     (["--method", "task-vector", "--model", "organism", "--pairs", "no/such.jsonl"], "does not exist"),
-    (["--method", "masked-ascent", "--model", "gpt2"], "pass --pairs FILE"),
+    (["--method", "task-vector", "--model", "organism", "--lora-rank", "0"], "--lora-rank must be a positive"),
     (["--method", "pcgu", "--model", "organism", "--small-model", "organism"], "only used by --method offset"),
     (["--method", "offset", "--model", "organism", "--loss", "forget"], "unknown --loss 'forget'"),
 ])
@@ -60,11 +60,13 @@ def test_masked_ascent_run_on_span_file(capsys, tmp_path, tiny_dirs):
         "The nurse said that she left.", "The engineer said that he left.", "The clerk lost her keys."]) + "\n")
     out = tmp_path / "o"
     code = main(["unlearn", "--method", "masked-ascent", "--model", str(tiny_dirs["gpt2"]), "--pairs", str(f),
-                 "--max-steps", "2", "--lr", "1e-3", "--ppl-bound", "1000", "--out", str(out)])
+                 "--max-steps", "2", "--lr", "1e-3", "--ppl-bound", "1000", "--limit", "20", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     assert report["method"] == "masked-ascent" and report["n_forget"] == 3
-    assert "perplexity_on_data" in report["before"] and "perplexity_on_data" in report["after"]
+    assert report["data"] == str(f)
+    for when in ("before", "after"):  # the model's default suite: a user's model gets the shipped probes
+        assert {"occupations", "definitional", "perplexity"} <= set(report[when])
     assert manifest["method"] == "masked-span-ascent" and manifest["changed_tensors"]
     assert (out / "model.safetensors").exists() and (out / "delta.safetensors").exists()

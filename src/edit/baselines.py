@@ -66,8 +66,8 @@ def counterfactual_finetune(
     from tqdm.auto import tqdm
 
     hp = as_hparams(hparams, CDAHparams)
-    prompts = default_prompts() if prompts is None else list(prompts)
-    keep = default_keep_prompts() if keep_prompts is None else list(keep_prompts)
+    prompts = default_prompts(model) if prompts is None else list(prompts)
+    keep = default_keep_prompts(model) if keep_prompts is None else list(keep_prompts)
     site = resolve_site(model, prompts, layers, "last" if layers != "auto" else "auto", effect_map)
     layers = site["layers"]
     names = [model.mlp_out_name(l) for l in layers]
@@ -155,7 +155,7 @@ def rome_rank_one(
     from biaslens.edit.targets import compute_targets
 
     hp = as_hparams(hparams, ROMEHparams)
-    prompts = default_prompts() if prompts is None else list(prompts)
+    prompts = default_prompts(model) if prompts is None else list(prompts)
     layers = [int(layer)] if not isinstance(layer, str) or layer != "auto" else "auto"
     site_info = resolve_site(model, prompts, layers, role, effect_map)
     layer, role = site_info["layers"][-1], check_role(site_info["role"])

@@ -7,7 +7,6 @@ Writes ``OUT/model`` (a Hugging Face folder with ``delta.safetensors`` and ``man
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,9 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--effects", help="effects.json written by `biaslens locate` to choose the site")
     p.add_argument("--occupations",
                    help="text file, one occupation per line (optionally 'name,percent_female'); "
-                        "default: the organism's training occupations")
+                        "default: the 60 Winogender occupations (BLS %% female), or the organism's")
     p.add_argument("--corpus", help="general text (one document per line) for the key statistics; "
-                                    "default: the organism's general text (organism only)")
+                                    "default: shipped WikiText-2 paragraphs (the organism: its own text)")
+    p.add_argument("--max-prompts", type=int, default=None,
+                   help="edit with a seeded sample of this many prompts (and keep prompts), every "
+                        "occupation equally (default: all)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate a seeded subset of this many items per prompt set (quick runs)")
     p.add_argument("--hparams", help="JSON file of hyperparameters (LSDMHparams / CDAHparams fields)")
     p.add_argument("--cache-dir", help="key-statistics cache (default $BIASLENS_CACHE or "
                                        "~/.cache/biaslens/cov)")
@@ -36,16 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def read_occupations(path: str | Path) -> list:
-    """Occupation prompts (training templates) from a file of 'name[,percent_female]' lines."""
-    from biaslens import organism
+def read_occupations(path: str | Path) -> list[tuple[str, float, str]]:
+    """``(occupation, share female, "edit")`` rows from a file of 'name[,percent_female]' lines
+    (percent female defaults to 50)."""
     from biaslens.errors import DataFormatError
-    from biaslens.organism.data import PronounPrompt
 
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"occupations file '{path}' does not exist")
-    prompts = []
+    rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -59,28 +62,37 @@ def read_occupations(path: str | Path) -> list:
         if not name or not 0.0 <= rate <= 1.0 or len(parts) > 2:
             raise DataFormatError(f"{path}:{n}: expected 'occupation' or 'occupation,percent_female', "
                                   f"got {line!r}")
-        for tpl in organism.TEMPLATES:
-            if tpl.split != "train":
-                continue
-            male, female = organism.PRONOUNS[tpl.form]
-            prompts.append(PronounPrompt(tpl.text.format(occupation=name), name, name, rate, tpl.form,
-                                         male, female, tpl.split, "train"))
-    if not prompts:
+        rows.append((name, rate, "edit"))
+    if not rows:
         raise DataFormatError(f"occupations file '{path}' lists no occupation")
-    return prompts
+    return rows
 
 
-def measure(model, prompts, corpus) -> dict:
-    """The organism suite for the organism; otherwise the gap on the edit prompts and held-out
-    templates, and perplexity on the corpus when one is given."""
+def occupation_prompts(model, rows: list[tuple[str, float, str]]) -> list:
+    """The rows × the model's edit templates (the organism's training templates, else the bank's)."""
+    from biaslens.defaults import defaults_for, fill_templates
+
+    d = defaults_for(model)
+    if not d.organism:
+        return fill_templates(rows, "edit")
+    from biaslens import organism
+    from biaslens.organism.data import PronounPrompt
+
+    return [PronounPrompt(t.text.format(occupation=name), name, name, rate, t.form,
+                          *organism.PRONOUNS[t.form], t.split, "train")
+            for name, rate, _ in rows for t in organism.TEMPLATES if t.split == "train"]
+
+
+def measure(model, prompts=None, corpus=None, limit: int | None = None) -> dict:
+    """The model's default suite (:func:`biaslens.evaluate.suite`); with user ``prompts`` their
+    gap replaces ``occupations_train``, with a user ``corpus`` its perplexity is added."""
     from biaslens import evaluate
-    from biaslens.evaluate.suite import is_organism
 
-    if is_organism(model):
-        return evaluate.organism_suite(model)
-    out = {"occupations_train": evaluate.occupational_bias(model, prompts)}
+    out = evaluate.suite(model, limit=limit)
+    if prompts is not None:
+        out["occupations_train"] = evaluate.occupational_bias(model, prompts)
     if corpus:
-        out["perplexity"] = evaluate.perplexity(model, corpus, max_tokens=20_000)
+        out["perplexity_corpus"] = evaluate.perplexity(model, corpus, max_tokens=20_000, per_line=True)
     return out
 
 
@@ -88,13 +100,13 @@ def run(args) -> int:
     import biaslens
     from biaslens.edit import counterfactual_finetune, lsdm, rome_rank_one
     from biaslens.edit.keys import check_role
-    from biaslens.edit.least_squares import default_prompts, parse_layers
+    from biaslens.edit.least_squares import parse_layers
     from biaslens.errors import BiasLensError
     from biaslens.export import check_out_dir, export
 
     out = check_out_dir(args.out, args.force)  # fail before loading a large model
     layers = "auto" if args.layers == "auto" else parse_layers(args.layers)
-    prompts = read_occupations(args.occupations) if args.occupations else None
+    rows = read_occupations(args.occupations) if args.occupations else None
     if args.role != "auto":
         check_role(args.role)
     model = biaslens.load(args.model, device=args.device, dtype=args.dtype)
@@ -102,24 +114,31 @@ def run(args) -> int:
         raise BiasLensError(f"--layers {args.layers} out of range: {args.model} has layers "
                             f"0..{model.n_layers - 1}")
 
-    eval_prompts = prompts if prompts is not None else default_prompts()
+    prompts = occupation_prompts(model, rows) if rows is not None else None
+    keep = None
+    if args.max_prompts:
+        from biaslens.defaults import balanced_sample, defaults_for
+
+        d = defaults_for(model)
+        prompts = balanced_sample(prompts or d.occupation_prompts("edit", "edit"), args.max_prompts)
+        keep = balanced_sample(d.definitional_prompts("edit"), args.max_prompts)
     progress = not args.quiet
     print(f"biaslens edit: measuring {args.model} before the edit", file=sys.stderr)
-    before = measure(model, eval_prompts, args.corpus)
+    before = measure(model, prompts, args.corpus, args.limit)
     if args.method == "lsdm":
         delta = lsdm(model, prompts, layers=layers, role=args.role, effect_map=args.effects,
-                     corpus=args.corpus, hparams=args.hparams, cache_dir=args.cache_dir,
-                     progress=progress)
+                     corpus=args.corpus, hparams=args.hparams, keep_prompts=keep,
+                     cache_dir=args.cache_dir, progress=progress)
     elif args.method == "rome":
         layer = layers if layers == "auto" else layers[-1]
         delta = rome_rank_one(model, layer, prompts, role=args.role, corpus=args.corpus,
                               hparams=args.hparams, effect_map=args.effects,
                               cache_dir=args.cache_dir, progress=progress)
     else:
-        delta = counterfactual_finetune(model, layers, prompts, hparams=args.hparams,
+        delta = counterfactual_finetune(model, layers, prompts, keep_prompts=keep, hparams=args.hparams,
                                         effect_map=args.effects, progress=progress)
     print("biaslens edit: measuring after the edit", file=sys.stderr)
-    after = measure(model, eval_prompts, args.corpus)
+    after = measure(model, prompts, args.corpus, args.limit)
     out.mkdir(parents=True, exist_ok=True)
     export(model, out / "model", delta=delta, force=args.force,
            manifest={"edit": {"method": args.method, "site": delta.info.get("site")}})
@@ -127,7 +146,9 @@ def run(args) -> int:
               "effect_map": delta.info.get("effect_map"), "hyperparameters": delta.hparams,
               "diagnostics": delta.info.get("diagnostics"), "changed_tensors": delta.stats(),
               "before": before, "after": after, "summary": summary(before, after)}
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    from biaslens import jsonio
+
+    jsonio.write(out / "report.json", report)
     for k, v in report["summary"].items():
         print(f"{k:<28} {v['before']:>10.4f} -> {v['after']:>10.4f}")
     print(f"wrote {out / 'model'} and {out / 'report.json'}")

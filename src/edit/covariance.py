@@ -56,13 +56,15 @@ def _cache_path(root: Path, model_hash: str, corpus_hash: str, layer: int, n_tok
 
 def corpus_windows(model: "BiasModel", path: str | os.PathLike, n_tokens: int,
                    seq_len: int) -> list[list[int]]:
-    """Token windows of at most ``seq_len`` tokens covering the first ``n_tokens`` tokens of the
-    file: each line is a document (BOS first when the model uses one); long documents are cut."""
+    """Token windows of at most ``seq_len`` tokens (and at most the model's maximum positions)
+    covering the first ``n_tokens`` tokens of the file: each line is a document (BOS first when
+    the model uses one); long documents are cut into windows."""
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"corpus '{path}' does not exist or is not a file; pass a text file "
                               "with one document per line (e.g. WikiText-2's wiki.train.raw)")
     bos = [model.tokenizer.bos_token_id] if model.prepend_bos else []
+    seq_len = min(seq_len, model.max_positions or seq_len)  # windows fit the model's context
     step = seq_len - len(bos)
     windows, total = [], 0
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -70,9 +72,9 @@ def corpus_windows(model: "BiasModel", path: str | os.PathLike, n_tokens: int,
             line = line.strip()
             if not line:
                 continue
-            ids = model.tokenizer(line, add_special_tokens=True)["input_ids"]
-            for s in range(0, len(ids), step):
-                w = bos + ids[s : s + step]
+            body = model.tokenize([line], length="any")[0][len(bos):]
+            for s in range(0, len(body), step):
+                w = bos + body[s : s + step]
                 take = min(len(w), n_tokens - total)
                 if take < 2:
                     break
@@ -160,6 +162,7 @@ def key_covariances(
     if not corpus_path.is_file():
         raise DataFormatError(f"corpus '{corpus_path}' does not exist or is not a file; pass a text "
                               "file with one document per line")
+    seq_len = min(seq_len, model.max_positions or seq_len)  # as corpus_windows cuts them
     root = cache_root(cache_dir)
     mhash, chash = model.weight_hash(), file_hash(corpus_path)
     paths = {l: _cache_path(root, mhash, chash, l, n_tokens, seq_len) for l in layers}

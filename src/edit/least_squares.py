@@ -122,31 +122,27 @@ def _woodbury_solve(L: "torch.Tensor", U: "torch.Tensor", n: int) -> "torch.Tens
 
 
 # ------------------------------------------------------------------------------------ defaults
-def default_prompts() -> list:
-    """Occupation prompts of the organism's training split (the organism's occupations and
-    templates are plain English, so they serve any English model)."""
-    from biaslens import organism
+def default_prompts(model: "BiasModel") -> list:
+    """The model's edit prompts: edit occupations × edit templates (:mod:`biaslens.defaults`)."""
+    from biaslens.defaults import defaults_for
 
-    return organism.occupation_prompts("train", "train")
+    return defaults_for(model).occupation_prompts("edit", "edit")
 
 
-def default_keep_prompts() -> list:
-    from biaslens import organism
+def default_keep_prompts(model: "BiasModel") -> list:
+    """The model's definitional keep prompts (definitional words × edit templates)."""
+    from biaslens.defaults import defaults_for
 
-    return organism.definitional_prompts("train")
+    return defaults_for(model).definitional_prompts("edit")
 
 
 def resolve_corpus(model: "BiasModel", corpus: str | os.PathLike | None) -> Path:
+    """``corpus``, or the model's default general text for key statistics."""
     if corpus is not None:
         return Path(corpus)
-    from biaslens import organism
+    from biaslens.defaults import defaults_for
 
-    if Path(str(model.path or "")).resolve() == Path(organism.CHECKPOINT_DIR).resolve():
-        return Path(organism.GENERAL_TEXT)
-    raise BiasLensError(
-        f"LSDM needs general text to estimate key statistics for {model.spec}: pass corpus=PATH "
-        "(--corpus), a text file with one document per line such as WikiText-2's wiki.train.raw"
-    )
+    return defaults_for(model).corpus
 
 
 # ------------------------------------------------------------------------------------ the site
@@ -228,7 +224,11 @@ def resolve_site(model: "BiasModel", prompts: Sequence[Any], layers: Any = "auto
         if role == "auto":
             role = best_edit_role(effect_map)
         if layers == "auto":
-            layers = effect_map.best_layers("mlp", role, k)
+            # off the last token, the last layer's MLP output never reaches the prediction
+            reach = range(model.n_layers if role == "last" else model.n_layers - 1)
+            if not reach:
+                raise BiasLensError(f"{model.spec} has one layer: only role 'last' can be edited")
+            layers = effect_map.best_layers("mlp", role, k, candidates=reach)
     layers = sorted(int(l) for l in layers)
     if not layers or len(set(layers)) != len(layers):
         raise BiasLensError(f"edit layers must be distinct and non-empty, not {layers}")
@@ -236,6 +236,10 @@ def resolve_site(model: "BiasModel", prompts: Sequence[Any], layers: Any = "auto
     if bad:
         raise BiasLensError(f"layer(s) {bad} out of range: {model.spec} has layers 0..{model.n_layers - 1}")
     check_role(role)
+    if role != "last" and layers[-1] == model.n_layers - 1:
+        raise BiasLensError(
+            f"layer {layers[-1]} is the last layer: its MLP output at role '{role}' cannot reach the "
+            "next-token prediction (no attention comes after it); use role 'last' or earlier layers")
     if effect_map is not None:
         summary = _summary(effect_map, role, layers)
     return {"layers": layers, "role": role, "source": source, "effect_map": summary}
@@ -342,11 +346,11 @@ def lsdm(
 ) -> "WeightDelta":
     """Debias ``model`` by LSDM at the located site; the model is left edited.
 
-    ``prompts``: occupation prompts with subjects (default: the organism's training occupations ×
-    training templates); ``keep_prompts``: definitional prompts whose keys must not move (default:
-    the organism's definitional prompts; ``[]`` for none); ``layers``/``role``: ``"auto"`` (from
+    ``prompts``: occupation prompts with subjects (default: :func:`default_prompts`);
+    ``keep_prompts``: definitional prompts whose keys must not move (default:
+    :func:`default_keep_prompts`; ``[]`` for none); ``layers``/``role``: ``"auto"`` (from
     ``effect_map``, or tracing) or explicit; ``corpus``: general text for the key statistics
-    (default: the organism's general text for the organism); ``hparams``: :class:`LSDMHparams`,
+    (default: the model's, :attr:`biaslens.defaults.Defaults.corpus`); ``hparams``: :class:`LSDMHparams`,
     a dict or a JSON path. Returns a :class:`~biaslens.delta.WeightDelta` whose ``info`` holds the
     site, the effect-map summary that chose it and per-layer diagnostics. A non-finite edit is
     refused (:class:`BiasLensError`) and the weights restored.
@@ -354,8 +358,8 @@ def lsdm(
     from biaslens.edit.covariance import cached_factors, key_covariances
 
     hp = as_hparams(hparams, LSDMHparams)
-    prompts = default_prompts() if prompts is None else list(prompts)
-    keep = default_keep_prompts() if keep_prompts is None else list(keep_prompts)
+    prompts = default_prompts(model) if prompts is None else list(prompts)
+    keep = default_keep_prompts(model) if keep_prompts is None else list(keep_prompts)
     t0 = time.perf_counter()
     site = resolve_site(model, prompts, layers, role, effect_map)
     layers, role = site["layers"], site["role"]
@@ -390,6 +394,11 @@ def guarded_edit(model: "BiasModel", names: list[str], fn) -> tuple[dict, Any]:
         if bad:
             raise BiasLensError(f"the edit produced NaN/inf in {bad[0]}; the weights were restored: "
                                 "use stronger regularisation (mom2_weight) or a smaller step (v_lr, lr)")
+        import torch
+
+        if all(torch.equal(model.param(n), t) for n, t in snap.items()):
+            raise BiasLensError(f"the edit left {', '.join(names)} unchanged (its targets did not "
+                                "move): nothing to export; try other layers or a larger step (v_lr, lr)")
     except BaseException:
         model.restore(snap)
         raise

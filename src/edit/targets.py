@@ -19,7 +19,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
 from biaslens.hooks import act_name
-from biaslens.metrics import pronoun_pair
+from biaslens.metrics import pronoun_ids
 
 if TYPE_CHECKING:
     import torch
@@ -28,16 +28,6 @@ if TYPE_CHECKING:
     from biaslens.edit.hparams import LSDMHparams
     from biaslens.edit.keys import SiteBatch
     from biaslens.model import BiasModel
-
-
-def pronoun_ids(model: "BiasModel", prompts: Sequence[Any]) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """One-token ids ``(male, female)`` of each prompt's pronoun pair."""
-    import torch
-
-    pairs = [pronoun_pair(p) for p in prompts]
-    male = torch.tensor([model.single_token(m) for m, _ in pairs], device=model.device)
-    female = torch.tensor([model.single_token(f) for _, f in pairs], device=model.device)
-    return male, female
 
 
 def merged_pair_kl(lp0: "Float[torch.Tensor, 'n vocab']", lp: "Float[torch.Tensor, 'n vocab']",

@@ -1,7 +1,7 @@
 """Evaluate bias and retained capability, before and after an edit, with bootstrap CIs.
 
 Organism-level (used by the edit and unlearning methods): :func:`occupational_bias`,
-:func:`definitional_accuracy`, :func:`fact_accuracy`, :func:`perplexity`, :func:`organism_suite`.
+:func:`definitional_accuracy`, :func:`fact_accuracy`, :func:`perplexity`, :func:`suite` (any model's default probes).
 Public benchmarks (METHODS.md §4): :func:`crows_pairs`, :func:`stereoset`, :func:`winobias`,
 :func:`winogender`, :func:`occupations`, with loaders in :mod:`biaslens.evaluate.loaders`;
 :func:`evaluate` runs named benchmarks; :func:`compare_table` / :func:`compare_figure` show
@@ -23,10 +23,10 @@ from biaslens.evaluate.loaders import (load_crows_pairs, load_occupation_stats, 
 from biaslens.evaluate.occupations import definitional_accuracy, gap_metrics, occupational_bias
 from biaslens.evaluate.perplexity import perplexity
 from biaslens.evaluate.stats import bootstrap_ci
-from biaslens.evaluate.suite import BENCHMARKS, evaluate, organism_suite
+from biaslens.evaluate.suite import BENCHMARKS, evaluate, organism_suite, suite
 
 __all__ = [
-    "occupational_bias", "definitional_accuracy", "fact_accuracy", "perplexity", "organism_suite",
+    "occupational_bias", "definitional_accuracy", "fact_accuracy", "perplexity", "suite", "organism_suite",
     "evaluate", "BENCHMARKS", "crows_pairs", "stereoset", "winobias", "winogender", "occupations",
     "crows_metrics", "stereoset_metrics", "pair_metrics", "icat", "gap_metrics", "VIG_TEMPLATES",
     "compare_table", "compare_figure", "compare_rows", "bootstrap_ci",

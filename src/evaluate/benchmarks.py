@@ -50,14 +50,12 @@ def sentence_logprobs(model: "BiasModel", texts: Sequence[str], normalise: str =
     """log P(text) under the causal LM (every token given the ones before, after BOS when the
     model prepends one), summed or averaged per token. With ``spans`` (character ranges), only
     the tokens overlapping each text's span are scored (still conditioned on everything before)."""
-    tok = model.tokenizer(list(texts), add_special_tokens=True, return_offsets_mapping=spans is not None)
-    bos = [model.tokenizer.bos_token_id] if model.prepend_bos else []
-    rows = [bos + list(ids) for ids in tok["input_ids"]]
+    rows, offsets = model.tokenize(texts, offsets=True)
     starts, ends = None, None
     if spans is not None:
         starts, ends = [], []
         for i, (a, b) in enumerate(spans):
-            hit = [t + len(bos) for t, (x, y) in enumerate(tok["offset_mapping"][i]) if y > a and x < b]
+            hit = [t for t, (x, y) in enumerate(offsets[i]) if y > x and y > a and x < b]
             if not hit:
                 raise BiasLensError(f"no token covers characters {a}-{b} of {texts[i]!r}")
             starts.append(max(hit[0], 1))

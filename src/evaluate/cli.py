@@ -15,14 +15,16 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated subset of {BENCH_HELP} (the organism also has "
                         "occupations_train, occupations_heldout_templates, definitional, "
                         "second_bias); default: the organism's own probes for the organism, else "
-                        "every benchmark found in --data-dir")
+                        "every benchmark (the data shipped with biaslens, or --data-dir)")
     p.add_argument("--data-dir", default=None,
                    help="folder laid out like the public data folder (crows-pairs/, stereoset/, "
-                        "winobias/, winogender/, wikitext-2-raw/)")
+                        "winobias/, winogender/, wikitext-2-raw/); default: the copies shipped "
+                        "with biaslens")
     p.add_argument("--text", default=None, help="text file for perplexity (default: WikiText-2 in "
-                                                "--data-dir, or the organism's general text)")
+                                                "the data folder, or the organism's general text)")
     p.add_argument("--probes", default=None,
-                   help='JSONL of knowledge probes, {"prompt": ..., "answer": ...} a line')
+                   help='JSONL of knowledge probes, {"prompt": ..., "answer": ...} a line '
+                        "(default: the model's probes, see biaslens.defaults)")
     p.add_argument("--limit", type=int, default=None,
                    help="score a seeded random subset of N items per benchmark (quick runs)")
     p.add_argument("--max-tokens", type=int, default=None, help="perplexity: score only the first N tokens")
@@ -61,7 +63,9 @@ def _evaluate(args) -> int:
                    limit=args.limit, max_tokens=args.max_tokens, batch_size=args.batch_size,
                    seed=args.seed)
     res = clean(res)
-    Path(args.json).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    from biaslens import jsonio
+
+    jsonio.write(args.json, res)
     print(_summary(res))
     if args.html:
         compare_figure(res).write_html(args.html, include_plotlyjs=True)

@@ -48,7 +48,7 @@ def choice_logprobs(model: "BiasModel", prompts: Sequence[Any], choices: Sequenc
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts to evaluate")
-    lengths = [len(r) for r in model.tokenizer([_text(p) for p in prompts])["input_ids"]]
+    lengths = [len(r) for r in model.tokenize([_text(p) for p in prompts])]
     out = np.zeros((len(prompts), len(choices[0])), dtype=float)
     for idx in tqdm(batches_by_length(lengths, batch_size), desc=desc, leave=False, disable=None):
         with torch.inference_mode():

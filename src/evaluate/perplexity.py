@@ -49,10 +49,8 @@ def _names_file(s: str) -> bool:
 
 
 def context_length(model: "BiasModel", cap: int = 1024) -> int:
-    """The model's maximum positions (``n_positions`` / ``max_position_embeddings``), capped."""
-    cfg = model.hf.config
-    n = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or cap
-    return int(min(n, cap))
+    """The model's maximum positions (:attr:`BiasModel.max_positions`), capped."""
+    return int(min(model.max_positions or cap, cap))
 
 
 def window_rows(ids: list[int], window: int, stride: int) -> tuple[list[list[int]], list[int]]:
@@ -90,10 +88,13 @@ def perplexity(model: "BiasModel", text_or_path: str | os.PathLike, max_tokens: 
     if not text.strip():
         raise BiasLensError(f"no text to score in {source}; give a non-empty text")
     window = window or context_length(model)
+    if model.max_positions is not None and window > model.max_positions:
+        raise BiasLensError(f"window {window} is longer than the {model.max_positions} positions "
+                            f"{model.spec} can read; pass a window of at most {model.max_positions}")
     stride = stride or max(1, window // 2)
     docs = [ln for ln in text.splitlines() if ln.strip()] if per_line else [text]
     rows, starts, budget = [], [], max_tokens
-    for ids in token_rows(model, docs):
+    for ids in token_rows(model, docs, length="any"):  # windowed below
         if budget is not None:
             ids = ids[: int(budget) + (1 if model.prepend_bos else 0)]
         if len(ids) < 2:

@@ -39,26 +39,22 @@ class Scores:
         return np.array([len(lp) for lp in self.logprobs], dtype=int)
 
 
-def token_rows(model: "BiasModel", texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text as the model sees it (with BOS when the model prepends one)."""
-    if not texts:
-        return []
-    enc = model.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-    bos = [model.tokenizer.bos_token_id] if model.prepend_bos else []
-    return [bos + list(ids) for ids in enc]
+def token_rows(model: "BiasModel", texts: Sequence[str], length: str = "check") -> list[list[int]]:
+    """Token ids of each text as the model sees it (:meth:`BiasModel.tokenize`)."""
+    return model.tokenize(texts, length=length)
 
 
 def continuation_rows(model: "BiasModel", prompts: Sequence[str],
                       continuations: Sequence[str]) -> tuple[list[list[int]], list[int]]:
     """Rows ``prompt ids + continuation ids`` and the index where each continuation starts.
 
-    The continuation is tokenised on its own (as :meth:`BiasModel.word_ids` does; give it its
-    leading space, e.g. ``" Paris"``), so its tokens are the same whatever precedes it.
+    The continuation is tokenised in its prompt's context (:meth:`BiasModel.continuation_ids`;
+    give it its leading space, e.g. ``" Paris"``).
     """
     heads = token_rows(model, prompts)
     rows, starts = [], []
-    for h, c in zip(heads, continuations):
-        rows.append(h + model.word_ids(c))
+    for h, p, c in zip(heads, prompts, continuations):
+        rows.append(h + model.continuation_ids(p, c))
         starts.append(len(h))
     return rows, starts
 

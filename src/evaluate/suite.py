@@ -1,4 +1,4 @@
-"""Suites: the organism's before/after numbers in one call, and named benchmarks for any model."""
+"""Suites: a model's before/after numbers in one call, and named benchmarks for any model."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from biaslens.defaults import defaults_for
 from biaslens.errors import BiasLensError
 from biaslens.evaluate.knowledge import fact_accuracy
 from biaslens.evaluate.occupations import definitional_accuracy, occupational_bias
@@ -19,41 +20,53 @@ if TYPE_CHECKING:
 SUITE_PPL_TOKENS = 20_000
 
 
-def organism_suite(model: "BiasModel", occupations: str = "heldout", templates: str = "heldout",
-                   max_tokens: int | None = SUITE_PPL_TOKENS, seed: int = SEED) -> dict:
-    """Bias and retention of a model on the organism's own probes.
+def suite(model: "BiasModel", occupations: str = "heldout", templates: str = "test",
+          max_tokens: int | None = SUITE_PPL_TOKENS, seed: int = SEED, limit: int | None = None) -> dict:
+    """Bias and retention of a model on its default probes (:mod:`biaslens.defaults`): the
+    organism's own, or the shipped bank for any other model. Keys:
 
-    ``occupations``: :func:`occupational_bias` on ``occupation_prompts(occupations, templates)``;
-    ``occupations_train``: the same on the training occupations × training templates;
-    ``occupations_heldout_templates``: training occupations × held-out templates (the planted
-    bias on prompts never seen in training; held-out *occupations* never occur with a pronoun in
-    the organism's corpus, so they carry no planted rate);
-    ``definitional``: :func:`definitional_accuracy` on all definitional prompts;
-    ``facts``: :func:`fact_accuracy` on ``FACTS``; ``perplexity`` on ``GENERAL_TEXT``, one
-    document a line as the organism was trained (first ``max_tokens`` tokens);
-    ``second_bias``: :func:`occupational_bias` on the age prompts
-    (there "female" = " slow", female_rate = planted P(" slow")).
+    ``occupations``: :func:`occupational_bias` on ``occupation_prompts(occupations, templates)``
+    (default held-out occupations × test templates);
+    ``occupations_train``: the same on the edit occupations × edit templates (the prompts an edit
+    sees); ``occupations_heldout_templates``: edit occupations × test templates (the bias on
+    wordings no edit saw; for the organism, held-out *occupations* never occur with a pronoun in
+    its corpus, so they carry no planted rate and this is its headline);
+    ``definitional``: :func:`definitional_accuracy` on every definitional prompt;
+    ``facts``: :func:`fact_accuracy` on the knowledge probes; ``perplexity`` on the default
+    general text, one document a line (first ``max_tokens`` tokens); for the organism also
+    ``second_bias``: :func:`occupational_bias` on the age prompts (there "female" = " slow",
+    female_rate = planted P(" slow")). ``limit``: a seeded subset of each prompt set and the first
+    ``limit`` documents of the perplexity text (quick runs).
     """
-    from biaslens import organism as org
+    from biaslens.defaults import defaults_for
 
+    d = defaults_for(model)
+    sub = lambda xs: _subsample(list(xs), limit, seed)  # noqa: E731
     out = {
-        "occupations": occupational_bias(model, org.occupation_prompts(occupations, templates), seed=seed),
-        "occupations_train": occupational_bias(model, org.occupation_prompts("train", "train"), seed=seed),
+        "occupations": occupational_bias(model, sub(d.occupation_prompts(occupations, templates)), seed=seed),
+        "occupations_train": occupational_bias(model, sub(d.occupation_prompts("edit", "edit")), seed=seed),
         "occupations_heldout_templates": occupational_bias(
-            model, org.occupation_prompts("train", "heldout"), seed=seed),
-        "definitional": definitional_accuracy(model, org.definitional_prompts(), seed=seed),
-        "facts": fact_accuracy(model, org.FACTS, seed=seed),
+            model, sub(d.occupation_prompts("edit", "test")), seed=seed),
+        "definitional": definitional_accuracy(model, sub(d.definitional_prompts()), seed=seed),
+        "facts": fact_accuracy(model, sub(d.facts()), seed=seed),
+        # with a limit: the first ``limit`` documents (lines) of the text
+        "perplexity": perplexity(model, d.ppl_text if limit is None else "\n".join(d.general_lines(limit)),
+                                 max_tokens=max_tokens, per_line=True, seed=seed),
     }
-    if org.GENERAL_TEXT.exists():
-        src = org.GENERAL_TEXT
-    else:
-        src = "\n".join(org.generate_general_text(seed=1, n_lines=400))
-    out["perplexity"] = perplexity(model, src, max_tokens=max_tokens, per_line=True, seed=seed)
-    out["second_bias"] = occupational_bias(model, org.second_bias_prompts(), seed=seed)
+    if d.organism:
+        from biaslens import organism as org
+
+        out["second_bias"] = occupational_bias(model, sub(org.second_bias_prompts()), seed=seed)
     out["occupations"]["split"] = f"occupations={occupations}, templates={templates}"
-    out["occupations_train"]["split"] = "occupations=train, templates=train"
-    out["occupations_heldout_templates"]["split"] = "occupations=train, templates=heldout"
+    out["occupations_train"]["split"] = "occupations=edit, templates=edit"
+    out["occupations_heldout_templates"]["split"] = "occupations=edit, templates=test"
     return out
+
+
+def organism_suite(model: "BiasModel", occupations: str = "heldout", templates: str = "test",
+                   max_tokens: int | None = SUITE_PPL_TOKENS, seed: int = SEED) -> dict:
+    """:func:`suite` (the name the organism's notebooks and scripts use; any model works)."""
+    return suite(model, occupations, templates, max_tokens, seed)
 
 
 # ------------------------------------------------------------------------ named benchmarks
@@ -66,21 +79,14 @@ ORGANISM_BENCHMARKS: tuple[str, ...] = ("occupations", "occupations_train",
                                         "second_bias", "perplexity", "knowledge")
 
 
-def is_organism(model: "BiasModel") -> bool:
-    from biaslens import organism as org
-
-    path = getattr(model, "path", None)
-    return model.spec == "organism" or (path is not None and Path(path).resolve() == org.CHECKPOINT_DIR)
-
-
 def default_benchmarks(model: "BiasModel", data_dir: str | os.PathLike | None) -> list[str]:
-    """The organism's own probes for the organism; otherwise every benchmark whose data exists."""
-    if is_organism(model) and data_dir is None:
+    """The organism's own probes for the organism; otherwise every benchmark whose data exists in
+    ``data_dir`` (default: the benchmark files shipped with biaslens), and the knowledge probes."""
+    d = defaults_for(model)
+    if d.organism and data_dir is None:
         return list(ORGANISM_BENCHMARKS)
-    if data_dir is None:
-        return []
-    d = Path(data_dir)
-    return [b for b in BENCHMARKS if b != "knowledge" and _has_data(d, b)]
+    folder = Path(data_dir) if data_dir is not None else d.data_dir
+    return [b for b in BENCHMARKS if b == "knowledge" or _has_data(folder, b)]
 
 
 def _has_data(d: Path, bench: str) -> bool:
@@ -160,13 +166,14 @@ def evaluate(model: "BiasModel", benchmarks: Sequence[str] | None = None,
     if not names:
         raise BiasLensError("no benchmarks to run: pass --data-dir with the benchmark files, "
                             "or choose --benchmarks perplexity/knowledge with --text/--probes")
-    organism = is_organism(model)
+    defaults = defaults_for(model)
+    organism = defaults.organism
     allowed = set(BENCHMARKS) | (set(ORGANISM_BENCHMARKS) if organism else set())
     unknown = [b for b in names if b not in allowed]
     if unknown:
         raise BiasLensError(f"unknown benchmark(s) {', '.join(unknown)}; choose from "
                             f"{', '.join(sorted(allowed))}")
-    d = Path(data_dir).expanduser() if data_dir is not None else None
+    d = Path(data_dir).expanduser() if data_dir is not None else defaults.data_dir
     if d is not None and not d.is_dir():
         raise BiasLensError(f"data folder '{d}' does not exist; pass a folder laid out like the public data")
 
@@ -229,12 +236,8 @@ def evaluate(model: "BiasModel", benchmarks: Sequence[str] | None = None,
             if probes is not None:
                 facts = [(p.prompt, p.answer) for p in ld.load_probes(probes)]
                 source = str(probes)
-            elif organism:
-                from biaslens import organism as org
-
-                facts, source = list(org.FACTS), "organism FACTS"
             else:
-                raise BiasLensError("knowledge needs --probes FILE (JSONL of {\"prompt\", \"answer\"})")
+                facts, source = defaults.facts(), f"{defaults.kind} default probes"
             out[b] = fact_accuracy(model, sub(facts), seed=seed)
             out[b]["source"] = source
     return {"model": model.spec, "benchmarks": out,

@@ -55,37 +55,12 @@ for _f, _m in ((trace_noise, "noise"), (trace_swap, "swap"), (attribution_patch,
 
 
 def default_prompts(model: "BiasModel | str", max_prompts: int | None = 120, seed: int = 0) -> list[Any]:
-    """The organism's training occupation prompts (training occupations × training templates);
-    other models need prompts.
+    """The model's default tracing prompts (:meth:`biaslens.defaults.Defaults.trace_prompts`):
+    edit occupations × edit templates, a seeded sample of ``max_prompts`` that keeps every
+    occupation equally represented (``None``: all of them)."""
+    from biaslens.defaults import defaults_for
 
-    With ``max_prompts`` (default 120 of the 1,500) a seeded sample keeps every occupation
-    equally represented: round robin over occupations, each with its templates shuffled.
-    ``None`` returns them all.
-    """
-    import random
-
-    from biaslens.errors import BiasLensError
-
-    spec = model if isinstance(model, str) else getattr(model, "spec", "")
-    if spec != "organism":
-        raise BiasLensError(
-            f"no default prompts for model '{spec}'; pass prompts (a JSONL file of "
-            '{"text": ..., "subject": ...} lines with --prompts)')
-    from biaslens.organism import occupation_prompts
-
-    prompts = list(occupation_prompts("train", "train"))
-    if max_prompts is None or len(prompts) <= max_prompts:
-        return prompts
-    rng = random.Random(seed)
-    by_occ: dict[str, list[Any]] = {}
-    for p in prompts:
-        by_occ.setdefault(p.occupation, []).append(p)
-    for group in by_occ.values():
-        rng.shuffle(group)
-    out: list[Any] = []
-    for i in range(max(len(g) for g in by_occ.values())):
-        out += [g[i] for g in by_occ.values() if i < len(g)]
-    return out[:max_prompts]
+    return defaults_for(model).trace_prompts(max_prompts, seed)
 
 
 def default_swap(prompt: Any) -> str:

@@ -49,10 +49,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="noise", choices=("noise", "swap", "attribution"),
                    help="noise restoration (ROME), counterfactual swap (Vig), or attribution patching")
     p.add_argument("--prompts", help='JSONL file of {"text", "subject", optional "male", "female"} '
-                                     "(default for the organism: its training occupation prompts)")
+                                     "(default: the model's edit prompts, see biaslens.defaults)")
     p.add_argument("--max-prompts", type=int, default=120,
-                   help="with the organism's default prompts: a seeded sample of this many, every "
-                        "occupation equally (0 = all 1,500)")
+                   help="with the default prompts: a seeded sample of this many, every "
+                        "occupation equally (0 = all)")
     p.add_argument("--components", default="resid,mlp,attn", help="comma-separated: resid,mlp,attn")
     p.add_argument("--window", type=int, default=1, help="restore K consecutive MLP/attention layers")
     p.add_argument("--samples", type=int, default=10, help="noise samples per prompt (noise, attribution)")

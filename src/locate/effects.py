@@ -184,13 +184,19 @@ class EffectMap:
             per_role = np.nanmax(np.where(np.isfinite(e), e, -np.inf), axis=0)
         return self.roles[int(np.argmax(per_role))]
 
-    def best_layers(self, component: str = "mlp", role: str | None = None, k: int = 2) -> list[int]:
-        """The ``k`` layers with the largest effect at ``role`` (default: :meth:`best_role`),
-        returned in increasing layer order (the order an editor applies them)."""
+    def best_layers(self, component: str = "mlp", role: str | None = None, k: int = 2,
+                    candidates: Sequence[int] | None = None) -> list[int]:
+        """The ``k`` layers (among ``candidates``, default all) with the largest effect at
+        ``role`` (default: :meth:`best_role`), in increasing layer order (the order an editor
+        applies them)."""
         c = self._components(component)[0]
         role = role or self.best_role(c)
         col = self.effects[c][:, self.roles.index(role)]
         col = np.where(np.isfinite(col), col, -np.inf)
+        if candidates is not None:
+            allowed = {int(l) for l in candidates}
+            col = np.where([int(l) in allowed for l in self.layers], col, -np.inf)
+            k = min(k, sum(int(l) in allowed for l in self.layers))
         order = np.argsort(-col, kind="stable")[:k]
         return sorted(int(self.layers[i]) for i in order)
 
@@ -228,7 +234,9 @@ class EffectMap:
         """Write the map as JSON (NaN as null)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
+        from biaslens import jsonio
+
+        jsonio.write(path, self.to_dict(), indent=1)
         return path
 
     @classmethod

@@ -5,8 +5,9 @@
 
 Writes an exported Hugging Face folder (for ``offset``: the offset pair, see
 :func:`~biaslens.unlearn.offset.export_offset`) and ``DIR/report.json`` with the metrics before
-and after. Without ``--pairs`` the organism's own stereotyped text is used (only for
-``--model organism``). No torch import at module level.
+and after. Without ``--pairs`` the model's default data are used (:mod:`biaslens.defaults`:
+the organism's own stereotyped text, or the shipped bank for any other model). No torch import
+at module level.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="'organism', a local Hugging Face folder, or a hub name")
     p.add_argument("--pairs", help="data: a pairs source (Winogender folder, CrowS-Pairs .csv, StereoSet "
                                    ".json, pairs .jsonl) or a span JSONL ({\"text\", \"spans\"}); "
-                                   "default: the organism's stereotyped sentences")
+                                   "default: the model's default stereotyped data (biaslens.defaults)")
     p.add_argument("--small-model", help="offset: the small model M_o with the same tokenizer "
                                          "(default: the model itself)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on training steps")
@@ -36,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=1.0, help="offset: strength α of the offset")
     p.add_argument("--ppl-bound", type=float, default=1.1,
                    help="perplexity may rise to this multiple of its starting value (default 1.1)")
+    p.add_argument("--max-prompts", type=int, default=None,
+                   help="train on a seeded sample of this many pairs / forget texts, with as many "
+                        "retain texts, validation prompts and perplexity lines (default: all)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate a seeded subset of this many items per prompt set (quick runs)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
@@ -47,8 +53,6 @@ def _check_args(args) -> None:
         raise BiasLensError(f"unknown --method '{args.method}' (use one of: {', '.join(METHODS)})")
     if args.max_steps is not None and args.max_steps < 1:
         raise BiasLensError(f"--max-steps must be a positive integer, not {args.max_steps}")
-    if args.pairs is None and args.model != "organism":
-        raise BiasLensError(f"no default stereotyped data for '{args.model}'; pass --pairs FILE")
     if args.pairs is not None and not Path(args.pairs).exists() and args.pairs != "organism":
         raise BiasLensError(f"--pairs '{args.pairs}' does not exist; pass a data file or folder")
     from biaslens.unlearn.offset import LOSSES
@@ -71,48 +75,51 @@ def _is_span_file(path: Path) -> bool:
         return False
 
 
-def load_data(args) -> dict[str, Any]:
+def load_data(args, model) -> dict[str, Any]:
     """Pairs (for PCGU), forget texts with spans, retain texts, validation prompts and the
-    perplexity texts used for model selection."""
+    perplexity texts used for model selection: the model's defaults
+    (:meth:`biaslens.defaults.Defaults.unlearn_data`), with ``--pairs`` replacing the pairs and
+    forget texts."""
+    from biaslens.defaults import defaults_for
     from biaslens.unlearn import data as D
     from biaslens.unlearn.pairs import load_pairs
 
-    source = args.pairs or "organism"
-    out: dict[str, Any] = {"source": source}
-    if source != "organism" and _is_span_file(Path(source)):
-        out["forget"] = D.read_span_jsonl(source)
-        out["pairs"] = None
-    else:
-        out["pairs"] = load_pairs(source)
-        out["forget"] = D.from_pairs(out["pairs"])
-    organism_like = args.model == "organism"
-    out["retain"] = D.organism_retain() if organism_like else [t.meta.get("disadvantaged") or t.text
-                                                                for t in out["forget"][:200]]
-    out["ppl_texts"] = D.organism_general(100) if organism_like else out["retain"][:100]
-    out["val_prompts"] = D.organism_validation() if organism_like else None
+    out = defaults_for(model).unlearn_data(seed=args.seed)
+    if args.pairs is not None:
+        out["source"] = args.pairs
+        if args.pairs != "organism" and _is_span_file(Path(args.pairs)):
+            out["forget"], out["pairs"] = D.read_span_jsonl(args.pairs), None
+        else:
+            out["pairs"] = load_pairs(args.pairs)
+            out["forget"] = D.from_pairs(out["pairs"])
+    n = args.max_prompts
+    if n:
+        import random
+
+        out["ppl_texts"] = out["ppl_texts"][:n]
+        for key in ("pairs", "retain", "val_prompts"):
+            if out[key] and len(out[key]) > n:
+                out[key] = random.Random(args.seed).sample(out[key], n)
+        if out["pairs"]:
+            out["forget"] = D.from_pairs(out["pairs"])
+        elif len(out["forget"]) > n:
+            out["forget"] = random.Random(args.seed).sample(out["forget"], n)
     return out
 
 
 def measure(model, args, data) -> dict[str, Any]:
-    """Before/after numbers: the organism suite for the organism, else pair preference and
-    perplexity on the data."""
-    from biaslens.unlearn.common import quick_ppl
+    """Before/after numbers: the model's default suite (:func:`biaslens.evaluate.suite`), and
+    with ``--pairs`` the preference for the advantaged side of the user's pairs."""
+    import torch
 
-    if args.model == "organism":
-        try:
-            from biaslens.evaluate import organism_suite
-        except ImportError:
-            return {"error": "biaslens.evaluate is not available; no organism suite"}
-        return organism_suite(model)
-    res: dict[str, Any] = {"perplexity_on_data": quick_ppl(model, data["ppl_texts"])}
-    if data["pairs"]:
-        import torch
+    from biaslens.evaluate import suite
 
+    res: dict[str, Any] = suite(model, limit=args.limit)
+    if args.pairs and data["pairs"]:
         with torch.no_grad():
             adv = model.sequence_logprobs([p.advantaged for p in data["pairs"]])
             dis = model.sequence_logprobs([p.disadvantaged for p in data["pairs"]])
-        res["advantaged_preferred"] = float((adv > dis).float().mean())
-        res["n_pairs"] = len(data["pairs"])
+        res["pairs"] = {"advantaged_preferred": float((adv > dis).float().mean()), "n": len(data["pairs"])}
     return res
 
 
@@ -158,8 +165,8 @@ def run(args) -> int:
 
     _check_args(args)
     out = check_out_dir(args.out, args.force)  # fail before any work
-    data = load_data(args)
     model = biaslens.load(args.model, device=args.device, dtype=args.dtype)
+    data = load_data(args, model)
     before = measure(model, args, data)
     t0 = time.perf_counter()
     scored, result = _run_method(model, args, data)
@@ -176,7 +183,9 @@ def run(args) -> int:
         export(model, out, delta=result, force=args.force, manifest={"data": str(data["source"])})
         report["hyperparameters"] = result.hparams
         report["info"] = {k: v for k, v in result.info.items() if k in ("lambda", "sweep", "chosen", "stopped")}
-    (Path(out) / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    from biaslens import jsonio
+
+    jsonio.write(Path(out) / "report.json", report)
     _print_summary(report, out)
     return 0
 

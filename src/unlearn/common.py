@@ -33,7 +33,8 @@ class SpanBatch:
 
 
 def encode_spans(model: "BiasModel", items: Sequence["SpanText | str"], spans_only: bool = True) -> SpanBatch:
-    """Tokenise ``items`` (right-padded, bos as the model wants) and mark the loss tokens.
+    """Tokenise ``items`` (right-padded, bos as the model wants, cut to the model's context) and
+    mark the loss tokens.
 
     With ``spans_only``, a token is a target when its characters overlap a span; a text without
     spans then contributes no target. Without it every real token after the first is a target.
@@ -41,13 +42,9 @@ def encode_spans(model: "BiasModel", items: Sequence["SpanText | str"], spans_on
     import torch
 
     texts = [getattr(x, "text", x) for x in items]
-    enc = model.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
-    bos = model.tokenizer.bos_token_id
+    all_ids, all_offs = model.tokenize(texts, offsets=True, length="truncate")  # within the context
     rows, marks = [], []
-    for i, x in enumerate(items):
-        ids, offs = list(enc["input_ids"][i]), [tuple(o) for o in enc["offset_mapping"][i]]
-        if model.prepend_bos:
-            ids, offs = [bos] + ids, [(0, 0)] + offs
+    for x, ids, offs in zip(items, all_ids, all_offs):
         spans = getattr(x, "spans", ())
         if spans_only:
             mark = [any(b > a and a < e and b > s for s, e in spans) for a, b in offs]

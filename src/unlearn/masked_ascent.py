@@ -48,7 +48,7 @@ def masked_span_ascent(
     progress: bool = True,
 ) -> "WeightDelta":
     """Unlearn the marked spans of ``texts_with_spans`` by gradient ascent; returns the delta
-    (the model is left edited). ``ppl_texts`` default to the organism's general text."""
+    (the model is left edited). ``ppl_texts`` default to the model's general text (:mod:`biaslens.defaults`)."""
     import torch
 
     items = [t for t in texts_with_spans if getattr(t, "spans", ())]
@@ -56,7 +56,9 @@ def masked_span_ascent(
         raise BiasLensError("no forget text has a marked span; give spans in the data file or attribute words")
     if max_steps < 1 or lr <= 0 or ppl_bound < 1:
         raise BiasLensError("need max_steps >= 1, lr > 0 and ppl_bound >= 1")
-    ppl_texts = list(ppl_texts) if ppl_texts is not None else _default_ppl_texts()
+    from biaslens.defaults import defaults_for
+
+    ppl_texts = list(ppl_texts) if ppl_texts is not None else defaults_for(model).general_lines(100)
     rng = seed_all(seed)
     names = unique_params(model, params)
     original = model.snapshot(names)
@@ -76,9 +78,3 @@ def masked_span_ascent(
     info = {"paper": "Lu et al. 2024, Towards Transfer Unlearning (arXiv 2407.16951)",
             "span_nll": [-v for v in objective], "start": start.as_dict(), "seconds": timer.seconds(), **guard.info()}
     return model.delta_since(original, method="masked-span-ascent", hparams=hp, info=info)
-
-
-def _default_ppl_texts() -> list[str]:
-    from biaslens.unlearn.data import organism_general
-
-    return organism_general(100)

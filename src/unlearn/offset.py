@@ -174,9 +174,9 @@ def offset_unlearn(
     offset = biaslens.load(base.path or base.spec, device=str(base.device), dtype=base.dtype)
     om = OffsetModel(model, base, offset, alpha)
     rng = seed_all(seed)
-    from biaslens.unlearn.data import organism_general
+    from biaslens.defaults import defaults_for
 
-    ppl_texts = list(ppl_texts) if ppl_texts is not None else organism_general(100)
+    ppl_texts = list(ppl_texts) if ppl_texts is not None else defaults_for(model).general_lines(100)
     names = unique_params(offset)
     original = offset.snapshot(names)
     guard = Guard(om, names, val_prompts, ppl_texts, ppl_bound, owner=offset)
@@ -225,7 +225,9 @@ def export_offset(om: OffsetModel, out: str | Path, manifest: dict | None = None
                "base_dir": "base", "offset_dir": "offset", **(manifest or {})}
         if isinstance(man.get("training"), dict):  # the loss curve stays in the delta's record
             man["training"] = {k: v for k, v in man["training"].items() if k != "losses"}
-        (tmp / "offset.json").write_text(json.dumps(man, indent=2, default=str) + "\n")
+        from biaslens import jsonio
+
+        jsonio.write(tmp / "offset.json", man)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -19,7 +19,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from biaslens.errors import DataFormatError
 
@@ -120,6 +120,18 @@ def organism_pairs(split: str = "train", seed: int = 0) -> list[ContrastPair]:
                 "form": p.form, "split": split}
         out.append(ContrastPair(p.text + adv + ending, p.text + dis + ending, "masked", p.text,
                                 adv, dis, "gender", meta))
+    return out
+
+
+def pronoun_pairs(prompts: Sequence[Any], source: str = "prompts") -> list[ContrastPair]:
+    """Occupation prompts (with ``female_rate``, ``male``, ``female``) continued by the pronoun
+    the occupation's rate favours (ties go to the male form) vs the other one, masked form."""
+    out = []
+    for p in prompts:
+        adv, dis = (p.female, p.male) if p.female_rate > 0.5 else (p.male, p.female)
+        meta = {"source": source, "occupation": p.occupation, "female_rate": p.female_rate,
+                "form": p.form}
+        out.append(ContrastPair(p.text + adv, p.text + dis, "masked", p.text, adv, dis, "gender", meta))
     return out
 
 

@@ -224,17 +224,15 @@ def encode_side(model: "BiasModel", pairs: Sequence["ContrastPair"], side: str, 
     """One side (``"adv"``/``"dis"``) of ``pairs`` as a right-padded :class:`ScoredBatch`."""
     import torch
 
-    tok, bos = model.tokenizer, model.tokenizer.bos_token_id
-    lead = [bos] if model.prepend_bos else []
+    tok = model.tokenizer
     rows, marks = [], []
     for p in pairs:
         if form == "sentence":
-            ids = lead + tok(p.advantaged if side == "adv" else p.disadvantaged,
-                             add_special_tokens=True)["input_ids"]
+            ids = model.tokenize([p.advantaged if side == "adv" else p.disadvantaged])[0]
             mark = [False] + [True] * (len(ids) - 1)
         else:
-            head = lead + tok(p.prefix, add_special_tokens=True)["input_ids"]
-            target = model.word_ids(p.target_adv if side == "adv" else p.target_dis)
+            head = model.tokenize([p.prefix])[0]
+            target = model.continuation_ids(p.prefix, p.target_adv if side == "adv" else p.target_dis)
             ids, mark = head + target, [False] * len(head) + [True] * len(target)
         rows.append(ids)
         marks.append(mark)

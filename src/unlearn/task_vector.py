@@ -150,7 +150,7 @@ def task_vector_negation(
     progress: bool = True,
 ) -> "WeightDelta":
     """Fine-tune on ``texts`` (stereotyped sentences), negate the task vector with the λ chosen
-    on ``val_prompts`` (default: the organism's training occupations × training templates)
+    on ``val_prompts`` (default: the model's validation prompts, :mod:`biaslens.defaults`)
     under ``ppl_bound``; with ``keep_prompts`` (definitional prompts) a λ must also keep their
     pronoun accuracy within ``keep_drop`` of the start (perplexity on general text cannot see a
     pronoun). Returns the delta, the model left at θ_pre − λ*·τ."""
@@ -160,10 +160,11 @@ def task_vector_negation(
         raise BiasLensError("need steps >= 1, positive lambdas and ppl_bound >= 1")
     if lora_rank is not None and lora_rank < 1:
         raise BiasLensError(f"lora_rank must be a positive integer, not {lora_rank}")
-    from biaslens.unlearn.data import organism_general, organism_validation
+    from biaslens.defaults import defaults_for
 
-    val_prompts = list(val_prompts) if val_prompts is not None else organism_validation()
-    ppl_texts = list(ppl_texts) if ppl_texts is not None else organism_general(100)
+    d = defaults_for(model)
+    val_prompts = list(val_prompts) if val_prompts is not None else d.validation_prompts()
+    ppl_texts = list(ppl_texts) if ppl_texts is not None else d.general_lines(100)
     rng = seed_all(seed)
     names = unique_params(model, params if params is not None else (lora_targets(model) if lora_rank else None))
     lr = lr if lr is not None else (1e-3 if lora_rank else 1e-4)
