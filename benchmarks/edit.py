@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / ".." / "shared" / "data"
+from biaslens.data import ROOT as DATA  # the shipped copies
 
 
 def gpt2_small(folder: Path, bpe: Path, seed: int = 0) -> Path:

@@ -2,7 +2,7 @@
 batched forward pass over the same tokens, on a GPT-2-small-shaped model (12 layers, d_model 768,
 12 heads, vocab 50,257, random weights, the real GPT-2 BPE).
 
-    python benchmarks/evaluate.py [--data-dir ../shared/data] [--limit N] [--chunk K]
+    python benchmarks/evaluate.py [--data-dir DIR] [--limit N] [--chunk K]
 
 Both sides run in one process on identical token rows, batch size and length-sorted batching,
 interleaved chunk by chunk in ABBA order (chunk 1: baseline then evaluation, chunk 2: evaluation
@@ -29,7 +29,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT / ".." / "shared" / "data"
+from biaslens.data import ROOT as DEFAULT_DATA  # the shipped copies
 
 
 def gpt2_small(folder: Path, bpe: Path, seed: int = 0):

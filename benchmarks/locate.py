@@ -1,6 +1,6 @@
 """Speed of biaslens exact patching and attribution patching vs TransformerLens ``patching``.
 
-    python benchmarks/locate.py [--data-dir ../shared/data] [--prompts 10] [--quick] [--out FILE]
+    python benchmarks/locate.py [--data-dir DIR] [--prompts 10] [--quick] [--out FILE]
 
 Model: GPT-2-small shape (12 layers, d_model 768, 12 heads, vocab 50,257), random weights, the
 real GPT-2 BPE. Prompts: ``--prompts`` occupation prompts, each corrupted by swapping the
@@ -38,7 +38,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT / ".." / "shared" / "data"
+from biaslens.data import ROOT as DEFAULT_DATA  # the shipped copies
 
 # (clean occupation, corrupting word with the same number of GPT-2 tokens), checked at run time
 PAIRS = [("nurse", "man"), ("secretary", "father"), ("dancer", "farmer"), ("doctor", "mother"),

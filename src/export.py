@@ -90,23 +90,11 @@ def _probe_ids(model: "BiasModel", text: str = PROBE_TEXT):
     import torch
 
     tok = model.tokenizer
-    bos = tok.bos_token_id
-    tokenize = getattr(model, "tokenize", None)  # the model's own tokenisation path, where it has one
-    if callable(tokenize):
-        ids = list(tokenize([text], length="truncate")[0])
-    else:
-        ids = list(tok(text, add_special_tokens=True)["input_ids"])
-        if model.prepend_bos and (not ids or ids[0] != bos):
-            ids = [bos] + ids
-    cfg = model.hf.config
-    vocab = getattr(cfg, "vocab_size", None)
+    ids = model.tokenize([text], length="truncate")[0][:64]
+    vocab = getattr(model.hf.config, "vocab_size", None)
     ids = [i for i in ids if i is not None and (not vocab or 0 <= i < vocab)]  # no BOS: no None
-    ctx = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-    if ctx:
-        ids = ids[: min(int(ctx), 64)]
     if not ids:
-        fallback = next((i for i in (bos, tok.eos_token_id) if i is not None), 0)
-        ids = [fallback]
+        ids = [next((i for i in (tok.bos_token_id, tok.eos_token_id) if i is not None), 0)]
     return torch.tensor([ids], dtype=torch.long)
 
 

@@ -1,5 +1,5 @@
 """Benchmark metrics against hand-computed values, scorers against direct computation, and the
-loaders on the real public files (skipped when ../shared/data is absent)."""
+loaders on the real public files (shipped in biaslens.data)."""
 
 from __future__ import annotations
 

@@ -65,8 +65,31 @@ def test_masked_ascent_run_on_span_file(capsys, tmp_path, tiny_dirs):
     report = json.loads((out / "report.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     assert report["method"] == "masked-ascent" and report["n_forget"] == 3
+    if not report["changed"]:  # validation kept the start: the report and stderr say so
+        assert report["info"]["chosen"]["step"] == 0 and not manifest["changed_tensors"]
+        assert "changed no weight" in report["note"] and "changed no weight" in capsys.readouterr().err
+        return
+    assert report["info"]["chosen"]["step"] > 0 and report["note"] is None
     assert report["data"] == str(f)
     for when in ("before", "after"):  # the model's default suite: a user's model gets the shipped probes
         assert {"occupations", "definitional", "perplexity"} <= set(report[when])
     assert manifest["method"] == "masked-span-ascent" and manifest["changed_tensors"]
     assert (out / "model.safetensors").exists() and (out / "delta.safetensors").exists()
+
+
+def test_a_result_that_changed_nothing_says_so(tiny_dirs):
+    """A method whose best state is the start (ΔW = 0) is reported as unchanged."""
+    import biaslens
+    import torch
+
+    from biaslens.unlearn.cli import unchanged_note
+
+    m = biaslens.load(tiny_dirs["gpt2"])
+    name = m.mlp_out_name(0)
+    snap = m.snapshot([name])
+    unchanged = m.delta_since(snap, method="masked-span-ascent", info={"chosen": {"step": 0}})
+    note = unchanged_note(unchanged, "masked-ascent")
+    assert "changed no weight" in note and "step 0" in note and "equal the base model" in note
+    with torch.no_grad():
+        m.param(name)[0, 0] += 1.0
+    assert unchanged_note(m.delta_since(snap, method="masked-span-ascent"), "masked-ascent") is None

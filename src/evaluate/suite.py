@@ -107,7 +107,7 @@ def _first(d: Path, candidates: Sequence[str], bench: str) -> Path:
 
 
 def _data_files(d: Path, bench: str) -> dict[str, Any]:
-    """Where each benchmark's files live in a data folder laid out like ``../shared/data``."""
+    """Where each benchmark's files live in a data folder laid out like :mod:`biaslens.data`."""
     if bench == "crows":
         return {"csv": _first(d, ["crows-pairs/crows_pairs_anonymized.csv"], bench)}
     if bench == "stereoset":

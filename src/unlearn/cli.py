@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,19 @@ def _run_method(model, args, data):
     return om, om
 
 
+def unchanged_note(delta, method: str) -> str | None:
+    """A note when a result changed no weight (e.g. no step lowered the validation gap, so the
+    best state is the start): the export is then the base model, and says so."""
+    if delta is not None and delta.names:
+        return None
+    info = getattr(delta, "info", None) or {}
+    chosen = info.get("chosen")
+    why = (f": the best state was step {chosen['step']}, no step improved on the start" if chosen
+           else (f": {info['note']}" if info.get("note") else ""))
+    return (f"{method} changed no weight{why}; the exported weights equal the base model "
+            "(try a larger --lr, more --max-steps or a looser --ppl-bound)")
+
+
 def run(args) -> int:
     import biaslens
     from biaslens.export import check_out_dir, export
@@ -171,9 +185,11 @@ def run(args) -> int:
     t0 = time.perf_counter()
     scored, result = _run_method(model, args, data)
     seconds = time.perf_counter() - t0
+    note = unchanged_note(result.delta if args.method == "offset" else result, args.method)
     after = measure(scored, args, data)
     report = {"method": args.method, "model": args.model, "data": str(data["source"]),
-              "n_forget": len(data["forget"]), "seconds": seconds, "before": before, "after": after}
+              "n_forget": len(data["forget"]), "seconds": seconds, "changed": note is None,
+              "note": note, "before": before, "after": after}
     if args.method == "offset":
         from biaslens.unlearn.offset import export_offset
 
@@ -186,6 +202,8 @@ def run(args) -> int:
     from biaslens import jsonio
 
     jsonio.write(Path(out) / "report.json", report)
+    if note:
+        print(f"biaslens unlearn: note: {note}", file=sys.stderr)
     _print_summary(report, out)
     return 0
 

@@ -132,6 +132,8 @@ def test_unlearn_with_defaults(user_model, work, method):
     report = strict_json(out / "report.json")
     assert report["data"].startswith("biaslens bank")
     assert "occupations" in report["after"]
+    # a random model has no bias to remove: validation may keep the start, and then says so
+    assert report["changed"] or "changed no weight" in report["note"]
     folders = [out / "base", out / "offset"] if method == "offset" else [out]
     for f in folders:
         loads_in_transformers(f)
