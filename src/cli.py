@@ -35,10 +35,21 @@ def _commands():
             yield name, mod.COMMANDS[name]
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr (``biaslens edit: error: --alpha must be ...``), exit 2."""
+
+    def error(self, message: str):
+        import re
+
+        message = re.sub(r"^argument ([^:]+): must", r"\1 must", message)
+        message = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import biaslens
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="biaslens",
         description="Find where a language model stores a social bias, and remove it there.",
     )
@@ -56,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help and --version exit 0; a bad flag printed its line
+        if exc.code in (0, None):
+            raise
+        return 2
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
@@ -66,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except BiasLensError as exc:
         print(f"biaslens {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as exc:  # a reader that did not name its file
+        print(f"biaslens {args.command}: error: an input file is not UTF-8 text ({exc.reason} at "
+              f"byte {exc.start}); save it as UTF-8", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

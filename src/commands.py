@@ -27,8 +27,8 @@ def _info(args) -> int:
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model to export (spec as for `info`)")
-    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--out", required=True, help="output folder (new or empty; biaslens never writes into a folder of yours)")
+    p.add_argument("--force", action="store_true", help="replace an output folder that biaslens wrote (never a folder holding your files)")
 
 
 def _export(args) -> int:

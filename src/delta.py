@@ -65,7 +65,28 @@ class WeightDelta:
             })
         return out
 
-    def undo(self, model: "BiasModel") -> None:
+    def changed_since(self, model: "BiasModel") -> list[str]:
+        """Names of this delta's tensors that hold, bit for bit, neither the edited values it
+        recorded nor its originals (another change came after it)."""
+        return [n for n in self.names
+                if not _same_bits(now := model.param(n).detach(), self.updated[n])
+                and not _same_bits(now, self.original[n])]
+
+    def undo(self, model: "BiasModel", force: bool = False) -> None:
+        """Restore the original weights (a no-op when already undone). Refused
+        (:class:`~biaslens.errors.BiasLensError`) when a tensor holds neither this delta's edited
+        values nor its originals, e.g. stacked edits undone out of order: undo the last edit
+        first, or pass ``force=True`` to restore the originals anyway."""
+        if not force:
+            moved = self.changed_since(model)
+            if moved:
+                from biaslens.errors import BiasLensError
+
+                shown = ", ".join(moved[:4]) + (f" ... ({len(moved)} in all)" if len(moved) > 4 else "")
+                raise BiasLensError(
+                    f"cannot undo this {self.method or 'weight'} delta: {shown} changed after it "
+                    "(a later edit or training step); undo the later edits first (last edit "
+                    "first), or pass force=True to restore its originals anyway")
         model.restore(self.original)
 
     def apply(self, model: "BiasModel") -> None:
@@ -89,6 +110,20 @@ class WeightDelta:
 
     def __repr__(self) -> str:
         return f"WeightDelta(method={self.method!r}, tensors={len(self.names)})"
+
+
+def _same_bits(a: "torch.Tensor", b: "torch.Tensor") -> bool:
+    """Bitwise equality (NaN equals the same NaN; -0.0 differs from 0.0)."""
+    import torch
+
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.device != b.device:
+        b = b.to(a.device)
+    if a.dtype.is_floating_point or a.dtype.is_complex:
+        return torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                           b.contiguous().reshape(-1).view(torch.uint8))
+    return torch.equal(a, b)
 
 
 def load_delta(path: str | Path) -> dict[str, "torch.Tensor"]:

@@ -75,13 +75,11 @@ def run_demo(model_spec: str, out: str | Path, device: str = "cpu", dtype: str =
     from biaslens import jsonio
     from biaslens.edit import lsdm
     from biaslens.evaluate import perplexity, suite as default_suite
-    from biaslens.export import check_out_dir, export
+    from biaslens.export import export
     from biaslens.locate import default_prompts, locate
-    from biaslens.plots import effect_figures
-    from biaslens.report import Report
+    from biaslens.outdir import prepare, staging
 
-    out = check_out_dir(out, force)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare(out, force)  # fail before loading a model
     t0 = time.time()
     stamp = lambda msg: print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)  # noqa: E731
 
@@ -101,8 +99,6 @@ def run_demo(model_spec: str, out: str | Path, device: str = "cpu", dtype: str =
     trace_prompts = default_prompts(model, max_prompts=trace_prompts_n, seed=0)
     stamp(f"tracing (noise corruption + restoration) on {len(trace_prompts)} edit prompts")
     effects = locate(model, trace_prompts, method="noise", components=("resid", "mlp", "attn"))
-    effects_path = out / "effects.json"
-    effects.save(effects_path)
 
     stamp("LSDM edit at the located site")
     edit_layers = "auto" if layers == "auto" else [int(x) for x in layers.split(",")]
@@ -121,13 +117,26 @@ def run_demo(model_spec: str, out: str | Path, device: str = "cpu", dtype: str =
     after = suite()
 
     stamp("exporting")
-    model_dir = export(model, out / "model", delta=delta, force=True,
-                       manifest={"metrics": {"before": before, "after": after},
-                                 "effects": str(effects_path.name)})
-    jsonio.write(out / "report.json", {"model": model_spec, "site": site, "before": before,
-                                       "after": after, "changed_tensors": delta.stats()})
+    stage = staging(out, force, command="demo")  # OUT is written as one folder, renamed into place
+    with stage as tmp:
+        effects.save(tmp / "effects.json")
+        export(model, tmp / "model", delta=delta,
+               manifest={"metrics": {"before": before, "after": after}, "effects": "effects.json"})
+        jsonio.write(tmp / "report.json", {"model": model_spec, "site": site, "before": before,
+                                           "after": after, "changed_tensors": delta.stats()})
+        stamp("writing report.html")
+        _write_report(tmp, model_spec, effects, site, delta, before, after)
+    stamp("done")
+    return {"report": out / "report.html", "model": out / "model", "effects": out / "effects.json",
+            "report_json": out / "report.json"}
 
-    stamp("writing report.html")
+
+def _write_report(out: Path, model_spec: str, effects, site: dict, delta, before: dict,
+                  after: dict) -> Path:
+    """``out/report.html``: the heatmaps, the edit, before/after and the exported model."""
+    from biaslens.plots import effect_figures
+    from biaslens.report import Report
+
     rep = Report("biaslens report", f"model: {model_spec} · method: LSDM · {time.strftime('%Y-%m-%d %H:%M')}")
     rep.heading("Where the bias lives (noise corruption, restoration effect / total effect)")
     rep.text(f"{effects.n_prompts} training prompts; effect of restoring each site's clean activation, "
@@ -148,14 +157,10 @@ def run_demo(model_spec: str, out: str | Path, device: str = "cpu", dtype: str =
     rep.table(["metric", "before", "after", "change", "n"], before_after_rows(before, after))
     rep.figure(_bar_figure(before, after))
     rep.heading("Exported model")
-    rep.text(f"<code>{model_dir.name}/</code> loads with <code>transformers.AutoModelForCausalLM"
+    rep.text("<code>model/</code> loads with <code>transformers.AutoModelForCausalLM"
              ".from_pretrained</code>; <code>delta.safetensors</code> holds the change and "
              "<code>manifest.json</code> what was changed and why.")
-    report_path = rep.write(out / "report.html")
-    stamp("done")
-    paths = {"report": report_path, "model": model_dir, "effects": effects_path,
-             "report_json": out / "report.json"}
-    return paths
+    return rep.write(out / "report.html")
 
 
 def _bar_figure(before: dict, after: dict):
@@ -177,17 +182,20 @@ def _bar_figure(before: dict, after: dict):
 
 
 def _args(p: argparse.ArgumentParser) -> None:
+    from biaslens.cliargs import layer_list, positive_int
+
     p.add_argument("--out", required=True, help="output folder for report.html, model/, effects.json")
     p.add_argument("--model", default="organism", help="model spec (default: the embedded organism)")
-    p.add_argument("--layers", default="auto", help="edit layers: auto (from the trace) or e.g. 1,2")
+    p.add_argument("--layers", type=layer_list, default="auto",
+                   help="edit layers: auto (from the trace) or e.g. 1,2")
     p.add_argument("--text", default=None, help="general text file for perplexity (default: the "
                                                 "model's, see biaslens.defaults)")
-    p.add_argument("--max-prompts", type=int, default=120, help="tracing prompts (a balanced sample)")
-    p.add_argument("--edit-prompts", type=int, default=None,
+    p.add_argument("--max-prompts", type=positive_int, default=120, help="tracing prompts (a balanced sample)")
+    p.add_argument("--edit-prompts", type=positive_int, default=None,
                    help="edit with a balanced sample of this many prompts (default: all edit prompts)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="evaluate a seeded subset of this many items per prompt set (quick runs)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--force", action="store_true", help="replace an output folder that biaslens wrote (never a folder holding your files)")
 
 
 def _run(args) -> int:

@@ -2,8 +2,9 @@
 
 The folder holds the model (safetensors), config and tokenizer, plus ``delta.safetensors`` (only
 the changed tensors, as ``updated - original``) and ``manifest.json`` (what changed and why).
-Writes go to a temporary sibling folder that is renamed into place, so a failed export leaves
-nothing half-written and an existing folder is never clobbered without ``force``.
+Writes go to a temporary sibling folder that is renamed into place (:mod:`biaslens.outdir`), so a
+failed or interrupted export leaves nothing half-written, and ``force`` replaces only a folder
+biaslens wrote.
 
 Verification reloads the folder and compares it with the in-memory model running the same plain
 Hugging Face code: every tensor bit for bit, and the logits on a short general text within a
@@ -14,8 +15,6 @@ logits are from plain HF is recorded in ``manifest.json`` as information only.
 from __future__ import annotations
 
 import datetime as _dt
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,16 +27,10 @@ if TYPE_CHECKING:
 
 
 def check_out_dir(out: str | Path, force: bool = False) -> Path:
-    """Refuse an existing non-empty folder unless ``force``; return the resolved path."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"output path '{out}' exists and is a file; choose a folder name with --out")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ExportError(
-            f"output folder '{out}' exists and is not empty; choose another --out or pass --force "
-            "to replace it"
-        )
-    return out
+    """Alias of :func:`biaslens.outdir.prepare` (the one output-folder policy)."""
+    from biaslens.outdir import prepare
+
+    return prepare(out, force)
 
 
 def _state_dict(model: "BiasModel") -> dict[str, Any]:
@@ -143,6 +136,8 @@ def export(
     force: bool = False,
     verify: bool = True,
     atol: float | None = None,
+    files: dict[str, Any] | None = None,
+    command: str = "export",
 ) -> Path:
     """Write ``model`` to ``out`` as a Hugging Face folder with ``delta.safetensors`` and
     ``manifest.json``. Refuses NaN/inf weights and an existing non-empty folder (unless
@@ -154,21 +149,24 @@ def export(
     weights, eager attention) within ``atol`` (default :func:`tolerance`, scaled to the dtype and
     the logits' magnitude). The TransformerLens bridge's difference from plain HF is recorded in
     the manifest's ``verification`` as information, never a refusal.
+
+    ``files``: extra JSON files (name -> data) written into the folder, e.g. a report. The
+    folder is written and replaced as :mod:`biaslens.outdir` describes (``force`` replaces only a
+    folder biaslens wrote); its marker names ``command``.
     """
     import torch
 
     import biaslens
+    from biaslens.outdir import staging
 
-    out = check_out_dir(out, force)
     bad = model.check_finite()
     if bad:
         raise ExportError(
             f"refusing to export: {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}); "
             "undo the edit (delta.undo(model)) and retry with a smaller step or stronger regularisation"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    stage = staging(out, force, command=command)
+    with stage as tmp:
         state = _state_dict(model)
         fresh = _fresh_hf(model, state)
         fresh.save_pretrained(tmp, safe_serialization=True)
@@ -203,18 +201,10 @@ def export(
             man.update({k: v for k, v in delta.info.items() if k not in man})
         man.update(manifest or {})
         (tmp / "manifest.json").write_text(dumps_manifest(man))
+        for name, obj in (files or {}).items():
+            (tmp / name).write_text(dumps(obj), encoding="utf-8")
         _publish_modes(tmp)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(trash / out.name)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return stage.out
 
 
 def _publish_modes(folder: Path) -> None:

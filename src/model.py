@@ -64,8 +64,14 @@ def load(
     device: str = "cpu",
     dtype: Any = "float32",
     prepend_bos: bool | None = None,
+    allow_mismatch: bool = False,
 ) -> "BiasModel":
-    """Load ``spec`` (``"organism"``, a hub name, or a local HF folder) as a :class:`BiasModel`."""
+    """Load ``spec`` (``"organism"``, a hub name, or a local HF folder) as a :class:`BiasModel`.
+
+    The weights must match the config: missing, unexpected or wrongly shaped tensors (which
+    transformers would initialise at random or drop) raise :class:`ModelLoadError` naming them,
+    unless ``allow_mismatch=True``. An unreadable weight file raises it naming the file.
+    """
     name, is_local = resolve_spec(spec)
     torch_dtype = _torch_dtype(dtype)
     import logging
@@ -99,9 +105,15 @@ def load(
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.bos_token
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf = AutoModelForCausalLM.from_pretrained(
-            name, dtype=torch_dtype, attn_implementation="eager"
-        )
+        try:
+            hf, loading = AutoModelForCausalLM.from_pretrained(
+                name, dtype=torch_dtype, attn_implementation="eager", output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, by name
+            )
+        except _read_errors() as exc:  # evaluated only when something was raised
+            raise ModelLoadError(_unreadable(spec, name, is_local, exc)) from None
+        if not allow_mismatch:
+            _check_loading(spec, hf, loading)
         hf.eval()
         params = dict(hf.named_parameters())
         buffers = dict(hf.named_buffers())  # HF names, recorded before the bridge wraps modules
@@ -115,6 +127,78 @@ def load(
         spec=str(spec), path=name if is_local else None, hf=hf, bridge=bridge,
         tokenizer=tokenizer, arch=arch, params=params, prepend_bos=prepend_bos, buffers=buffers,
     )
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    import pickle
+
+    errors: list[type[BaseException]] = [OSError, ValueError, RuntimeError, EOFError, KeyError,
+                                         pickle.UnpicklingError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover - older safetensors
+        pass
+    return tuple(errors)
+
+
+def _unreadable(spec, name: str, is_local: bool, exc: BaseException) -> str:
+    """The message for weights that could not be read: the damaged file when one can be named."""
+    why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+    if not is_local:
+        return f"cannot read the weights of '{spec}' ({why})"
+    folder = Path(name)
+    files = sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    if not files:
+        return (f"'{spec}' holds no weight file (model.safetensors or pytorch_model.bin); "
+                "save the model with save_pretrained")
+    bad = []
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(f), "pt"):
+                    pass
+            except Exception as e:  # noqa: BLE001 - any failure to open names the file
+                bad.append(f"{f.name} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if bad:
+        return (f"cannot read the weights of '{spec}': {'; '.join(bad)} is damaged or truncated; "
+                "copy or save the model again")
+    return f"cannot load the weights of '{spec}' ({', '.join(f.name for f in files)}): {why}"
+
+
+def _check_loading(spec, hf, loading: dict) -> None:
+    """Refuse weights that do not match the config (transformers would fill them at random)."""
+    # a parameter sharing its tensor with a loaded one (tied embeddings) is not missing
+    by_ptr: dict[int, list[str]] = {}
+    for n, p in hf.named_parameters(remove_duplicate=False):
+        by_ptr.setdefault(p.data_ptr(), []).append(n)
+    loaded_missing = set(loading.get("missing_keys") or ())
+    tied = {n for names in by_ptr.values() if any(m not in loaded_missing for m in names)
+            for n in names}
+    missing = sorted(loaded_missing - tied)
+    unexpected = sorted(loading.get("unexpected_keys") or ())
+    mismatched = sorted(loading.get("mismatched_keys") or ())
+    if not (missing or unexpected or mismatched):
+        return
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" ... ({len(names)} in all)" if len(names) > 4 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing from the weight files (would be random): {some(missing)}")
+    if unexpected:
+        parts.append(f"in the weight files but not in the config (would be dropped): {some(unexpected)}")
+    if mismatched:
+        parts.append("shape differs from the config: " + some(
+            [f"{k} (weights {list(a)}, config {list(b)})" for k, a, b in mismatched]))
+    raise ModelLoadError(
+        f"the weights of '{spec}' do not match its config.json: {'; '.join(parts)}; fix config.json "
+        "(e.g. its layer count or vocabulary size) or save the model again "
+        "(biaslens.load(..., allow_mismatch=True) loads it anyway)")
 
 
 #: the context a word is tokenised after when no prompt is given (:meth:`BiasModel.word_ids`)
@@ -259,12 +343,19 @@ class BiasModel:
             raise ValueError("no prompts to encode")
         rows, offsets = self.tokenize([p.text for p in ps], offsets=True)
         roles: dict[str, list[list[int]]] = {}
+        unk, unknown = self.tokenizer.unk_token_id, []  # special tokens have no characters
         for i, (p, ids, offs) in enumerate(zip(ps, rows, offsets)):
             if not ids:
                 raise ValueError(f"prompt {i} tokenises to nothing: {p.text!r}")
-            r = roles_from_offsets(offs, subject_span(p.text, p.subject))
+            span = subject_span(p.text, p.subject)
+            if span is not None and unk is not None and unk in ids and any(
+                    t == unk and a < span[1] and b > span[0] for t, (a, b) in zip(ids, offs)):
+                unknown.append(p.subject)
+            r = roles_from_offsets(offs, span)
             for k, v in r.items():
                 roles.setdefault(k, []).append(v)
+        if unknown:
+            raise VocabularyError(self._unknown_message(unknown, "prompt subjects"))
         lengths = torch.tensor([len(r) for r in rows])
         ids, mask = pad_rows(rows, self.tokenizer.pad_token_id, self.device)
         return TokenBatch(ids, mask, lengths.to(self.device), roles, ps)
@@ -301,6 +392,27 @@ class BiasModel:
                 "check its spelling and leading space, or choose another word")
         cache[key] = tuple(cont)
         return cont
+
+    def _unknown_message(self, words: Sequence[str], source: str) -> str:
+        words = list(dict.fromkeys(words))
+        shown = ", ".join(repr(w) for w in words[:5]) + (f" ... ({len(words)} in all)" if len(words) > 5 else "")
+        return (f"{source}: {shown} cannot be represented by the tokenizer of {self.spec} (unknown "
+                f"token {self.tokenizer.unk_token!r}); remove or respell {'them' if len(words) > 1 else 'it'} "
+                "with characters the tokenizer knows")
+
+    def check_words(self, words: Iterable[str], source: str = "words") -> None:
+        """Refuse words the tokenizer cannot represent: no tokens, or an unknown token, when read
+        with a leading space after a neutral context (as a prompt's subject or occupation is).
+        ``source`` says where they came from (e.g. ``"occupations file occ.txt"``); raises
+        :class:`VocabularyError` naming the words and the fix."""
+        bad = []
+        for w in dict.fromkeys(words):
+            try:
+                self.word_ids(w if w[:1].isspace() else " " + w)
+            except VocabularyError:
+                bad.append(w)
+        if bad:
+            raise VocabularyError(self._unknown_message(bad, source))
 
     def word_ids(self, word: str, context: str = "") -> list[int]:
         """Token ids of ``word`` (with its leading space, e.g. ``" she"``) as the continuation of

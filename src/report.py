@@ -53,10 +53,9 @@ class Report:
             f"<style>{_CSS}</style></head><body><h1>{html.escape(self.title)}</h1>"
             f"<p class='sub'>{html.escape(self.subtitle)}</p>{''.join(self._parts)}</body></html>"
         )
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(doc, encoding="utf-8")
-        tmp.replace(path)
-        return path
+        from biaslens.outdir import write_text
+
+        return write_text(path, doc)  # a per-process temporary file, then os.replace
 
 
 class _Raw(str):

@@ -241,3 +241,23 @@ def test_any_model_gets_default_prompts_from_the_shipped_bank(planted):
     edit = {t for t, _, _ in templates("edit")}
     assert all(p.template_split == "edit" and p.occupation_split == "edit" for p in prompts)
     assert all(p.text.replace(p.subject, "{occupation}", 1) in edit for p in prompts)
+
+
+def test_oversized_prompt_input_is_refused_before_tokenising(tmp_path):
+    """A document passed as a prompt (a 20 MB line once tried to allocate 61 GB) is refused on
+    reading, naming the line; an oversized file is refused unread."""
+    import json as _json
+
+    from biaslens.errors import DataFormatError
+    from biaslens.locate import cli as lcli
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(_json.dumps({"text": "The nurse said that", "subject": "nurse"}) + "\n"
+                 + _json.dumps({"text": "The nurse " + "very " * 5000 + "said", "subject": "nurse"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"p\.jsonl:2: a prompt line of 25,"):
+        lcli.read_prompts(f)
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as fh:
+        fh.truncate(lcli.MAX_PROMPTS_BYTES + 1)
+    with pytest.raises(DataFormatError, match="MB"):
+        lcli.read_prompts(big)

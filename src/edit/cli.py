@@ -14,6 +14,9 @@ METHODS = ("lsdm", "cda", "rome")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from biaslens.cliargs import positive_int
+    from biaslens.edit.hparams import check_file
+
     p.add_argument("--method", choices=METHODS, default="lsdm",
                    help="lsdm (default), cda (counterfactual fine-tune), rome (rank-one, one layer)")
     p.add_argument("--model", required=True, help="'organism', a local Hugging Face folder, or a hub name")
@@ -27,16 +30,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: the 60 Winogender occupations (BLS %% female), or the organism's")
     p.add_argument("--corpus", help="general text (one document per line) for the key statistics; "
                                     "default: shipped WikiText-2 paragraphs (the organism: its own text)")
-    p.add_argument("--max-prompts", type=int, default=None,
+    p.add_argument("--max-prompts", type=positive_int, default=None,
                    help="edit with a seeded sample of this many prompts (and keep prompts), every "
                         "occupation equally (default: all)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="evaluate a seeded subset of this many items per prompt set (quick runs)")
-    p.add_argument("--hparams", help="JSON file of hyperparameters (LSDMHparams / CDAHparams fields)")
+    p.add_argument("--hparams", type=check_file,
+                   help="JSON file of hyperparameters (LSDMHparams / CDAHparams fields)")
     p.add_argument("--cache-dir", help="key-statistics cache (default $BIASLENS_CACHE or "
                                        "~/.cache/biaslens/cov)")
-    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--out", required=True, help="output folder (new or empty; biaslens never writes into a folder of yours)")
+    p.add_argument("--force", action="store_true", help="replace an output folder that biaslens wrote (never a folder holding your files)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -48,8 +52,13 @@ def read_occupations(path: str | Path) -> list[tuple[str, float, str]]:
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"occupations file '{path}' does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"occupations file '{path}' is not UTF-8 text ({exc.reason} at byte "
+                              f"{exc.start}); save it as UTF-8") from None
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -69,9 +78,12 @@ def read_occupations(path: str | Path) -> list[tuple[str, float, str]]:
 
 
 def occupation_prompts(model, rows: list[tuple[str, float, str]]) -> list:
-    """The rows × the model's edit templates (the organism's training templates, else the bank's)."""
+    """The rows × the model's edit templates (the organism's training templates, else the bank's).
+    An occupation the tokenizer cannot represent is refused (:meth:`BiasModel.check_words`)."""
     from biaslens.defaults import defaults_for, fill_templates
 
+    if hasattr(model, "check_words"):
+        model.check_words([name for name, _, _ in rows], "--occupations")
     d = defaults_for(model)
     if not d.organism:
         return fill_templates(rows, "edit")
@@ -102,9 +114,10 @@ def run(args) -> int:
     from biaslens.edit.keys import check_role
     from biaslens.edit.least_squares import parse_layers
     from biaslens.errors import BiasLensError
-    from biaslens.export import check_out_dir, export
+    from biaslens.export import export
+    from biaslens.outdir import prepare, staging
 
-    out = check_out_dir(args.out, args.force)  # fail before loading a large model
+    out = prepare(args.out, args.force)  # fail before loading a large model
     layers = "auto" if args.layers == "auto" else parse_layers(args.layers)
     rows = read_occupations(args.occupations) if args.occupations else None
     if args.role != "auto":
@@ -139,16 +152,16 @@ def run(args) -> int:
                                         effect_map=args.effects, progress=progress)
     print("biaslens edit: measuring after the edit", file=sys.stderr)
     after = measure(model, prompts, args.corpus, args.limit)
-    out.mkdir(parents=True, exist_ok=True)
-    export(model, out / "model", delta=delta, force=args.force,
-           manifest={"edit": {"method": args.method, "site": delta.info.get("site")}})
     report = {"model": args.model, "method": args.method, "site": delta.info.get("site"),
               "effect_map": delta.info.get("effect_map"), "hyperparameters": delta.hparams,
               "diagnostics": delta.info.get("diagnostics"), "changed_tensors": delta.stats(),
               "before": before, "after": after, "summary": summary(before, after)}
     from biaslens import jsonio
 
-    jsonio.write(out / "report.json", report)
+    with staging(out, args.force, command="edit") as tmp:  # OUT = model/ + report.json, as one
+        export(model, tmp / "model", delta=delta,
+               manifest={"edit": {"method": args.method, "site": delta.info.get("site")}})
+        jsonio.write(tmp / "report.json", report)
     for k, v in report["summary"].items():
         print(f"{k:<28} {v['before']:>10.4f} -> {v['after']:>10.4f}")
     print(f"wrote {out / 'model'} and {out / 'report.json'}")

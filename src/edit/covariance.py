@@ -152,7 +152,7 @@ def key_covariances(
     """C_l = E[k kᵀ] for each layer (float64, uncentred as in MEMIT), from the cache or one pass.
     ``paths_out`` (optional) receives each layer's cache file (when caching is on)."""
     import torch
-    from safetensors.torch import load_file, save_file
+    import torch
 
     layers = sorted(set(int(l) for l in layers))
     bad = [l for l in layers if not 0 <= l < model.n_layers]
@@ -171,8 +171,9 @@ def key_covariances(
     out: dict[int, torch.Tensor] = {}
     if use_cache:
         for l, p in paths.items():
-            if p.exists():
-                out[l] = load_file(str(p))["second_moment"].to(model.device)
+            c = load_cached(p, "second_moment", (model.d_mlp, model.d_mlp), torch.float64)
+            if c is not None:
+                out[l] = c.to(model.device)
     missing = [l for l in layers if l not in out]
     if missing:
         windows = corpus_windows(model, corpus_path, n_tokens, seq_len)
@@ -188,14 +189,70 @@ def key_covariances(
         for l, c in fresh.items():
             out[l] = c
             if use_cache:
-                root.mkdir(parents=True, exist_ok=True)
-                tmp = paths[l].with_suffix(".tmp")
-                save_file({"second_moment": c.cpu().contiguous()}, str(tmp), metadata={
+                save_cached(paths[l], "second_moment", c, {
                     "model": model.spec, "weight_sha256": mhash, "corpus": corpus_path.name,
                     "corpus_sha256": chash, "layer": str(l), "n_tokens": str(n_used),
                     "seq_len": str(seq_len)})
-                os.replace(tmp, paths[l])
     return {l: out[l] for l in layers}
+
+
+def _tensor_sha256(t: "torch.Tensor") -> str:
+    """sha256 of a CPU tensor's bytes (no copy for a contiguous tensor)."""
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    return hashlib.sha256(t.view(torch.uint8).reshape(-1).numpy()).hexdigest()
+
+
+def save_cached(path: Path, key: str, tensor: "torch.Tensor", metadata: dict[str, str]) -> None:
+    """Write one cache entry atomically: a per-process temporary file, then ``os.replace``, so
+    processes sharing a cache never see (or remove) each other's half-written files. The tensor's
+    sha256 goes into the metadata."""
+    import secrets
+
+    from safetensors.torch import save_file
+
+    t = tensor.detach().cpu().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"))
+    try:
+        save_file({key: t}, tmp, metadata={**metadata, "sha256": _tensor_sha256(t)})
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_cached(path: Path, key: str, shape: tuple[int, ...], dtype) -> "torch.Tensor | None":
+    """A cache entry, or ``None`` when it is missing; an entry that cannot be read, has the wrong
+    shape or dtype, holds NaN/inf or fails its checksum is reported in one line on stderr and
+    treated as missing (recomputed and overwritten)."""
+    import torch
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            t = f.get_tensor(key)
+    except Exception as exc:  # truncated, garbled, unreadable, missing key
+        why = f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    else:
+        why = None
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            why = f"a {tuple(t.shape)} {t.dtype} tensor where {tuple(shape)} {dtype} was expected"
+        elif meta.get("sha256") and meta["sha256"] != _tensor_sha256(t):
+            why = "its checksum does not match"
+        elif not torch.isfinite(t).all():
+            why = "it holds NaN or inf"
+        if why is None:
+            return t
+    print(f"biaslens: warning: cache file '{path}' is {why}; recomputing it", file=sys.stderr)
+    return None
 
 
 def cached_factors(covs: dict[int, "torch.Tensor"], paths: dict[int, Path], mom2_weight: float,
@@ -203,21 +260,18 @@ def cached_factors(covs: dict[int, "torch.Tensor"], paths: dict[int, Path], mom2
     """The Cholesky factor of λC + ridge·mean(diag λC)·I for each layer whose key statistic has a
     cache file, itself cached beside it (keyed by λ and ridge), so an edit with cached statistics
     does no d_mlp × d_mlp factorisation (:func:`biaslens.edit.least_squares.least_squares_update`)."""
-    from safetensors.torch import load_file, save_file
-
     from biaslens.edit.least_squares import regularised_factor
 
     out = {}
     for l, cov_path in paths.items():
         f = cov_path.with_name(f"{cov_path.stem}.chol-{mom2_weight:g}-{ridge:g}.safetensors")
-        if f.exists():
-            out[l] = load_file(str(f))["factor"].to(covs[l].device)
+        got = load_cached(f, "factor", tuple(covs[l].shape), covs[l].dtype)
+        if got is not None:
+            out[l] = got.to(covs[l].device)
             continue
         out[l] = regularised_factor(covs[l], mom2_weight, ridge)
-        tmp = f.with_suffix(".tmp")
-        save_file({"factor": out[l].cpu().contiguous()}, str(tmp),
-                  metadata={"mom2_weight": repr(mom2_weight), "ridge": repr(ridge), "of": cov_path.name})
-        os.replace(tmp, f)
+        save_cached(f, "factor", out[l], {"mom2_weight": repr(mom2_weight), "ridge": repr(ridge),
+                                          "of": cov_path.name})
     return out
 
 

@@ -7,20 +7,87 @@ every :class:`~biaslens.delta.WeightDelta` stores ``asdict(hparams)`` in its man
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from biaslens.errors import DataFormatError
 
 T = TypeVar("T", bound="_Loadable")
 
 
+def _read_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in ``path``; a missing, non-UTF-8 or malformed file is one clear error."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, IsADirectoryError):
+        raise DataFormatError(f"hyperparameter file '{path}' does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"hyperparameter file '{path}' is not UTF-8 text ({exc.reason} at "
+                              f"byte {exc.start}); save it as UTF-8 JSON") from None
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(f"hyperparameter file '{path}' is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DataFormatError(f"hyperparameter file '{path}' must hold a JSON object")
+    return data
+
+
+#: a field's allowed range: (low, high, low excluded); None is unbounded
+Range = tuple[float | None, float | None, bool]
+SEED_RANGE: Range = (0, 2**32 - 1, False)
+
+
+def _span(r: Range) -> str:
+    lo, hi, open_lo = r
+    if hi is None:
+        return f"{'>' if open_lo else '>='} {lo:g}" if lo is not None else "any value"
+    return f"in {'(' if open_lo else '['}{lo:g}, {hi:g}]"
+
+
 class _Loadable:
-    """``from_json`` / ``from_dict`` / ``to_dict`` for a dataclass, refusing unknown keys."""
+    """``from_json`` / ``from_dict`` / ``to_dict`` for a dataclass. Every value is checked on
+    construction against its field's annotation (``int``, ``float``, ``str``) and ``RANGES``;
+    unknown keys, wrong types, non-finite numbers and out-of-range values raise
+    :class:`DataFormatError` naming the field, the value and what is allowed."""
+
+    RANGES: ClassVar[dict[str, Range]] = {}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for f in fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            where = f"{name}.{f.name}"
+            if kind == "int":
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise DataFormatError(f"{where} must be a whole number, not {v!r}")
+            elif kind == "float":
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise DataFormatError(f"{where} must be a number, not {v!r}")
+                if not math.isfinite(v):
+                    raise DataFormatError(f"{where} must be a finite number, not {v!r}")
+                v = float(v)
+                object.__setattr__(self, f.name, v)
+            elif kind == "str":
+                if not isinstance(v, str):
+                    raise DataFormatError(f"{where} must be a string, not {v!r}")
+                choices = self.CHOICES.get(f.name)
+                if choices and v not in choices:
+                    raise DataFormatError(f"{where} must be one of {', '.join(map(repr, choices))}, "
+                                          f"not {v!r}")
+            r = self.RANGES.get(f.name)
+            if r is not None:
+                lo, hi, open_lo = r
+                if (lo is not None and (v < lo or (open_lo and v == lo))) or (hi is not None and v > hi):
+                    raise DataFormatError(f"{where} must be {_span(r)}, not {v!r}")
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        if not isinstance(data, dict):
+            raise DataFormatError(f"{cls.__name__} hyperparameters must be a JSON object / dict, "
+                                  f"not {type(data).__name__}")
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - known)
         if unknown:
@@ -31,15 +98,11 @@ class _Loadable:
 
     @classmethod
     def from_json(cls: type[T], path: str | Path) -> T:
+        data = _read_object(path)
         try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise DataFormatError(f"hyperparameter file '{path}' does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise DataFormatError(f"hyperparameter file '{path}' is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise DataFormatError(f"hyperparameter file '{path}' must hold a JSON object")
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except DataFormatError as exc:
+            raise DataFormatError(f"{path}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
@@ -90,18 +153,21 @@ class LSDMHparams(_Loadable):
     batch_size: int = 256
     seed: int = 0
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "v_newton_steps": (0, None, False), "v_tol": (0, None, False), "v_steps": (0, None, False),
+        "v_lr": (0, 100, True), "kl_weight": (0, None, False), "v_weight_decay": (0, None, False),
+        "clamp_norm_factor": (0, None, True), "mom2_weight": (0, None, False),
+        "keep_weight": (0, None, False), "ridge": (0, None, False), "cov_tokens": (1, None, False),
+        "cov_seq_len": (1, None, False), "cov_batch_size": (1, None, False),
+        "batch_size": (1, None, False), "seed": SEED_RANGE,
+    }
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"average_keys": ("auto", "subject", "none")}
+
     def __post_init__(self) -> None:
-        if self.average_keys not in ("auto", "subject", "none"):
-            raise DataFormatError(
-                f"average_keys must be 'auto', 'subject' or 'none', not {self.average_keys!r}"
-            )
-        if self.v_steps < 0 or self.v_newton_steps < 0:
-            raise DataFormatError("v_steps and v_newton_steps must be >= 0")
-        for name in ("cov_tokens", "cov_seq_len", "cov_batch_size", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise DataFormatError(f"LSDMHparams.{name} must be positive, not {getattr(self, name)}")
-        if self.mom2_weight < 0 or self.keep_weight < 0:
-            raise DataFormatError("mom2_weight and keep_weight must be >= 0")
+        super().__post_init__()
+        if self.v_steps == 0 and self.v_newton_steps == 0:
+            raise DataFormatError(f"{type(self).__name__}: v_steps and v_newton_steps are both 0, so "
+                                  "the targets never move; make one of them >= 1")
 
 
 @dataclass
@@ -123,3 +189,32 @@ class CDAHparams(_Loadable):
     batch_size: int = 32
     max_grad_norm: float = 1.0
     seed: int = 0
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "epochs": (1, None, False), "lr": (0, 100, True), "weight_decay": (0, None, False),
+        "batch_size": (1, None, False), "max_grad_norm": (0, None, True), "seed": SEED_RANGE,
+    }
+
+
+def check_file(path: str) -> str:
+    """``argparse`` type of ``--hparams``: the file must be a UTF-8 JSON object whose every field
+    is valid for the method class that has it (LSDM/ROME or CDA), so bad values are refused
+    before a model is loaded. Returns ``path``; the edit reads it again for its method."""
+    import argparse
+
+    try:
+        data = _read_object(path)
+        known: set[str] = set()
+        for cls in (LSDMHparams, CDAHparams):
+            names = {f.name for f in fields(cls)}
+            known |= names
+            cls.from_dict({k: v for k, v in data.items() if k in names})
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DataFormatError(f"unknown field(s) {unknown}; known fields: LSDMHparams "
+                                  f"{[f.name for f in fields(LSDMHparams)]}, CDAHparams "
+                                  f"{[f.name for f in fields(CDAHparams)]}")
+    except DataFormatError as exc:
+        msg = str(exc)
+        raise argparse.ArgumentTypeError(msg if str(path) in msg else f"{path}: {msg}") from None
+    return path

@@ -211,16 +211,24 @@ def resolve_site(model: "BiasModel", prompts: Sequence[Any], layers: Any = "auto
         layers = parse_layers(layers)
     summary = None
     source = "explicit"
+    if effect_map is not None:  # a given map must fit the model: other layer count refused
+        import sys
+
+        where = f"effect map '{effect_map}'" if isinstance(effect_map, (str, os.PathLike)) else "the effect map"
+        if isinstance(effect_map, (str, os.PathLike)):
+            from biaslens.locate import EffectMap
+
+            effect_map = EffectMap.load(effect_map)
+        if hasattr(effect_map, "check_model"):
+            note = effect_map.check_model(model, where)
+            if note:
+                print(f"biaslens: warning: {note}", file=sys.stderr)
     if layers == "auto" or role == "auto":
         if effect_map is None:
             effect_map = trace(model, prompts)
             source = "traced"
         else:
             source = "effect_map"
-        if isinstance(effect_map, (str, os.PathLike)):
-            from biaslens.locate import EffectMap
-
-            effect_map = EffectMap.load(effect_map)
         if role == "auto":
             role = best_edit_role(effect_map)
         if layers == "auto":

@@ -10,6 +10,8 @@ BENCH_HELP = "occupations,stereoset,crows,winobias,winogender,perplexity,knowled
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    from biaslens.cliargs import int_in, positive_int, seed_int
+
     p.add_argument("--model", required=True, help="'organism', a local Hugging Face folder, or a hub name")
     p.add_argument("--benchmarks", default=None,
                    help=f"comma-separated subset of {BENCH_HELP} (the organism also has "
@@ -25,12 +27,13 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probes", default=None,
                    help='JSONL of knowledge probes, {"prompt": ..., "answer": ...} a line '
                         "(default: the model's probes, see biaslens.defaults)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="score a seeded random subset of N items per benchmark (quick runs)")
-    p.add_argument("--max-tokens", type=int, default=None, help="perplexity: score only the first N tokens")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="bootstrap and subsampling seed (default 0)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--max-tokens", type=int_in(2), default=None,
+                   help="perplexity: score only the first N (>= 2) tokens")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--seed", type=seed_int, default=0, help="bootstrap and subsampling seed (default 0)")
+    p.add_argument("--threads", type=int_in(1, 1024), default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often fastest for small "
                         "models on a busy machine)")
     p.add_argument("--json", required=True, help="write the results here (JSON)")
@@ -38,12 +41,13 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 
-def _check_out(paths, force: bool) -> None:
-    from biaslens.errors import BiasLensError
+def _check_out(paths: dict, force: bool) -> None:
+    """Each output file (flag -> path): its folder exists and is writable, and it does not exist
+    unless ``force`` (:func:`biaslens.outdir.check_file`)."""
+    from biaslens.outdir import check_file
 
-    for p in paths:
-        if p and Path(p).exists() and not force:
-            raise BiasLensError(f"'{p}' exists; choose another file or pass --force to overwrite it")
+    for what, p in paths.items():
+        check_file(p, force, what)
 
 
 def _evaluate(args) -> int:
@@ -52,7 +56,7 @@ def _evaluate(args) -> int:
     from biaslens.evaluate.stats import clean
     from biaslens.evaluate.suite import evaluate
 
-    _check_out([args.json, args.html], args.force)  # fail before loading a model
+    _check_out({"--json": args.json, "--html": args.html}, args.force)  # fail before loading a model
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else None
     if args.threads:
         import torch
@@ -65,10 +69,12 @@ def _evaluate(args) -> int:
     res = clean(res)
     from biaslens import jsonio
 
-    jsonio.write(args.json, res)
+    from biaslens.outdir import write_text
+
+    write_text(args.json, jsonio.dumps(res))
     print(_summary(res))
     if args.html:
-        compare_figure(res).write_html(args.html, include_plotlyjs=True)
+        write_text(args.html, compare_figure(res).to_html(include_plotlyjs=True))
     print(f"wrote {args.json}" + (f" and {args.html}" if args.html else ""))
     return 0
 
@@ -108,11 +114,13 @@ def _read(path: str) -> dict:
 def _compare(args) -> int:
     from biaslens.evaluate.compare import compare_figure, compare_table
 
-    _check_out([args.html], args.force)
+    _check_out({"--html": args.html}, args.force)
     before, after = _read(args.before), _read(args.after)
     print(compare_table(before, after))
     if args.html:
-        compare_figure(before, after).write_html(args.html, include_plotlyjs=True)
+        from biaslens.outdir import write_text
+
+        write_text(args.html, compare_figure(before, after).to_html(include_plotlyjs=True))
         print(f"wrote {args.html}")
     return 0
 

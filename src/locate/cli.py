@@ -10,6 +10,12 @@ from typing import Any
 from biaslens.errors import DataFormatError
 
 
+#: prompts are sentences; a larger file is a mistake (a corpus passed as prompts), refused unread
+MAX_PROMPTS_BYTES = 50 * 10**6
+#: the longest prompt line read (characters); longer lines are refused before any tokenisation
+MAX_PROMPT_CHARS = 20_000
+
+
 def read_prompts(path: str | Path) -> list[Any]:
     """Prompts from a JSONL file: one ``{"text", "subject", optional "male", "female"}`` per line.
 
@@ -20,10 +26,22 @@ def read_prompts(path: str | Path) -> list[Any]:
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"prompts file '{path}' does not exist")
+    if path.stat().st_size > MAX_PROMPTS_BYTES:
+        raise DataFormatError(f"prompts file '{path}' is {path.stat().st_size / 1e6:.0f} MB; a prompts "
+                              f"file holds short prompts (at most {MAX_PROMPTS_BYTES // 10**6} MB): "
+                              "split it or pass a sample")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"prompts file '{path}' is not UTF-8 text ({exc.reason} at byte "
+                              f"{exc.start}); save it as UTF-8") from None
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        if len(line) > MAX_PROMPT_CHARS:
+            raise DataFormatError(f"{path}:{n}: a prompt line of {len(line):,} characters (at most "
+                                  f"{MAX_PROMPT_CHARS:,}): prompts are sentences, not documents")
         try:
             d = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -45,32 +63,35 @@ def read_prompts(path: str | Path) -> list[Any]:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from biaslens.cliargs import float_in, nonneg_int, positive_int, seed_int
+
     p.add_argument("--model", required=True, help="'organism', a local Hugging Face folder, or a hub name")
     p.add_argument("--method", default="noise", choices=("noise", "swap", "attribution"),
                    help="noise restoration (ROME), counterfactual swap (Vig), or attribution patching")
     p.add_argument("--prompts", help='JSONL file of {"text", "subject", optional "male", "female"} '
                                      "(default: the model's edit prompts, see biaslens.defaults)")
-    p.add_argument("--max-prompts", type=int, default=120,
+    p.add_argument("--max-prompts", type=nonneg_int, default=120,
                    help="with the default prompts: a seeded sample of this many, every "
                         "occupation equally (0 = all)")
     p.add_argument("--components", default="resid,mlp,attn", help="comma-separated: resid,mlp,attn")
-    p.add_argument("--window", type=int, default=1, help="restore K consecutive MLP/attention layers")
-    p.add_argument("--samples", type=int, default=10, help="noise samples per prompt (noise, attribution)")
-    p.add_argument("--noise-scale", type=float, default=3.0, help="noise std in units of the embedding std")
+    p.add_argument("--window", type=positive_int, default=1, help="restore K consecutive MLP/attention layers")
+    p.add_argument("--samples", type=positive_int, default=10, help="noise samples per prompt (noise, attribution)")
+    p.add_argument("--noise-scale", type=float_in(0, 100, lo_open=True), default=3.0,
+                   help="noise std in units of the embedding std, in (0, 100]")
     p.add_argument("--swap", help="replacement subject for --method swap (default: 'man' for "
                                   "female-leaning occupations, 'woman' for male-leaning)")
-    p.add_argument("--top-n", type=int, default=20, help="neurons to keep (--method swap)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-n", type=positive_int, default=20, help="neurons to keep (--method swap)")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--compare-exact", action="store_true",
                    help="with --method attribution: also run exact noise tracing and report agreement")
-    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    p.add_argument("--out", required=True, help="output folder (new or empty; biaslens never writes into a folder of yours)")
+    p.add_argument("--force", action="store_true", help="replace an output folder that biaslens wrote (never a folder holding your files)")
 
 
 def _run(args) -> int:
-    from biaslens.export import check_out_dir
+    from biaslens.outdir import prepare, staging
 
-    out = check_out_dir(args.out, args.force)  # fail before loading a model
+    out = prepare(args.out, args.force)  # fail before loading a model
     components = tuple(c.strip() for c in args.components.split(",") if c.strip())
     prompts = read_prompts(args.prompts) if args.prompts else None
     import biaslens
@@ -90,9 +111,9 @@ def _run(args) -> int:
                        max_prompts=args.max_prompts or None, n_samples=args.samples,
                        noise_scale=args.noise_scale)
         effects.meta["agreement_with_exact"] = agreement(effects, exact)
-    out.mkdir(parents=True, exist_ok=True)
-    effects.save(out / "effects.json")
-    write_html(effect_figures(effects), out / "heatmap.html", title=f"biaslens locate · {args.model}")
+    with staging(out, args.force, command="locate") as tmp:
+        effects.save(tmp / "effects.json")
+        write_html(effect_figures(effects), tmp / "heatmap.html", title=f"biaslens locate · {args.model}")
     for s in effects.top_sites(5):
         print(f"{s.component:>5} layer {s.layer:>2} {s.role:<14} effect {s.effect:+.3f} "
               f"[{s.ci_low:+.3f}, {s.ci_high:+.3f}]")

@@ -10,9 +10,12 @@ JSON layout (``effects.json``)::
     {"model", "method", "metric", "n_prompts", "layers": [..], "roles": [..],
      "effects": {component: [[value per role] per layer]}, "ci_low": {...}, "ci_high": {...},
      "per_prompt": {component: [[[value per role] per layer] per prompt]},
-     "heads": {...} | null, "neurons": [...] | null, "meta": {...}}
+     "heads": {...} | null, "neurons": [...] | null, "meta": {...},
+     "identity": {"weight_hash", "n_layers"} | null}
 
-NaN is written as ``null``.
+NaN is written as ``null``. ``identity`` names the traced model (:meth:`EffectMap.stamp`); an
+editor refuses a map of another layer count and warns on other weights
+(:meth:`EffectMap.check_model`). Maps without it (older files) are accepted.
 """
 
 from __future__ import annotations
@@ -106,7 +109,8 @@ class EffectMap:
     ``per_prompt[c]``: ``[n_prompts, n_layers, n_roles]`` (NaN where a role is absent).
     ``heads``: optional ``{"role", "effects" [L, H], "ci_low", "ci_high", ...}``;
     ``neurons``: optional list of ``{"layer", "neuron", "role", "effect", "ci_low", "ci_high", ...}``
-    ranked by effect; ``meta``: anything else (total effect, noise level, seeds, agreement).
+    ranked by effect; ``meta``: anything else (total effect, noise level, seeds, agreement);
+    ``identity``: the traced model's ``{"weight_hash", "n_layers"}`` (None when unknown).
     """
 
     model: str
@@ -122,6 +126,7 @@ class EffectMap:
     heads: dict[str, Any] | None = None
     neurons: list[dict[str, Any]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] | None = None
 
     # ----------------------------------------------------------- building
     @classmethod
@@ -153,6 +158,28 @@ class EffectMap:
     @property
     def components(self) -> list[str]:
         return list(self.effects)
+
+    # ----------------------------------------------------------- identity
+    def stamp(self, model: Any) -> "EffectMap":
+        """Record which model this map was traced on (its weight hash and layer count)."""
+        self.identity = {"weight_hash": model.weight_hash(), "n_layers": int(model.n_layers)}
+        return self
+
+    def check_model(self, model: Any, source: str = "the effect map") -> str | None:
+        """Whether this map fits ``model``: raises :class:`DataFormatError` when it was traced on
+        a model with another layer count; returns a one-line warning when on other weights
+        (e.g. a map made before an edit), else None. A map without identity passes."""
+        ident = self.identity or {}
+        n = ident.get("n_layers")
+        if n is not None and int(n) != int(model.n_layers):
+            raise DataFormatError(
+                f"{source} was traced on a model with {n} layers, but {model.spec} has "
+                f"{model.n_layers}; run `biaslens locate` on this model")
+        h = ident.get("weight_hash")
+        if h and h != model.weight_hash():
+            return (f"{source} was traced on other weights (sha256 {str(h)[:12]}...) than "
+                    f"{model.spec}'s; its sites may not fit: trace this model to be sure")
+        return None
 
     # ------------------------------------------------------------ queries
     def top_sites(
@@ -228,6 +255,7 @@ class EffectMap:
             "ci_high": {c: v for c, v in self.ci_high.items()},
             "per_prompt": {c: v for c, v in self.per_prompt.items()},
             "heads": self.heads, "neurons": self.neurons, "meta": self.meta,
+            "identity": self.identity,
         })
 
     def save(self, path: str | Path) -> Path:
@@ -262,6 +290,7 @@ class EffectMap:
             ci_low=arrays["ci_low"], ci_high=arrays["ci_high"],
             per_prompt={c: _array(v) for c, v in (d.get("per_prompt") or {}).items()},
             heads=heads, neurons=d.get("neurons"), meta=d.get("meta") or {},
+            identity=_identity(d.get("identity"), source),
         )
 
     @classmethod
@@ -273,9 +302,13 @@ class EffectMap:
         if not path.exists():
             raise DataFormatError(f"{path}: no such effect map; run `biaslens locate` first")
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DataFormatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except json.JSONDecodeError as exc:
             raise DataFormatError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        if not isinstance(d, dict):
+            raise DataFormatError(f"{path}: not an effect map (a JSON object is expected)")
         return cls.from_dict(d, source=str(path))
 
     def __repr__(self) -> str:
@@ -283,6 +316,16 @@ class EffectMap:
         best = f", top={top[0].component}@L{top[0].layer}/{top[0].role}={top[0].effect:.3f}" if top else ""
         return (f"EffectMap({self.method}, {self.model!r}, n_prompts={self.n_prompts}, "
                 f"components={self.components}{best})")
+
+
+def _identity(x: Any, source: str) -> dict[str, Any] | None:
+    if x is None:
+        return None
+    ok = isinstance(x, dict) and isinstance(x.get("weight_hash", ""), (str, type(None))) and \
+        isinstance(x.get("n_layers", 0), (int, type(None))) and not isinstance(x.get("n_layers"), bool)
+    if not ok:
+        raise DataFormatError(f'{source}: "identity" must be {{"weight_hash": str, "n_layers": int}}')
+    return dict(x)
 
 
 def agreement(a: EffectMap, b: EffectMap, k: int = 5) -> dict[str, dict[str, float]]:

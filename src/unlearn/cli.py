@@ -20,9 +20,13 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("pcgu", "task-vector", "offset", "masked-ascent")
+#: the largest |--alpha| accepted (beyond it the offset logits overflow)
+ALPHA_MAX = 1e3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from biaslens.cliargs import float_in, positive_int, seed_int
+
     p.add_argument("--method", required=True, help="pcgu | task-vector | offset | masked-ascent")
     p.add_argument("--model", required=True, help="'organism', a local Hugging Face folder, or a hub name")
     p.add_argument("--pairs", help="data: a pairs source (Winogender folder, CrowS-Pairs .csv, StereoSet "
@@ -30,21 +34,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "default: the model's default stereotyped data (biaslens.defaults)")
     p.add_argument("--small-model", help="offset: the small model M_o with the same tokenizer "
                                          "(default: the model itself)")
-    p.add_argument("--max-steps", type=int, default=None, help="cap on training steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
-    p.add_argument("--lora-rank", type=int, default=None, help="task-vector: LoRA rank (default: full weights)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="cap on training steps")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--lr", type=float_in(0, 100, lo_open=True), default=None,
+                   help="learning rate in (0, 100] (default: the method's)")
+    p.add_argument("--lora-rank", type=positive_int, default=None, help="task-vector: LoRA rank (default: full weights)")
     p.add_argument("--loss", default="kl", help="offset: grad_ascent | grad_diff | kl (default: kl)")
-    p.add_argument("--alpha", type=float, default=1.0, help="offset: strength α of the offset")
-    p.add_argument("--ppl-bound", type=float, default=1.1,
-                   help="perplexity may rise to this multiple of its starting value (default 1.1)")
-    p.add_argument("--max-prompts", type=int, default=None,
+    p.add_argument("--alpha", type=float_in(-ALPHA_MAX, ALPHA_MAX), default=1.0,
+                   help=f"offset: strength α of the offset, in [-{ALPHA_MAX:g}, {ALPHA_MAX:g}]")
+    p.add_argument("--ppl-bound", type=float_in(1.0), default=1.1,
+                   help="perplexity may rise to this multiple (>= 1) of its starting value (default 1.1)")
+    p.add_argument("--max-prompts", type=positive_int, default=None,
                    help="train on a seeded sample of this many pairs / forget texts, with as many "
                         "retain texts, validation prompts and perplexity lines (default: all)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="evaluate a seeded subset of this many items per prompt set (quick runs)")
-    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--out", required=True, help="output folder (new or empty; biaslens never writes into a folder of yours)")
+    p.add_argument("--force", action="store_true", help="replace an output folder that biaslens wrote (never a folder holding your files)")
 
 
 def _check_args(args) -> None:
@@ -52,16 +58,20 @@ def _check_args(args) -> None:
 
     if args.method not in METHODS:
         raise BiasLensError(f"unknown --method '{args.method}' (use one of: {', '.join(METHODS)})")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise BiasLensError(f"--max-steps must be a positive integer, not {args.max_steps}")
+    from biaslens.cliargs import check, float_in, positive_int, seed_int
+
+    # the parser checks these; a namespace built by hand gets the same checks here
+    for flag, parse in (("--max-steps", positive_int), ("--lora-rank", positive_int),
+                        ("--max-prompts", positive_int), ("--limit", positive_int),
+                        ("--seed", seed_int), ("--lr", float_in(0, 100, lo_open=True)),
+                        ("--alpha", float_in(-ALPHA_MAX, ALPHA_MAX)), ("--ppl-bound", float_in(1.0))):
+        check(getattr(args, flag[2:].replace("-", "_"), None), parse, flag)
     if args.pairs is not None and not Path(args.pairs).exists() and args.pairs != "organism":
         raise BiasLensError(f"--pairs '{args.pairs}' does not exist; pass a data file or folder")
     from biaslens.unlearn.offset import LOSSES
 
     if args.loss not in LOSSES:
         raise BiasLensError(f"unknown --loss '{args.loss}' (use one of: {', '.join(LOSSES)})")
-    if args.lora_rank is not None and args.lora_rank < 1:
-        raise BiasLensError(f"--lora-rank must be a positive integer, not {args.lora_rank}")
     if args.small_model and args.method != "offset":
         raise BiasLensError("--small-model is only used by --method offset")
 
@@ -175,10 +185,11 @@ def unchanged_note(delta, method: str) -> str | None:
 
 def run(args) -> int:
     import biaslens
-    from biaslens.export import check_out_dir, export
+    from biaslens.export import export
+    from biaslens.outdir import prepare
 
     _check_args(args)
-    out = check_out_dir(args.out, args.force)  # fail before any work
+    out = prepare(args.out, args.force)  # fail before any work
     model = biaslens.load(args.model, device=args.device, dtype=args.dtype)
     data = load_data(args, model)
     before = measure(model, args, data)
@@ -193,15 +204,13 @@ def run(args) -> int:
     if args.method == "offset":
         from biaslens.unlearn.offset import export_offset
 
-        export_offset(result, out, force=args.force)
         report["alpha"], report["hyperparameters"] = result.alpha, result.delta.hparams
+        export_offset(result, out, force=args.force, files={"report.json": report})
     else:
-        export(model, out, delta=result, force=args.force, manifest={"data": str(data["source"])})
         report["hyperparameters"] = result.hparams
         report["info"] = {k: v for k, v in result.info.items() if k in ("lambda", "sweep", "chosen", "stopped")}
-    from biaslens import jsonio
-
-    jsonio.write(Path(out) / "report.json", report)
+        export(model, out, delta=result, force=args.force, manifest={"data": str(data["source"])},
+               files={"report.json": report}, command="unlearn")
     if note:
         print(f"biaslens unlearn: note: {note}", file=sys.stderr)
     _print_summary(report, out)

@@ -24,8 +24,6 @@ writes the pair with α and a manifest, :func:`load_offset` reads it back.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -210,31 +208,27 @@ def offset_unlearn(
 # ------------------------------------------------------------------------------ export
 
 
-def export_offset(om: OffsetModel, out: str | Path, manifest: dict | None = None, force: bool = False) -> Path:
+def export_offset(om: OffsetModel, out: str | Path, manifest: dict | None = None, force: bool = False,
+                  files: dict[str, Any] | None = None) -> Path:
     """Write ``out/base`` (M_o), ``out/offset`` (M'_o, with its delta) and ``out/offset.json``
-    (α, the large model's spec and weight hash, the training record). Atomic like ``export``."""
-    from biaslens.export import check_out_dir, export
+    (α, the large model's spec and weight hash, the training record), plus ``files`` (extra JSON
+    files, name -> data). Staged and replaced like ``export`` (:mod:`biaslens.outdir`)."""
+    from biaslens import jsonio
+    from biaslens.export import export
+    from biaslens.outdir import staging
 
-    out = check_out_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    stage = staging(out, force, command="unlearn")
+    with stage as tmp:
         export(om.base, tmp / "base")
         export(om.offset, tmp / "offset", delta=om.delta, manifest={"role": "offset model M'_o"})
         man = {**om.manifest(), "formula": "logits = l_M + alpha * (l_offset - l_base)",
                "base_dir": "base", "offset_dir": "offset", **(manifest or {})}
         if isinstance(man.get("training"), dict):  # the loss curve stays in the delta's record
             man["training"] = {k: v for k, v in man["training"].items() if k != "losses"}
-        from biaslens import jsonio
-
         jsonio.write(tmp / "offset.json", man)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        for name, obj in (files or {}).items():
+            jsonio.write(tmp / name, obj)
+    return stage.out
 
 
 def load_offset(folder: str | Path, large: BiasModel | str, device: str = "cpu") -> OffsetModel:
