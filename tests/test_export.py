@@ -186,7 +186,9 @@ def test_manifest_is_strict_json_with_verification(plain_dir, tmp_path):
     assert v["probe_tokens"] >= 5
     off = export(m, tmp_path / "unverified", verify=False)
     assert _strict_json(off / "manifest.json")["verification"] is None
-    assert json.loads(dumps_manifest({"x": float("-inf"), "y": (1, 2)})) == {"x": None, "y": [1, 2]}
+    cleaned = json.loads(dumps_manifest({"x": float("-inf"), "y": (1, 2)}))
+    assert {k: cleaned[k] for k in ("x", "y")} == {"x": None, "y": [1, 2]}
+    assert cleaned["nonfinite"]["count"] == 1 and cleaned["nonfinite"]["paths"] == ["x = -inf"]
 
 
 def test_probe_ids_without_bos(tmp_path):
