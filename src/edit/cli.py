@@ -127,6 +127,12 @@ def run(args) -> int:
         raise BiasLensError(f"--layers {args.layers} out of range: {args.model} has layers "
                             f"0..{model.n_layers - 1}")
 
+    effects = args.effects
+    if effects:  # a map of another model is refused now, not after measuring (warnings come later)
+        from biaslens.locate import EffectMap
+
+        effects = EffectMap.load(effects)
+        effects.check_model(model, f"effect map '{args.effects}'")
     prompts = occupation_prompts(model, rows) if rows is not None else None
     keep = None
     if args.max_prompts:
@@ -139,17 +145,17 @@ def run(args) -> int:
     print(f"biaslens edit: measuring {args.model} before the edit", file=sys.stderr)
     before = measure(model, prompts, args.corpus, args.limit)
     if args.method == "lsdm":
-        delta = lsdm(model, prompts, layers=layers, role=args.role, effect_map=args.effects,
+        delta = lsdm(model, prompts, layers=layers, role=args.role, effect_map=effects,
                      corpus=args.corpus, hparams=args.hparams, keep_prompts=keep,
                      cache_dir=args.cache_dir, progress=progress)
     elif args.method == "rome":
         layer = layers if layers == "auto" else layers[-1]
         delta = rome_rank_one(model, layer, prompts, role=args.role, corpus=args.corpus,
-                              hparams=args.hparams, effect_map=args.effects,
+                              hparams=args.hparams, effect_map=effects,
                               cache_dir=args.cache_dir, progress=progress)
     else:
         delta = counterfactual_finetune(model, layers, prompts, keep_prompts=keep, hparams=args.hparams,
-                                        effect_map=args.effects, progress=progress)
+                                        effect_map=effects, progress=progress)
     print("biaslens edit: measuring after the edit", file=sys.stderr)
     after = measure(model, prompts, args.corpus, args.limit)
     report = {"model": args.model, "method": args.method, "site": delta.info.get("site"),

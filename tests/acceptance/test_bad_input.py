@@ -340,6 +340,13 @@ def test_effect_map_identity(tiny_dirs, tmp_path, capsys):
         resolve_site(m, [], "auto", "last", deeper.save(tmp_path / "deeper.json"))
     with pytest.raises(BiasLensError, match="5 layers"):  # explicit layers: still checked
         resolve_site(m, [], [0], "last", deeper)
+    from biaslens.cli import main
+
+    capsys.readouterr()  # through the CLI: refused before the model is measured, in one line
+    rc = main(["edit", "--model", str(tiny_dirs["gpt2"]), "--effects", str(tmp_path / "deeper.json"),
+               "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "5 layers" in err[0] and not (tmp_path / "e").exists()
 
 
 def test_locate_stamps_its_map(tiny_dirs):
