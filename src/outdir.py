@@ -231,9 +231,30 @@ def prepare(out: str | os.PathLike, force: bool = False) -> Path:
     return path
 
 
+#: the mark a biaslens output *file* carries in its first bytes (JSON key / HTML meta tag)
+FILE_MARKS = (b'"written_by": "biaslens"', b'<meta name="generator" content="biaslens">')
+
+
+def written_by_biaslens(path: Path) -> bool:
+    """Whether a file carries biaslens's mark in its first 64 KiB (see :data:`FILE_MARKS`)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return any(m in head for m in FILE_MARKS)
+
+
+def mark_html(text: str) -> str:
+    """An HTML page with biaslens's generator meta tag (so ``--force`` may replace it later)."""
+    tag = FILE_MARKS[1].decode()
+    return text.replace("<head>", "<head>" + tag, 1) if "<head>" in text else tag + text
+
+
 def check_file(path: str | os.PathLike | None, force: bool = False, what: str = "--json") -> Path | None:
     """Check an output *file* before any work: its folder exists and is writable, it is not a
-    folder, and it does not exist unless ``force``. Returns the path (``None`` stays ``None``)."""
+    folder, and it does not exist unless ``force`` — and even then only a file biaslens wrote
+    (:func:`written_by_biaslens`) is replaced. Returns the path (``None`` stays ``None``)."""
     if path is None or str(path) == "":
         return None
     p = Path(path).expanduser()
@@ -241,6 +262,9 @@ def check_file(path: str | os.PathLike | None, force: bool = False, what: str = 
         raise OutputError(f"{what} '{p}' is a folder; give a file name, e.g. {p / 'results.json'}")
     if p.exists() and not force:
         raise OutputError(f"'{p}' exists; choose another file or pass --force to overwrite it")
+    if p.exists() and not written_by_biaslens(p):
+        raise OutputError(f"'{p}' was not written by biaslens; --force replaces only biaslens output "
+                          "files: choose another file name")
     parent = Path(os.path.abspath(p)).parent
     if not parent.is_dir():
         raise OutputError(f"folder '{parent}' for {what} does not exist; create it first or choose "

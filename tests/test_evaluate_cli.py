@@ -134,3 +134,23 @@ def test_compare_rejects_bad_json(tmp_path, capsys):
     bad.write_text("{nope")
     assert main(["compare", str(bad), str(bad)]) == 2
     assert "not JSON" in capsys.readouterr().err
+
+
+def test_force_replaces_only_a_file_biaslens_wrote(runs, tiny_dirs, tmp_path, capsys):
+    """``--force`` overwrites an earlier ``evaluate --json`` result, never a user's own file."""
+    import hashlib
+
+    _, out, data = runs
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "notes"}\n')
+    digest = hashlib.sha256(mine.read_bytes()).hexdigest()
+    argv = ["evaluate", "--model", str(tiny_dirs["gpt2"]), "--data-dir", str(data), "--benchmarks",
+            "crows", "--limit", "4", "--force", "--json"]
+    capsys.readouterr()
+    assert main(argv + [str(mine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not written by biaslens" in err[0]
+    assert hashlib.sha256(mine.read_bytes()).hexdigest() == digest
+    ours = tmp_path / "ours.json"
+    assert main(argv + [str(ours)]) == 0 and main(argv + [str(ours)]) == 0  # its own result: replaced
+    assert json.loads(ours.read_text())["written_by"] == "biaslens"

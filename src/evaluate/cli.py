@@ -66,15 +66,14 @@ def _evaluate(args) -> int:
     res = evaluate(model, names, data_dir=args.data_dir, text=args.text, probes=args.probes,
                    limit=args.limit, max_tokens=args.max_tokens, batch_size=args.batch_size,
                    seed=args.seed)
-    res = clean(res)
+    res = {"written_by": "biaslens", **clean(res)}
     from biaslens import jsonio
-
-    from biaslens.outdir import write_text
+    from biaslens.outdir import mark_html, write_text
 
     write_text(args.json, jsonio.dumps(res))
     print(_summary(res))
     if args.html:
-        write_text(args.html, compare_figure(res).to_html(include_plotlyjs=True))
+        write_text(args.html, mark_html(compare_figure(res).to_html(include_plotlyjs=True)))
     print(f"wrote {args.json}" + (f" and {args.html}" if args.html else ""))
     return 0
 
@@ -118,9 +117,9 @@ def _compare(args) -> int:
     before, after = _read(args.before), _read(args.after)
     print(compare_table(before, after))
     if args.html:
-        from biaslens.outdir import write_text
+        from biaslens.outdir import mark_html, write_text
 
-        write_text(args.html, compare_figure(before, after).to_html(include_plotlyjs=True))
+        write_text(args.html, mark_html(compare_figure(before, after).to_html(include_plotlyjs=True)))
         print(f"wrote {args.html}")
     return 0
 
