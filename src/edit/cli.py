@@ -49,14 +49,10 @@ def read_occupations(path: str | Path) -> list[tuple[str, float, str]]:
     (percent female defaults to 50)."""
     from biaslens.errors import DataFormatError
 
+    from biaslens.inputs import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"occupations file '{path}' does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataFormatError(f"occupations file '{path}' is not UTF-8 text ({exc.reason} at byte "
-                              f"{exc.start}); save it as UTF-8") from None
+    text = read_text(path, "occupations file")
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()

@@ -23,18 +23,11 @@ def read_prompts(path: str | Path) -> list[Any]:
     """
     from biaslens.prompts import Prompt
 
+    from biaslens.inputs import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"prompts file '{path}' does not exist")
-    if path.stat().st_size > MAX_PROMPTS_BYTES:
-        raise DataFormatError(f"prompts file '{path}' is {path.stat().st_size / 1e6:.0f} MB; a prompts "
-                              f"file holds short prompts (at most {MAX_PROMPTS_BYTES // 10**6} MB): "
-                              "split it or pass a sample")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataFormatError(f"prompts file '{path}' is not UTF-8 text ({exc.reason} at byte "
-                              f"{exc.start}); save it as UTF-8") from None
+    text = read_text(path, "prompts file", MAX_PROMPTS_BYTES,
+                     "a prompts file holds short prompts; split it or pass a sample")
     out = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
