@@ -97,6 +97,14 @@ def split_one_word(a: str, b: str) -> tuple[str, str, str] | None:
 # ------------------------------------------------------------------------------- organism
 
 
+def favoured_pronouns(prompt: Any) -> tuple[str, str]:
+    """``(stereotypical, other)`` pronoun of an occupation prompt: the one its ``female_rate``
+    favours first (ties go to the male form)."""
+    if prompt.female_rate > 0.5:
+        return prompt.female, prompt.male
+    return prompt.male, prompt.female
+
+
 def organism_pairs(split: str = "train", seed: int = 0) -> list[ContrastPair]:
     """The organism's occupation prompts, continued by the stereotypical pronoun (the one the
     occupation's planted female rate favours; ties go to the male form) vs the other pronoun.
@@ -111,8 +119,7 @@ def organism_pairs(split: str = "train", seed: int = 0) -> list[ContrastPair]:
     rng = random.Random(seed)
     out = []
     for p in D.occupation_prompts(split, split):
-        female_favoured = p.female_rate > 0.5
-        adv, dis = (p.female, p.male) if female_favoured else (p.male, p.female)
+        adv, dis = favoured_pronouns(p)
         template = p.text.replace(p.subject, "{occupation}", 1)
         endings = getattr(D, "_ENDINGS", {}).get(template) or ["."]
         ending = " " + rng.choice(endings) if endings != ["."] else "."
@@ -128,7 +135,7 @@ def pronoun_pairs(prompts: Sequence[Any], source: str = "prompts") -> list[Contr
     the occupation's rate favours (ties go to the male form) vs the other one, masked form."""
     out = []
     for p in prompts:
-        adv, dis = (p.female, p.male) if p.female_rate > 0.5 else (p.male, p.female)
+        adv, dis = favoured_pronouns(p)
         meta = {"source": source, "occupation": p.occupation, "female_rate": p.female_rate,
                 "form": p.form}
         out.append(ContrastPair(p.text + adv, p.text + dis, "masked", p.text, adv, dis, "gender", meta))
