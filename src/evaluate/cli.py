@@ -53,7 +53,6 @@ def _check_out(paths: dict, force: bool) -> None:
 def _evaluate(args) -> int:
     import biaslens
     from biaslens.evaluate.compare import compare_figure
-    from biaslens.evaluate.stats import clean
     from biaslens.evaluate.suite import evaluate
 
     _check_out({"--json": args.json, "--html": args.html}, args.force)  # fail before loading a model
@@ -66,11 +65,12 @@ def _evaluate(args) -> int:
     res = evaluate(model, names, data_dir=args.data_dir, text=args.text, probes=args.probes,
                    limit=args.limit, max_tokens=args.max_tokens, batch_size=args.batch_size,
                    seed=args.seed)
-    res = {"written_by": "biaslens", **clean(res)}
     from biaslens import jsonio
     from biaslens.outdir import mark_html, write_text
 
-    write_text(args.json, jsonio.dumps(res))
+    text = jsonio.dumps({"written_by": "biaslens", **res})  # strict JSON, non-finite values listed
+    res = json.loads(text)  # the summary and chart show what the file holds
+    write_text(args.json, text)
     print(_summary(res))
     if args.html:
         write_text(args.html, mark_html(compare_figure(res).to_html(include_plotlyjs=True)))

@@ -87,22 +87,6 @@ def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (xc * yc).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
 
 
-def clean(x: Any) -> Any:
-    """JSON-safe copy: numpy scalars to Python, NaN/inf to ``None``."""
-    if isinstance(x, dict):
-        return {k: clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [clean(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
-        return x if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
-
-
 def result(values: dict[str, float], n: int, ci: dict[str, list[float]], **meta: Any) -> dict:
     """The record of one benchmark: ``{metric: value, ..., "n": items, "ci": {metric: [lo, hi]},
     **meta}`` (meta: how it was scored, sub-counts, per-group breakdowns)."""
