@@ -16,6 +16,7 @@ from __future__ import annotations
 from biaslens.evaluate.benchmarks import (VIG_TEMPLATES, crows_metrics, crows_pairs, icat,
                                           occupations, pair_metrics, stereoset, stereoset_metrics,
                                           winobias, winogender)
+from biaslens.evaluate.contrast import contrast_metrics, relative_cut, stereotype_contrast
 from biaslens.evaluate.compare import compare_figure, compare_rows, compare_table
 from biaslens.evaluate.knowledge import fact_accuracy
 from biaslens.evaluate.loaders import (load_crows_pairs, load_occupation_stats, load_probes,
@@ -26,6 +27,7 @@ from biaslens.evaluate.stats import bootstrap_ci
 from biaslens.evaluate.suite import BENCHMARKS, evaluate, organism_suite, suite
 
 __all__ = [
+    "stereotype_contrast", "contrast_metrics", "relative_cut",
     "occupational_bias", "definitional_accuracy", "fact_accuracy", "perplexity", "suite", "organism_suite",
     "evaluate", "BENCHMARKS", "crows_pairs", "stereoset", "winobias", "winogender", "occupations",
     "crows_metrics", "stereoset_metrics", "pair_metrics", "icat", "gap_metrics", "VIG_TEMPLATES",
