@@ -48,6 +48,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     import biaslens
+    from biaslens import cliargs
 
     parser = _Parser(
         prog="biaslens",
@@ -61,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
         p.add_argument("--dtype", default="float32",
                        help="float32 | float16 | bfloat16 (default: float32)")
+        big = p.add_argument_group(
+            "models larger than memory (accelerate big-model inference; docs/offload.md)")
+        big.add_argument("--device-map", type=cliargs.device_map, metavar="MAP",
+                         help="place the model with accelerate instead of --device: auto, balanced, "
+                              "balanced_low_0, sequential, one device (cpu, disk, 0) or "
+                              "MODULE=DEVICE pairs (model.layers=disk,lm_head=cpu)")
+        big.add_argument("--max-memory", type=cliargs.max_memory, metavar="SIZE",
+                         help="memory the model may use: one size (3GiB: every GPU's, or the CPU's "
+                              "without a GPU; the rest goes to disk) or DEVICE=SIZE pairs "
+                              "(0=20GiB,cpu=60GiB); implies --device-map auto")
+        big.add_argument("--offload-folder", metavar="DIR",
+                         help="folder for disk-offloaded weights that must be re-saved and for edited "
+                              "copies (biaslens writes only its own subfolder there, removed at exit); "
+                              "implies --device-map auto")
         p.set_defaults(_run=run)
     return parser
 
@@ -78,7 +93,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from biaslens.errors import BiasLensError
 
+    placement = {k: getattr(args, k, None) for k in ("device_map", "max_memory", "offload_folder")}
+    placed = any(v is not None for v in placement.values())
+    if placed and getattr(args, "device", "cpu") not in (None, "cpu"):
+        print(f"biaslens {args.command}: error: give --device or --device-map/--max-memory/"
+              "--offload-folder, not both (a device map places the model itself)", file=sys.stderr)
+        return 2
     try:
+        if placed:  # reaches the load of the model the command names (biaslens.model.load)
+            from biaslens.model import placement_defaults
+
+            with placement_defaults(getattr(args, "model", None), **placement):
+                return int(args._run(args) or 0)
         return int(args._run(args) or 0)
     except BiasLensError as exc:
         print(f"biaslens {args.command}: error: {exc}", file=sys.stderr)

@@ -105,3 +105,108 @@ def layer_list(text: str) -> str:
             raise argparse.ArgumentTypeError(f"must be 'auto' or comma-separated layer numbers like 1,2, "
                                               f"not {text!r}")
     return text
+
+
+# ------------------------------------------------------------- model placement (accelerate)
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def size_bytes(text: str) -> int:
+    """A memory or file size: bytes (``1500000``) or a number with a unit (``2GiB``, ``500MB``,
+    ``1.5GB``; KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024, case-insensitive).
+    Returns a positive whole number of bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"must be a size like 2GiB, 500MB or a number of bytes, not {text!r}")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a size above zero, not {text!r}")
+    return value
+
+
+def _memory_key(text: str) -> int | str:
+    key = text.strip().lower()
+    if key.isdigit():
+        return int(key)
+    if key.startswith("cuda:") and key[5:].isdigit():
+        return int(key[5:])
+    if key in ("cpu", "mps"):
+        return key
+    raise argparse.ArgumentTypeError(
+        f"names a device {text.strip()!r} it does not know: use a GPU number (0, 1, ...), cuda:N, "
+        "cpu or mps, e.g. 0=20GiB,cpu=60GiB")
+
+
+def max_memory(text: str) -> dict[int | str, int] | int:
+    """``--max-memory``: one size (``3GiB``: the budget of every GPU, or of the CPU on a machine
+    without one) or ``DEVICE=SIZE`` pairs (``0=20GiB,1=20GiB,cpu=60GiB``). Returns the size in
+    bytes, or a dict device -> bytes (GPU numbers as ints)."""
+    text = str(text).strip()
+    if "=" not in text:
+        return size_bytes(text)
+    out: dict[int | str, int] = {}
+    for part in text.split(","):
+        key, eq, size = part.partition("=")
+        if not eq or not key.strip():
+            raise argparse.ArgumentTypeError(
+                f"must be one size (3GiB) or DEVICE=SIZE pairs like 0=20GiB,cpu=60GiB, not {text!r}")
+        k = _memory_key(key)
+        if k in out:
+            raise argparse.ArgumentTypeError(f"names {key.strip()!r} twice in {text!r}")
+        try:
+            out[k] = size_bytes(size)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{key.strip()}: {exc}") from None
+    return out
+
+
+#: the placement strategies of accelerate's ``infer_auto_device_map`` that transformers accepts
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _map_device(text: str) -> int | str:
+    v = text.strip().lower()
+    if v.isdigit():
+        return int(v)
+    if v in ("cpu", "disk", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+        return v
+    if v == "cuda":
+        return "cuda:0"
+    raise argparse.ArgumentTypeError(
+        f"names a device {text.strip()!r} it does not know: use a GPU number, cuda:N, cpu or disk")
+
+
+def device_map(text: str) -> str | dict[str, int | str]:
+    """``--device-map``: a strategy (auto, balanced, balanced_low_0, sequential), one device for the
+    whole model (``disk``, ``cpu``, ``0``), or ``MODULE=DEVICE`` pairs
+    (``model.embed_tokens=0,model.layers=disk,lm_head=0``; ``=DEVICE`` is the whole model)."""
+    text = str(text).strip()
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    if "=" not in text:
+        try:
+            return {"": _map_device(text)}
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"must be one of {', '.join(DEVICE_MAP_STRATEGIES)}, a device (cpu, disk, 0, cuda:1) "
+                f"or MODULE=DEVICE pairs, not {text!r}") from None
+    out: dict[str, int | str] = {}
+    for part in text.split(","):
+        module, eq, dev = part.partition("=")
+        module = module.strip()
+        if not eq:
+            raise argparse.ArgumentTypeError(
+                f"must be MODULE=DEVICE pairs like model.layers=disk,lm_head=cpu, not {text!r}")
+        if module in out:
+            raise argparse.ArgumentTypeError(f"names module {module!r} twice in {text!r}")
+        try:
+            out[module] = _map_device(dev)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{module or 'the whole model'}: {exc}") from None
+    return out

@@ -7,7 +7,7 @@ import json
 
 
 def _info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="'organism', a local Hugging Face folder, or a hub name")
+    p.add_argument("model", help="'organism', 'organism-llama', a local Hugging Face folder, or a hub name")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -29,6 +29,11 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model to export (spec as for `info`)")
     p.add_argument("--out", required=True, help="output folder (new or empty; biaslens never writes into a folder of yours)")
     p.add_argument("--force", action="store_true", help="replace an output folder that biaslens wrote (never a folder holding your files)")
+    from biaslens.cliargs import size_bytes
+
+    p.add_argument("--max-shard-size", type=size_bytes, metavar="SIZE",
+                   help="largest weight file (e.g. 2GB); a model loaded with --device-map is always "
+                        "sharded (default 2GB, the most memory the export holds at once)")
 
 
 def _export(args) -> int:
@@ -37,7 +42,7 @@ def _export(args) -> int:
 
     check_out_dir(args.out, args.force)  # fail before loading a large model
     m = biaslens.load(args.model, device=args.device, dtype=args.dtype)
-    out = export(m, args.out, force=args.force)
+    out = export(m, args.out, force=args.force, max_shard_size=getattr(args, "max_shard_size", None))
     print(f"exported {args.model} to {out}")
     return 0
 

@@ -1,7 +1,9 @@
 """A reversible weight change: which tensors an edit or unlearning method changed, and by how much.
 
 Every method returns a :class:`WeightDelta`. ``undo`` restores the exact original weights (the
-originals are kept, not recomputed from the difference), ``apply`` puts the change back.
+originals are kept, not recomputed from the difference), ``apply`` puts the change back; both
+write through :meth:`~biaslens.model.BiasModel.restore`, which reaches weights accelerate
+offloaded to CPU or disk (docs/offload.md), and read the tensors back to check every bit.
 """
 
 from __future__ import annotations
@@ -87,10 +89,11 @@ class WeightDelta:
                     f"cannot undo this {self.method or 'weight'} delta: {shown} changed after it "
                     "(a later edit or training step); undo the later edits first (last edit "
                     "first), or pass force=True to restore its originals anyway")
-        model.restore(self.original)
+        _write_checked(model, self.original, f"undo this {self.method or 'weight'} delta")
 
     def apply(self, model: "BiasModel") -> None:
-        model.restore(self.updated)
+        """Put the change back (the recorded edited values, bit for bit)."""
+        _write_checked(model, self.updated, f"apply this {self.method or 'weight'} delta")
 
     def is_finite(self) -> bool:
         import torch
@@ -110,6 +113,18 @@ class WeightDelta:
 
     def __repr__(self) -> str:
         return f"WeightDelta(method={self.method!r}, tensors={len(self.names)})"
+
+
+def _write_checked(model: "BiasModel", tensors: dict[str, "torch.Tensor"], what: str) -> None:
+    """``model.restore(tensors)``, then read each weight back: a tensor that does not hold exactly
+    the written bits raises :class:`~biaslens.errors.BiasLensError`."""
+    model.restore(tensors)
+    wrong = [n for n, t in tensors.items() if not _same_bits(model.param(n).detach(), t)]
+    if wrong:
+        from biaslens.errors import BiasLensError
+
+        raise BiasLensError(f"could not {what}: {', '.join(wrong[:4])} did not take the written "
+                            "values; the model's weights are not where biaslens can write them")
 
 
 def _same_bits(a: "torch.Tensor", b: "torch.Tensor") -> bool:

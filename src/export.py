@@ -10,11 +10,20 @@ Verification reloads the folder and compares it with the in-memory model running
 Hugging Face code: every tensor bit for bit, and the logits on a short general text within a
 tolerance scaled to the dtype (normally they are identical). How far the TransformerLens bridge's
 logits are from plain HF is recorded in ``manifest.json`` as information only.
+
+A model placed by accelerate (``biaslens.load(..., device_map=...)``, docs/offload.md) is written
+as safetensors shards of at most ``max_shard_size`` with ``model.safetensors.index.json`` (the
+layout ``save_pretrained`` writes), each tensor read through the model's weight accessor from
+wherever it lives, so memory holds one shard at a time. Its verification reads every tensor back
+from the shards, and compares the logits of the folder reloaded by transformers with every
+weight offloaded to disk against plain Hugging Face code running the model's current weights
+through accelerate's offload hooks (``cpu_offload``), one module at a time.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +33,12 @@ from biaslens.jsonio import dumps
 if TYPE_CHECKING:
     from biaslens.delta import WeightDelta
     from biaslens.model import BiasModel
+
+
+__all__ = ["export", "preflight", "tolerance", "check_out_dir", "DISPATCHED_SHARD_SIZE"]
+
+#: the largest shard an export of a model placed by accelerate writes by default (memory holds one)
+DISPATCHED_SHARD_SIZE = "2GB"
 
 
 def check_out_dir(out: str | Path, force: bool = False) -> Path:
@@ -38,22 +53,20 @@ def _state_dict(model: "BiasModel") -> dict[str, Any]:
     return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.params.items()}
 
 
-def _fresh_hf(model: "BiasModel", state: dict[str, Any]):
-    """A new, plain HF model (no bridge wrappers) holding ``state``."""
+def _meta_hf(model: "BiasModel"):
+    """A new, plain HF model of ``model``'s config with every parameter on the meta device."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(model.hf.config, attn_implementation="eager")
+        return AutoModelForCausalLM.from_config(model.hf.config, attn_implementation="eager")
+
+
+def _fresh_hf(model: "BiasModel", state: dict[str, Any]):
+    """A new, plain HF model (no bridge wrappers) holding ``state``."""
+    fresh = _meta_hf(model)
     fresh.load_state_dict(state, strict=False, assign=True)
-    # Buffers (position ids, rotary frequencies) are rebuilt on load; materialise any left on meta.
-    for mod_name, mod in fresh.named_modules():
-        for b_name, buf in list(mod.named_buffers(recurse=False)):
-            if buf.is_meta:
-                src = model.buffers.get(f"{mod_name}.{b_name}" if mod_name else b_name)
-                if src is None:
-                    raise ExportError(f"cannot rebuild buffer {mod_name}.{b_name} for export")
-                mod._buffers[b_name] = src.detach().to("cpu").clone()
+    _real_buffers(model, fresh)
     missing = [n for n, p in fresh.named_parameters() if p.is_meta]
     if missing:
         fresh.tie_weights()
@@ -61,6 +74,143 @@ def _fresh_hf(model: "BiasModel", state: dict[str, Any]):
     if missing:
         raise ExportError(f"export lost parameters {missing[:5]}: unsupported model layout")
     return fresh
+
+
+def _real_buffers(model: "BiasModel", fresh) -> None:
+    """Buffers (position ids, rotary frequencies) are rebuilt on load; materialise any left on meta."""
+    for mod_name, mod in fresh.named_modules():
+        for b_name, buf in list(mod.named_buffers(recurse=False)):
+            if buf.is_meta:
+                src = model.buffers.get(f"{mod_name}.{b_name}" if mod_name else b_name)
+                if src is None:
+                    raise ExportError(f"cannot rebuild buffer {mod_name}.{b_name} for export")
+                mod._buffers[b_name] = src.detach().to("cpu").clone()
+
+
+class _LiveWeights(Mapping):
+    """HF name -> the model's current value of that weight (through
+    :meth:`~biaslens.model.BiasModel.param`: from memory or from disk, when asked), tied names
+    resolved to the weight they share: the ``weights_map`` accelerate's offload hooks read."""
+
+    def __init__(self, model: "BiasModel", aliases: dict[str, str]):
+        self.model, self.aliases = model, aliases
+
+    def __getitem__(self, key: str):
+        name = self.aliases.get(key, key)
+        if name in self.model.params:
+            return self.model.param(name).detach()
+        if key in self.model.buffers:
+            return self.model.buffers[key]
+        raise KeyError(key)
+
+    def __iter__(self):
+        return iter([*self.model.params, *self.aliases])
+
+    def __len__(self) -> int:
+        return len(self.model.params) + len(self.aliases)
+
+
+def _aliases(fresh, names) -> dict[str, str]:
+    """Tied parameter names of ``fresh`` that are not in ``names`` -> the one in ``names``."""
+    by_obj: dict[int, list[str]] = {}
+    for n, p in fresh.named_parameters(remove_duplicate=False):
+        by_obj.setdefault(id(p), []).append(n)
+    out = {}
+    for group in by_obj.values():
+        owner = next((n for n in group if n in names), None)
+        out.update({n: owner for n in group if owner is not None and n != owner})
+    return out
+
+
+def reference_module(model: "BiasModel"):
+    """Plain Hugging Face code (no TransformerLens wrappers) running ``model``'s current weights:
+    :meth:`~biaslens.model.BiasModel.plain_module` for a model loaded whole; for one placed by
+    accelerate, a meta copy whose modules fetch each weight, one module at a time, through
+    accelerate's offload hooks (``cpu_offload``) on the model's execution device. For inference
+    (the weights it reads are copies)."""
+    if not model.dispatched:
+        return model.plain_module()
+    from accelerate import cpu_offload
+
+    fresh = _meta_hf(model)
+    _real_buffers(model, fresh)
+    fresh.tie_weights()
+    live = _LiveWeights(model, _aliases(fresh, model.params))
+    return cpu_offload(fresh, execution_device=model.device, state_dict=live).eval()
+
+
+def _shard_bytes(size: Any) -> int:
+    from biaslens.cliargs import check, size_bytes
+
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ExportError(f"max_shard_size must be above zero, not {size}")
+        return size
+    return int(check(size, size_bytes, "max_shard_size"))
+
+
+def _saved_names(model: "BiasModel") -> list[str]:
+    """What ``save_pretrained`` would write: every parameter once (tied ones under the name
+    ``model.params`` holds) and the persistent buffers, in state-dict order."""
+    fresh = _meta_hf(model)
+    aliases = _aliases(fresh, model.params)
+    names = [k for k in fresh.state_dict() if k not in aliases]
+    lost = [k for k in names if k not in model.params and k not in model.buffers]
+    extra = [k for k in model.params if k not in set(names)]
+    if lost or extra:
+        raise ExportError(f"cannot map {(lost + extra)[:3]} onto the model's state dict: unsupported layout")
+    return names
+
+
+def _write_shards(model: "BiasModel", folder: Path, max_shard_size: Any) -> list[str]:
+    """The weights as safetensors shards of at most ``max_shard_size`` bytes (a larger tensor gets
+    a shard of its own) plus ``model.safetensors.index.json`` when there are several, as
+    ``save_pretrained`` lays them out; each tensor read through the model's accessor, one shard
+    in memory at a time. Returns the shard file names."""
+    import json
+
+    from safetensors.torch import save_file
+
+    limit = _shard_bytes(max_shard_size)
+    names = _saved_names(model)
+    sizes = {n: (model.params[n] if n in model.params else model.buffers[n]).numel()
+             * (model.params[n] if n in model.params else model.buffers[n]).element_size() for n in names}
+    groups: list[list[str]] = [[]]
+    used = 0
+    for n in names:
+        if groups[-1] and used + sizes[n] > limit:
+            groups.append([])
+            used = 0
+        groups[-1].append(n)
+        used += sizes[n]
+    k = len(groups)
+    files = (["model.safetensors"] if k == 1 else
+             [f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)])
+    weight_map = {}
+    for f, group in zip(files, groups):
+        shard = {}
+        for n in group:
+            t = model.param(n) if n in model.params else model.buffers[n]
+            shard[n] = t.detach().to("cpu").contiguous().clone()
+            weight_map[n] = f
+        save_file(shard, str(folder / f), metadata={"format": "pt"})
+        del shard
+    if k > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return files
+
+
+def _write_config(model: "BiasModel", folder: Path) -> None:
+    import copy
+
+    cfg = copy.deepcopy(model.hf.config)
+    cfg.architectures = [type(model.hf).__name__]
+    cfg.dtype = model.dtype
+    cfg.save_pretrained(folder)
+    gen = getattr(model.hf, "generation_config", None)
+    if gen is not None and model.hf.can_generate():
+        gen.save_pretrained(folder)
 
 
 #: General text for the round-trip check: words, digits and punctuation, no special topic.
@@ -115,7 +265,7 @@ def preflight(model: "BiasModel") -> None:
     bad = model.check_finite()
     if bad:
         raise ExportError(f"{len(bad)} tensor(s) hold NaN or inf before any edit (first: {bad[0]})")
-    logits = _logits(model.plain_module(), _probe_ids(model).to(model.device))
+    logits = _logits(reference_module(model), _probe_ids(model).to(model.device))
     if not torch.isfinite(logits).all():
         raise ExportError(_nonfinite_message(model.dtype))
 
@@ -138,6 +288,7 @@ def export(
     atol: float | None = None,
     files: dict[str, Any] | None = None,
     command: str = "export",
+    max_shard_size: int | str | None = None,
 ) -> Path:
     """Write ``model`` to ``out`` as a Hugging Face folder with ``delta.safetensors`` and
     ``manifest.json``. Refuses NaN/inf weights and an existing non-empty folder (unless
@@ -153,6 +304,12 @@ def export(
     ``files``: extra JSON files (name -> data) written into the folder, e.g. a report. The
     folder is written and replaced as :mod:`biaslens.outdir` describes (``force`` replaces only a
     folder biaslens wrote); its marker names ``command``.
+
+    ``max_shard_size`` (bytes, or a size like ``"2GB"``): the largest weight shard. A model placed
+    by accelerate is always written as shards (default :data:`DISPATCHED_SHARD_SIZE`: memory holds
+    one shard) and verified with the folder reloaded by transformers with every weight on disk
+    (see the module docstring); a model loaded whole goes through ``save_pretrained`` (its default
+    shard size when None).
     """
     import torch
 
@@ -165,12 +322,20 @@ def export(
             f"refusing to export: {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}); "
             "undo the edit (delta.undo(model)) and retry with a smaller step or stronger regularisation"
         )
+    if max_shard_size is not None:
+        _shard_bytes(max_shard_size)  # a bad size fails before any writing
     stage = staging(out, force, command=command)
     with stage as tmp:
-        state = _state_dict(model)
-        fresh = _fresh_hf(model, state)
-        fresh.save_pretrained(tmp, safe_serialization=True)
-        del fresh, state  # the reload below needs the memory more
+        if model.dispatched:
+            shards = _write_shards(model, tmp, max_shard_size or DISPATCHED_SHARD_SIZE)
+            _write_config(model, tmp)
+        else:
+            state = _state_dict(model)
+            fresh = _fresh_hf(model, state)
+            kw = {} if max_shard_size is None else {"max_shard_size": _shard_bytes(max_shard_size)}
+            fresh.save_pretrained(tmp, safe_serialization=True, **kw)
+            del fresh, state  # the reload below needs the memory more
+            shards = sorted(f.name for f in tmp.glob("*.safetensors"))
         model.tokenizer.save_pretrained(tmp)
         if delta is not None:
             delta.save(tmp / "delta.safetensors")
@@ -194,6 +359,9 @@ def export(
             "hyperparameters": delta.hparams if delta is not None else {},
             "changed_tensors": delta.stats() if delta is not None else [],
             "prepend_bos": model.prepend_bos,
+            "weight_files": shards,
+            **({"placement": {k: v for k, v in model.placement_info().items()
+                              if k != "offload_folder"}} if model.dispatched else {}),  # no local paths
             "verification": verification,
             "versions": {"torch": torch.__version__, **_versions()},
         }
@@ -249,6 +417,8 @@ def _verify(model: "BiasModel", folder: Path, atol: float | None = None) -> dict
     import torch
     from transformers import AutoModelForCausalLM
 
+    if model.dispatched:
+        return _verify_dispatched(model, folder, atol)
     dtype, device = model.dtype, model.device
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", attn_implementation="eager")
     try:
@@ -293,6 +463,80 @@ def _verify(model: "BiasModel", folder: Path, atol: float | None = None) -> dict
         "tolerance": tol,
         "tensors_bit_exact": True,
         "bridge_vs_hf_max_abs": bridge,
+    }
+    if bridge_error:
+        info["bridge_error"] = bridge_error
+    return info
+
+
+def _verify_dispatched(model: "BiasModel", folder: Path, atol: float | None = None) -> dict[str, Any]:
+    """:func:`_verify` for a model placed by accelerate, in bounded memory: every tensor read back
+    from the shards (one at a time) and compared bit for bit with the model's; the folder reloaded
+    by transformers with every weight on disk (``device_map={"": "disk"}``: it reads the shards
+    in place), its logits compared with :func:`reference_module`'s."""
+    import json
+    import shutil
+    import tempfile
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    dtype = model.dtype
+    index = folder / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
+    seen = set()
+    for f in files:
+        with safe_open(str(folder / f), framework="pt") as sf:
+            for n in sf.keys():
+                q = sf.get_tensor(n)
+                p = model.param(n) if n in model.params else model.buffers.get(n)
+                if p is None or q.shape != p.shape or q.dtype != p.dtype or not torch.equal(q, p.detach().to("cpu")):
+                    why = "is not the model's" if p is None else "differs from the model's tensor"
+                    raise ExportError(f"exported tensor {n} {why} after reading it back; nothing was written")
+                seen.add(n)
+    lost = [n for n in model.params if n not in seen]
+    if lost:
+        raise ExportError(f"exported folder lacks {lost[:3]} after reading it back; nothing was written")
+    scratch = tempfile.mkdtemp(prefix="biaslens-verify-")
+    try:
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            folder, dtype="auto", attn_implementation="eager", device_map={"": "disk"},
+            offload_folder=scratch)
+        if reloaded.dtype != dtype:
+            raise ExportError(f"exported model reloads as {reloaded.dtype}, not {dtype}; nothing was written")
+        ids = _probe_ids(model)
+        got = _logits(reloaded, ids).to("cpu")
+        del reloaded
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    ref = _logits(reference_module(model), ids.to(model.device)).to("cpu")
+    if not torch.isfinite(ref).all() or not torch.isfinite(got).all():
+        raise ExportError(_nonfinite_message(dtype) + "; nothing was written")
+    peak = float(ref.abs().max())
+    tol = tolerance(dtype, peak) if atol is None else float(atol)
+    diff = float((got - ref).abs().max())
+    if not diff <= tol:
+        raise ExportError(
+            f"exported model's logits differ from the model (plain HF, same weights) by {diff:.3g} "
+            f"(> tolerance {tol:.3g} for {dtype}, max |logit| {peak:.3g}); nothing was written")
+    bridge_error = None
+    try:
+        with torch.no_grad():
+            bridge = float((model.forward(ids.to(model.device)).float().to("cpu") - ref).abs().max())
+    except Exception as exc:  # information only
+        bridge, bridge_error = None, f"{type(exc).__name__}: {exc}"[:300]
+    info: dict[str, Any] = {
+        "probe_tokens": int(ids.shape[1]),
+        "dtype": str(dtype).replace("torch.", ""),
+        "logits_max_abs": peak,
+        "reloaded_vs_hf_max_abs": diff,
+        "tolerance": tol,
+        "tensors_bit_exact": True,
+        "bridge_vs_hf_max_abs": bridge,
+        "reloaded_with": "transformers from_pretrained(device_map={'': 'disk'})",
+        "reference": "plain HF on the model's weights through accelerate cpu_offload",
     }
     if bridge_error:
         info["bridge_error"] = bridge_error

@@ -7,13 +7,15 @@ an edit of the HF model, and hooks see raw HF numerics (no weight folding).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from biaslens.arch import ArchSpec, arch_for
-from biaslens.errors import ModelLoadError, VocabularyError
+from biaslens.errors import BiasLensError, ModelLoadError, VocabularyError
 from biaslens.hooks import act_name
 from biaslens.prompts import (Prompt, TokenBatch, as_prompt, pad_rows, roles_from_offsets,
                               subject_span)
@@ -39,10 +41,10 @@ def _torch_dtype(dtype: Any):
 def resolve_spec(spec: str | os.PathLike) -> tuple[str, bool]:
     """Return ``(name_or_path, is_local)`` for a model spec, or raise a clear ModelLoadError."""
     spec = str(spec)
-    if spec == "organism":
-        from biaslens.organism import CHECKPOINT_DIR
+    from biaslens.organism import ORGANISMS
 
-        return str(CHECKPOINT_DIR), True
+    if spec in ORGANISMS:  # "organism", "organism-llama"
+        return str(ORGANISMS[spec]), True
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
@@ -54,7 +56,8 @@ def resolve_spec(spec: str | os.PathLike) -> tuple[str, bool]:
     looks_local = spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1
     if looks_local or spec.endswith(os.sep):
         raise ModelLoadError(
-            f"model folder '{spec}' does not exist; pass an existing folder, a hub name, or 'organism'"
+            f"model folder '{spec}' does not exist; pass an existing folder, a hub name, 'organism' "
+            "or 'organism-llama'"
         )
     return spec, False
 
@@ -65,15 +68,30 @@ def load(
     dtype: Any = "float32",
     prepend_bos: bool | None = None,
     allow_mismatch: bool = False,
+    device_map: str | dict | None = None,
+    max_memory: int | str | dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> "BiasModel":
-    """Load ``spec`` (``"organism"``, a hub name, or a local HF folder) as a :class:`BiasModel`.
+    """Load ``spec`` (``"organism"``, ``"organism-llama"``, a hub name, or a local HF folder) as a
+    :class:`BiasModel`.
 
     The weights must match the config: missing, unexpected or wrongly shaped tensors (which
     transformers would initialise at random or drop) raise :class:`ModelLoadError` naming them,
     unless ``allow_mismatch=True``. An unreadable weight file raises it naming the file.
+
+    ``device_map``, ``max_memory``, ``offload_folder``: load through accelerate's big-model
+    inference (``from_pretrained(device_map=...)``) a model larger than memory; see
+    docs/offload.md. ``device_map`` is ``"auto"`` (also implied by the other two),
+    ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` or a dict module -> device (a GPU
+    number, ``"cpu"``, ``"disk"``); ``max_memory`` one size (every GPU's budget, or the CPU's on a
+    machine without one) or a dict device -> size (``{0: "20GiB", "cpu": "60GiB"}``);
+    ``offload_folder`` a folder where biaslens makes its own subfolder for the weights transformers
+    re-saves and the edited copies of offloaded weights (removed when the model is freed; nothing
+    else in the folder is touched). Give these or ``device``, not both.
     """
     name, is_local = resolve_spec(spec)
     torch_dtype = _torch_dtype(dtype)
+    placement = resolve_placement(spec, device, device_map, max_memory, offload_folder)
     import logging
     import warnings
 
@@ -83,6 +101,7 @@ def load(
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)  # "offloaded to disk" notice
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:
@@ -93,7 +112,7 @@ def load(
             else "it is not a local folder and could not be fetched from the hub"
         )
         raise ModelLoadError(
-            f"cannot load model '{spec}': {hint}; pass a local Hugging Face folder or 'organism' "
+            f"cannot load model '{spec}': {hint}; pass a local Hugging Face folder, 'organism' or 'organism-llama' "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
         ) from None
     arch = arch_for(config.model_type)
@@ -106,27 +125,404 @@ def load(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            hf, loading = AutoModelForCausalLM.from_pretrained(
-                name, dtype=torch_dtype, attn_implementation="eager", output_loading_info=True,
-                ignore_mismatched_sizes=True,  # reported below, by name
-            )
-        except _read_errors() as exc:  # evaluated only when something was raised
-            raise ModelLoadError(_unreadable(spec, name, is_local, exc)) from None
-        if not allow_mismatch:
-            _check_loading(spec, hf, loading)
-        hf.eval()
-        params = dict(hf.named_parameters())
-        buffers = dict(hf.named_buffers())  # HF names, recorded before the bridge wraps modules
-        from transformer_lens.model_bridge import TransformerBridge
+            try:
+                hf, loading = AutoModelForCausalLM.from_pretrained(
+                    name, dtype=torch_dtype, attn_implementation="eager", output_loading_info=True,
+                    ignore_mismatched_sizes=True,  # reported below, by name
+                    **(placement.from_pretrained_kwargs() if placement else {}),
+                )
+            except _read_errors() as exc:  # evaluated only when something was raised
+                if placement is not None and isinstance(exc, ValueError):
+                    raise ModelLoadError(placement.refusal(spec, exc)) from None
+                raise ModelLoadError(_unreadable(spec, name, is_local, exc)) from None
+            if not allow_mismatch:
+                _check_loading(spec, hf, loading)
+            hf.eval()
+            params = dict(hf.named_parameters())
+            buffers = dict(hf.named_buffers())  # HF names, recorded before the bridge wraps modules
+            slots = _slots(hf, params)  # the modules owning them, found by HF name before the bridge
+            from transformer_lens.model_bridge import TransformerBridge
 
-        bridge = TransformerBridge.boot_transformers(
-            name, hf_model=hf, tokenizer=tokenizer, device=device, dtype=torch_dtype
-        )
+            if placement is not None:
+                placement.attach(hf)
+            try:
+                bridge = TransformerBridge.boot_transformers(
+                    name, hf_model=hf, tokenizer=tokenizer, device=None if placement else device,
+                    dtype=torch_dtype,
+                )
+            except ValueError as exc:
+                if placement is None:
+                    raise
+                raise ModelLoadError(placement.refusal(spec, exc, bridge=True)) from None
+        except BaseException:
+            if placement is not None:
+                placement.discard()
+            raise
     bridge.eval()
     return BiasModel(
         spec=str(spec), path=name if is_local else None, hf=hf, bridge=bridge,
         tokenizer=tokenizer, arch=arch, params=params, prepend_bos=prepend_bos, buffers=buffers,
+        slots=slots, placement=placement,
     )
+
+
+# ------------------------------------------------------------------ placement (accelerate)
+
+#: set by the CLI around a command: the ``--device-map``/``--max-memory``/``--offload-folder`` of
+#: the model it names (see :func:`placement_defaults`)
+_CLI_PLACEMENT: "contextvars.ContextVar[tuple[str | None, dict] | None]" = contextvars.ContextVar(
+    "biaslens_placement", default=None)
+
+
+@contextlib.contextmanager
+def placement_defaults(spec: str | None, **placement: Any):
+    """Within the block, :func:`load` of ``spec`` (of any model when ``spec`` is None) called
+    without ``device_map``/``max_memory``/``offload_folder`` uses ``placement`` (the CLI's shared
+    ``--device-map``, ``--max-memory`` and ``--offload-folder`` flags reach the model a command
+    names this way, and not the small helper models a method may load)."""
+    token = _CLI_PLACEMENT.set((None if spec is None else str(spec), placement))
+    try:
+        yield
+    finally:
+        _CLI_PLACEMENT.reset(token)
+
+
+def _n_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _gpu_of(device: Any) -> int | None:
+    if isinstance(device, bool):
+        return None
+    if isinstance(device, int):
+        return device
+    d = str(device)
+    return int(d[5:]) if d.startswith("cuda:") and d[5:].isdigit() else None
+
+
+def resolve_placement(spec, device: Any, device_map: Any, max_memory: Any,
+                      offload_folder: Any) -> "Placement | None":
+    """Check the placement arguments of :func:`load` before anything loads; None for a model
+    loaded whole onto ``device``. Bad values raise :class:`ModelLoadError` saying what is allowed."""
+    import argparse
+
+    from biaslens import cliargs
+
+    if device_map is None and max_memory is None and offload_folder is None:
+        cli = _CLI_PLACEMENT.get()
+        if cli is None or (cli[0] is not None and cli[0] != str(spec)):
+            return None
+        device_map, max_memory, offload_folder = (cli[1].get(k) for k in
+                                                  ("device_map", "max_memory", "offload_folder"))
+        if device_map is None and max_memory is None and offload_folder is None:
+            return None
+    if device not in (None, "cpu"):
+        raise ModelLoadError(
+            f"give a device ('{device}') or a device map, not both: a device map (device_map, "
+            "max_memory, offload_folder; --device-map, --max-memory, --offload-folder) places the "
+            "model itself")
+
+    def bad(what: str, exc: Exception) -> ModelLoadError:
+        return ModelLoadError(f"{what} {exc}")
+
+    n_gpu = _n_gpus()
+    if device_map is None:
+        device_map = "auto"
+    if isinstance(device_map, str):
+        try:
+            device_map = cliargs.device_map(device_map)
+        except argparse.ArgumentTypeError as exc:
+            raise bad("device_map", exc) from None
+    elif isinstance(device_map, dict):
+        norm: dict[str, int | str] = {}
+        for k, v in device_map.items():
+            if not isinstance(k, str):
+                raise ModelLoadError(f"device_map keys must be module names (strings), not {k!r}")
+            try:
+                norm[k] = v if isinstance(v, int) and not isinstance(v, bool) else cliargs._map_device(str(v))
+            except argparse.ArgumentTypeError as exc:
+                raise bad(f"device_map[{k!r}]", exc) from None
+        device_map = norm
+    else:
+        raise ModelLoadError(
+            f"device_map must be one of {', '.join(cliargs.DEVICE_MAP_STRATEGIES)} or a dict module -> "
+            f"device, not {type(device_map).__name__}")
+    if max_memory is not None:
+        try:
+            if isinstance(max_memory, dict):
+                mm: dict[int | str, int] = {}
+                for k, v in max_memory.items():
+                    key = k if isinstance(k, int) and not isinstance(k, bool) else cliargs._memory_key(str(k))
+                    mm[key] = v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else cliargs.size_bytes(str(v))
+                max_memory = mm
+            else:
+                size = (max_memory if isinstance(max_memory, int) and not isinstance(max_memory, bool)
+                        and max_memory > 0 else cliargs.size_bytes(str(max_memory)))
+                max_memory = {i: size for i in range(n_gpu)} if n_gpu else {"cpu": size}
+        except argparse.ArgumentTypeError as exc:
+            raise bad("max_memory", exc) from None
+    named = [d for d in (list(device_map.values()) if isinstance(device_map, dict) else [])
+             + list(max_memory or {}) if _gpu_of(d) is not None]
+    missing = sorted({_gpu_of(d) for d in named if _gpu_of(d) >= n_gpu})
+    if missing:
+        raise ModelLoadError(
+            f"the placement names GPU {', '.join(map(str, missing))} but this machine has "
+            f"{n_gpu or 'no'} GPU{'s' if n_gpu != 1 else ''}; use cpu and disk, or the GPUs it has")
+    folder = None
+    if offload_folder is not None:
+        folder = Path(os.path.abspath(Path(offload_folder).expanduser()))
+        if folder.exists() and not folder.is_dir():
+            raise ModelLoadError(f"offload folder '{offload_folder}' is a file; give a folder "
+                                 "(biaslens makes its own subfolder in it)")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ModelLoadError(f"cannot create offload folder '{offload_folder}' "
+                                 f"({exc.strerror or exc}); give a writable folder") from None
+        from biaslens.outdir import OutputError, probe_writable
+
+        try:
+            probe_writable(folder, "offload_folder (--offload-folder)", "offload")
+        except OutputError as exc:
+            raise ModelLoadError(str(exc)) from None
+    return Placement(device_map, max_memory, folder)
+
+
+class Placement:
+    """A model placed by accelerate: what :func:`load` passed to ``from_pretrained`` and the
+    scratch folder biaslens owns.
+
+    The scratch folder is a new hidden subfolder of ``offload_folder``
+    (``.offload.tmp-PID-XXXX``) holding what transformers re-saves for offloading and the edited
+    copies of disk-offloaded weights (:meth:`BiasModel.mlp_out_matrix`). Nothing else in
+    ``offload_folder`` is written or removed, except such subfolders of runs whose process is
+    gone (:func:`biaslens.outdir.clean_stale`). The subfolder goes when the model is freed, or
+    at exit. Without ``offload_folder``, edited copies go to a temporary folder.
+    """
+
+    def __init__(self, device_map, max_memory, offload_folder: Path | None):
+        self.device_map, self.max_memory, self.offload_folder = device_map, max_memory, offload_folder
+        self.scratch: Path | None = None
+        self._edits: Path | None = None
+        self._owner = None  # weakref to the HF model whose files the scratch folder holds
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"device_map": self.device_map}
+        if self.max_memory is not None:
+            kw["max_memory"] = dict(self.max_memory)
+        if self.offload_folder is not None:
+            import tempfile
+
+            from biaslens.outdir import clean_stale
+
+            clean_stale(self.offload_folder, "offload")
+            self.scratch = Path(tempfile.mkdtemp(prefix=f".offload.tmp-{os.getpid()}-",
+                                                 dir=self.offload_folder))
+            kw["offload_folder"] = str(self.scratch)
+        return kw
+
+    def attach(self, hf) -> None:
+        """Remove the scratch folder when ``hf`` (which reads from it) is freed, or at exit."""
+        import weakref
+
+        self._owner = weakref.ref(hf)
+        if self.scratch is not None:
+            weakref.finalize(hf, _rmtree, self.scratch)
+
+    def discard(self) -> None:
+        for d in (self._edits, self.scratch):
+            if d is not None:
+                _rmtree(d)
+
+    def edits_folder(self) -> Path:
+        """Where edited copies of disk-offloaded weights are written (made on first use)."""
+        if self._edits is None:
+            import tempfile
+            import weakref
+
+            if self.scratch is not None:
+                self._edits = self.scratch / "edits"
+                self._edits.mkdir(exist_ok=True)
+            else:
+                self._edits = Path(tempfile.mkdtemp(prefix="biaslens-offload-"))
+                owner = self._owner() if self._owner is not None else None
+                if owner is not None:
+                    weakref.finalize(owner, _rmtree, self._edits)
+        return self._edits
+
+    def describe(self) -> dict[str, Any]:
+        return {"device_map": self.device_map,
+                "max_memory": None if self.max_memory is None else {str(k): v for k, v in self.max_memory.items()},
+                "offload_folder": None if self.offload_folder is None else str(self.offload_folder)}
+
+    def refusal(self, spec, exc: BaseException, bridge: bool = False) -> str:
+        """The one-line message for a placement transformers or TransformerLens refused."""
+        why = " ".join(str(exc).split())
+        if len(why) > 240:  # transformers lists every unplaced parameter
+            why = why[:240].rsplit(", ", 1)[0] + ", ..."
+        if bridge:
+            return (f"TransformerLens {_version('transformer-lens')} cannot run '{spec}' as accelerate "
+                    f"placed it ({why}); on a GPU machine give the GPUs room for the whole model "
+                    "(max_memory), or place all of it on cpu/disk (device_map='cpu' or 'disk')")
+        if "offload_folder" in str(exc):
+            return (f"cannot place '{spec}': transformers must re-save some offloaded weights and "
+                    "needs a folder for them: pass offload_folder=DIR (--offload-folder DIR)")
+        return (f"cannot place '{spec}' with device_map={self.device_map!r}"
+                f"{'' if self.max_memory is None else f', max_memory={self.max_memory!r}'}: {why}; "
+                "a device map must give every module a device, by the model's own module names "
+                "(e.g. model.layers.3, lm_head, or '' for the whole model)")
+
+
+def _rmtree(path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _version(pkg: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return "?"
+
+
+def _slots(hf, params: dict) -> dict[str, list[tuple[Any, str]]]:
+    """``name -> [(module, attribute), ...]`` for each HF parameter name: where it is held (tied
+    weights in several modules, the one named in ``params`` first). Found before the bridge renames
+    the module tree; the module objects stay the same."""
+    canonical = {id(p): n for n, p in params.items()}
+    out: dict[str, list[tuple[Any, str]]] = {n: [] for n in params}
+    for n, p in hf.named_parameters(remove_duplicate=False):
+        owner = canonical.get(id(p))
+        if owner is None:
+            continue
+        path, _, attr = n.rpartition(".")
+        slot = (hf.get_submodule(path) if path else hf, attr)
+        out[owner].insert(0, slot) if n == owner else out[owner].append(slot)
+    return out
+
+
+_LINKED: list = []
+
+
+def _linked_parameter(like, slots: list[tuple[Any, str]]):
+    """A meta stand-in, for :attr:`BiasModel.params`, of a weight accelerate offloads. accelerate
+    materialises the weight for each call with the ``requires_grad`` of the placeholder its module
+    holds then, and swaps placeholders every call; ``requires_grad_`` on the stand-in sets it on
+    the placeholders its modules hold now, so freezing ``model.params`` (as the edits do around
+    their target optimisation) reaches the forward pass as it does for an in-memory model."""
+    import torch
+
+    if not _LINKED:
+        class OffloadedParameter(torch.nn.Parameter):
+            def requires_grad_(self, requires_grad: bool = True):
+                super().requires_grad_(requires_grad)
+                for mod, attr in self._biaslens_slots:
+                    live = mod._parameters.get(attr)
+                    if live is not None and live is not self and live.is_leaf:
+                        live.requires_grad_(requires_grad)
+                return self
+
+        _LINKED.append(OffloadedParameter)
+    p = _LINKED[0](torch.empty(like.shape, dtype=like.dtype, device="meta"),
+                   requires_grad=like.requires_grad)
+    p._biaslens_slots = list(slots)
+    return p
+
+
+def _offload_hook(module):
+    """The accelerate ``AlignDevicesHook`` that offloads ``module``'s own weights, or None."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
+            return h
+    return None
+
+
+def _offload_table(slots: dict) -> dict[str, tuple[Any, str]]:
+    """``name -> (mapping, key)`` for each weight accelerate keeps outside its module (the module
+    holds a meta tensor; the values live in the hook's ``weights_map``: in memory, or on disk
+    through its ``OffloadedWeightsLoader``)."""
+    out = {}
+    for n, held in slots.items():
+        if not held:
+            continue
+        mod, attr = held[0]
+        hook = _offload_hook(mod)
+        if hook is None:
+            continue
+        wm = hook.weights_map
+        prefix = getattr(wm, "prefix", None)
+        ds, key = (wm.dataset, prefix + attr) if prefix is not None and hasattr(wm, "dataset") else (wm, attr)
+        if key in ds:
+            out[n] = (ds, key)
+    return out
+
+
+def _bridge_copies(hf, params: dict) -> set[str]:
+    """HF weights the bridge runs through tensors of its own (copies made at boot, e.g. GPT-2's
+    fused ``c_attn`` split into q/k/v when it is offloaded); an edit of them would not reach the
+    forward pass. In-memory models get views instead, so nothing is listed for them."""
+    recorded = {id(p) for p in params.values()}
+    storages = {p.untyped_storage().data_ptr() for p in params.values() if not p.is_meta}
+    owners = set()
+    for bn, p in hf.named_parameters():
+        if id(p) in recorded or p.is_meta or p.untyped_storage().data_ptr() in storages:
+            continue
+        plain = bn.replace("._original_component", "")
+        owners.add(plain.rsplit(".", 2)[0])
+    return {n for n in params if any(n.startswith(o + ".") for o in owners)}
+
+
+#: safetensors dtype tag -> (numpy dtype of the bytes, torch dtype to view them as, or None)
+_ST_DTYPES = {"F64": ("float64", None), "F32": ("float32", None), "F16": ("float16", None),
+              "BF16": ("int16", "bfloat16")}
+
+
+def _safetensors_view(path: Path, key: str):
+    """A writable tensor over ``key``'s bytes in the safetensors file ``path`` (a memory map:
+    in-place changes are changes of the file, seen by every later read of it)."""
+    import json
+
+    import numpy as np
+    import torch
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    meta = header[key]
+    if meta["dtype"] not in _ST_DTYPES:
+        raise BiasLensError(f"cannot edit the offloaded {meta['dtype']} weight {key} in place; "
+                            "load the model in float32, float16 or bfloat16")
+    np_dtype, view_as = _ST_DTYPES[meta["dtype"]]
+    start, end = meta["data_offsets"]
+    count = (end - start) // np.dtype(np_dtype).itemsize
+    if count == 0:
+        raise BiasLensError(f"cannot edit the empty offloaded weight {key}")
+    arr = np.memmap(path, dtype=np_dtype, mode="r+", offset=8 + n + start, shape=(count,))
+    t = torch.from_numpy(arr)
+    if view_as is not None:
+        t = t.view(getattr(torch, view_as))
+    return t.view(tuple(meta["shape"]))
+
+
+def _execution_device(hf, bridge):
+    """The device a model placed by accelerate runs on (its embedding's, else the first GPU of
+    the map, else the CPU); None for a model loaded whole."""
+    import torch
+
+    dm = getattr(hf, "hf_device_map", None)
+    if not dm:
+        return None
+    cfgdev = str(getattr(bridge.cfg, "device", "") or "")
+    if cfgdev and cfgdev not in ("meta", "None"):
+        return torch.device(cfgdev)
+    main = next((d for d in dm.values() if str(d) not in ("cpu", "disk")), "cpu")
+    return torch.device(f"cuda:{main}" if isinstance(main, int) else str(main))
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
@@ -173,8 +569,8 @@ def _check_loading(spec, hf, loading: dict) -> None:
     """Refuse weights that do not match the config (transformers would fill them at random)."""
     # a parameter sharing its tensor with a loaded one (tied embeddings) is not missing
     by_ptr: dict[int, list[str]] = {}
-    for n, p in hf.named_parameters(remove_duplicate=False):
-        by_ptr.setdefault(p.data_ptr(), []).append(n)
+    for n, p in hf.named_parameters(remove_duplicate=False):  # offloaded (meta) ones: by object
+        by_ptr.setdefault(id(p) if p.is_meta else p.data_ptr(), []).append(n)
     loaded_missing = set(loading.get("missing_keys") or ())
     tied = {n for names in by_ptr.values() if any(m not in loaded_missing for m in names)
             for n in names}
@@ -213,13 +609,29 @@ class BiasModel:
     these tensors, directly or through views, so in-place edits reach it — but train through
     :meth:`plain_module`), and the shape
     facts ``n_layers``, ``d_model``, ``d_mlp``, ``n_heads``, ``n_kv_heads``, ``d_head``.
+
+    A model placed by accelerate (``load(..., device_map=...)``, docs/offload.md) keeps some
+    weights outside their modules (meta tensors in ``params``; the values in the offload hook's
+    weights map, in memory or on disk). Read and write weights through :meth:`param`,
+    :meth:`snapshot`, :meth:`restore` and :meth:`mlp_out_matrix`, which reach the real values
+    wherever they live; ``placement`` says how it was placed (None: loaded whole).
     """
 
     def __init__(self, spec, path, hf, bridge, tokenizer, arch: ArchSpec, params, prepend_bos=None,
-                 buffers=None):
+                 buffers=None, slots=None, placement=None):
         self.spec, self.path, self.hf, self.bridge = spec, path, hf, bridge
         self.tokenizer, self.arch, self.params = tokenizer, arch, params
         self.buffers = buffers or {}
+        self.placement = placement
+        self._offload = _offload_table(slots or {})  # name -> (weights map, key)
+        self._disk_views: dict[str, Any] = {}  # name -> writable view of its edited copy on disk
+        self._exec_device = _execution_device(hf, bridge)
+        if self._exec_device is not None and str(getattr(bridge.cfg, "device", "")) in ("", "meta", "None"):
+            bridge.cfg.device = str(self._exec_device)  # the bridge saw the embedding on meta
+        self._bridge_copies = _bridge_copies(hf, params) if self._exec_device is not None else set()
+        if self._offload:  # meta stand-ins whose requires_grad_ reaches accelerate's placeholders
+            self.params = params = {n: _linked_parameter(p, slots[n]) if n in self._offload else p
+                                    for n, p in params.items()}
         cfg = bridge.cfg
         self.n_layers: int = cfg.n_layers
         self.d_model: int = cfg.d_model
@@ -238,7 +650,21 @@ class BiasModel:
     # ------------------------------------------------------------------ facts
     @property
     def device(self):
+        """Where inputs go: the device the model runs on (for a model placed by accelerate, its
+        execution device; offloaded weights come there one module at a time)."""
+        if self._exec_device is not None:
+            return self._exec_device
         return next(iter(self.params.values())).device
+
+    @property
+    def offloaded(self) -> list[str]:
+        """Names of the weights accelerate keeps off their module (in memory or on disk)."""
+        return sorted(self._offload)
+
+    @property
+    def dispatched(self) -> bool:
+        """Whether accelerate placed the model (a device map), rather than one ``device``."""
+        return self._exec_device is not None
 
     @property
     def dtype(self):
@@ -252,8 +678,9 @@ class BiasModel:
     def n_params(self) -> int:
         seen, total = set(), 0
         for p in self.params.values():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
+            key = ("id", id(p)) if p.is_meta else p.data_ptr()  # offloaded: meta, no storage
+            if key not in seen:
+                seen.add(key)
                 total += p.numel()
         return total
 
@@ -282,7 +709,19 @@ class BiasModel:
             "attn_qkv": [t + ".weight" for t in a.attn_qkv],
             "head_hook": act_name("z", 0).replace(".0.", ".{layer}.") + " [batch, pos, head, d_head]",
             "gated_mlp": a.gated_mlp,
+            **({"placement": self.placement_info()} if self.dispatched else {}),
         }
+
+    def placement_info(self) -> dict[str, Any]:
+        """How accelerate placed the model: the arguments, modules per device, and how many
+        weights are offloaded (``on_disk`` of them on disk)."""
+        per: dict[str, int] = {}
+        for d in (getattr(self.hf, "hf_device_map", None) or {}).values():
+            per[str(d)] = per.get(str(d), 0) + 1
+        disk = [n for n in self._offload if self._held(n) is None]
+        return {**(self.placement.describe() if self.placement else {}),
+                "execution_device": str(self.device), "modules_per_device": per,
+                "offloaded_tensors": len(self._offload), "on_disk": len(disk)}
 
     def __repr__(self) -> str:
         return (f"BiasModel({self.spec!r}, {type(self.hf).__name__}, layers={self.n_layers}, "
@@ -535,6 +974,7 @@ class BiasModel:
         """
         from biaslens.export import _fresh_hf
 
+        self.require_whole("training through a plain Hugging Face module (unlearning, fine-tuning)")
         if copy:
             return _fresh_hf(self, {n: p.detach().clone() for n, p in self.params.items()}).eval()
         if getattr(self, "_plain", None) is None:
@@ -545,14 +985,93 @@ class BiasModel:
     def hook_name(self, component: str, layer: int | None = None) -> str:
         return act_name(component, layer)
 
+    def require_whole(self, what: str) -> None:
+        """Refuse (:class:`BiasLensError`) ``what`` on a model accelerate placed with offloaded
+        weights or split over devices: gradient training needs every weight in its module, on
+        one device."""
+        devices = {p.device for p in self.params.values() if not p.is_meta}
+        if self._offload or len(devices) > 1:
+            where = (f"{len(self._offload)} of its weights are offloaded" if self._offload
+                     else f"it is split over {', '.join(sorted(map(str, devices)))}")
+            raise BiasLensError(
+                f"{what} needs the whole model on one device, but {self.spec} was loaded with a "
+                f"device map ({where}); load it whole (no device_map / --device-map), e.g. on a "
+                "GPU with enough memory, or use an edit (LSDM, ROME), which works on an offloaded "
+                "model")
+
+    def _held(self, name: str):
+        """For an offloaded weight kept in memory by its hook (CPU offload): that tensor (the
+        values accelerate copies to the execution device); None when it lives on disk."""
+        ds, key = self._offload[name]
+        held = getattr(ds, "state_dict", ds)
+        if isinstance(held, dict) and key in held:
+            return held[key]
+        return None
+
     def param(self, name: str):
-        try:
+        """The weight ``name``: its Parameter (in-place updates reach the model); for an
+        offloaded weight a tensor of its current values (the in-memory copy accelerate holds, or
+        a fresh read from disk: write it with :meth:`restore`)."""
+        if name not in self.params:
+            raise KeyError(f"no parameter '{name}' in {self.spec}")
+        off = self._offload.get(name)
+        if off is None:
             return self.params[name]
-        except KeyError:
-            raise KeyError(f"no parameter '{name}' in {self.spec}") from None
+        ds, key = off
+        return ds[key]
+
+    def _writable(self, name: str) -> "torch.Tensor":
+        """A tensor whose in-place updates *are* the weight ``name`` as the forward pass reads it:
+        the Parameter's data; the in-memory copy of a CPU-offloaded weight; for a disk-offloaded
+        weight, a memory map of biaslens's own copy of it (made on first write in the placement's
+        scratch folder, the offload index pointed at it; the model's own files are never
+        written)."""
+        if name not in self.params:
+            raise KeyError(f"no parameter '{name}' in {self.spec}")
+        if name in self._bridge_copies:
+            raise BiasLensError(
+                f"cannot edit {name} of {self.spec} as loaded: with this device map the "
+                "TransformerLens bridge runs it through copies of its own, which an edit would not "
+                "reach; load the model whole (no device_map) to edit it")
+        off = self._offload.get(name)
+        if off is None:
+            return self.params[name].data
+        held = self._held(name)
+        if held is not None:
+            return held
+        view = self._disk_views.get(name)
+        if view is None:
+            view = self._disk_copy(name)
+        return view
+
+    def _disk_copy(self, name: str) -> "torch.Tensor":
+        from safetensors.torch import save_file
+
+        ds, key = self._offload[name]
+        index = getattr(ds, "index", None)
+        if not isinstance(index, dict) or key not in index:
+            raise BiasLensError(f"cannot write the offloaded weight {name}: accelerate keeps it in "
+                                f"a {type(ds).__name__}, which biaslens cannot write; load the model whole")
+        if self.placement is None:
+            raise BiasLensError(f"cannot write the offloaded weight {name}: the model was not "
+                                "placed by biaslens.load")
+        folder = self.placement.edits_folder()
+        path = folder / f"{key}.safetensors"
+        save_file({key: ds[key].contiguous()}, str(path))
+        view = _safetensors_view(path, key)
+        old = index[key]
+        source = (old.get("safetensors_file"), old.get("weight_name", key))
+        entry = {"safetensors_file": str(path), "weight_name": key,
+                 "dtype": str(view.dtype).replace("torch.", "")}
+        for k, v in list(index.items()):  # tied weights share the source: repoint them all
+            if k == key or (source[0] is not None and
+                            (v.get("safetensors_file"), v.get("weight_name", k)) == source):
+                index[k] = entry
+        self._disk_views[name] = view
+        return view
 
     def mlp_out_weight(self, layer: int):
-        """The MLP output projection's weight Parameter at ``layer`` (native layout)."""
+        """The MLP output projection's weight at ``layer`` (native layout; see :meth:`param`)."""
         return self.param(self.arch.name("mlp_out", layer))
 
     def mlp_out_name(self, layer: int) -> str:
@@ -560,9 +1079,10 @@ class BiasModel:
 
     def mlp_out_matrix(self, layer: int) -> "Float[torch.Tensor, 'd_model d_mlp']":
         """A ``[d_model, d_mlp]`` *view* of the MLP output weight (``out = W @ key``), whatever the
-        native layout; in-place updates of the view update the model."""
-        w = self.mlp_out_weight(layer)
-        return w.data.T if self.arch.mlp_out_layout == "conv1d" else w.data
+        native layout; in-place updates of the view update the model, offloaded or not (for a
+        disk-offloaded weight the view is a memory map of biaslens's copy, on the CPU)."""
+        w = self._writable(self.mlp_out_name(layer))
+        return w.T if self.arch.mlp_out_layout == "conv1d" else w
 
     def snapshot(self, names: Iterable[str] | None = None) -> dict[str, "torch.Tensor"]:
         """Copies of the named parameters (all when ``names`` is None)."""
@@ -570,11 +1090,13 @@ class BiasModel:
         return {n: self.param(n).detach().clone() for n in names}
 
     def restore(self, snapshot: dict[str, "torch.Tensor"]) -> None:
+        """Write the tensors of ``snapshot`` (name -> values) into the weights, bit for bit,
+        wherever they live (see :meth:`mlp_out_matrix`)."""
         import torch
 
         with torch.no_grad():
             for n, t in snapshot.items():
-                self.param(n).copy_(t)
+                self._writable(n).copy_(t)
 
     def delta_since(self, snapshot: dict[str, "torch.Tensor"], **info):
         """A :class:`~biaslens.delta.WeightDelta` of what changed since ``snapshot``."""
@@ -599,7 +1121,7 @@ class BiasModel:
         substitute = substitute or {}
         h = hashlib.sha256()
         for n in sorted(self.params):
-            t = substitute.get(n, self.params[n]).detach()
+            t = (substitute[n] if n in substitute else self.param(n)).detach()
             h.update(n.encode())
             h.update(str(t.dtype).encode())
             h.update(str(tuple(t.shape)).encode())

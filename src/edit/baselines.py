@@ -66,6 +66,7 @@ def counterfactual_finetune(
     from tqdm.auto import tqdm
 
     hp = as_hparams(hparams, CDAHparams)
+    model.require_whole("counterfactual fine-tuning")  # trains Parameters in place
     prompts = default_prompts(model) if prompts is None else list(prompts)
     keep = default_keep_prompts(model) if keep_prompts is None else list(keep_prompts)
     site = resolve_site(model, prompts, layers, "last" if layers != "auto" else "auto", effect_map)
