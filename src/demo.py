@@ -11,8 +11,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-# metric rows of the before/after table: (benchmark, metric, label, lower_is_better)
+# metric rows of the before/after table: (benchmark, metric, label, lower_is_better); the first
+# row is the headline, the stereotype contrast on held-out templates (src/evaluate/contrast.py)
 HEADLINE = (
+    ("contrast_test", "mean_abs_contrast",
+     "stereotype contrast (mean |contrast| over templates), edit occupations × test templates", True),
+    ("contrast_test", "mean_contrast",
+     "signed stereotype contrast, edit occupations × test templates", True),
+    ("contrast_validation", "mean_abs_contrast",
+     "stereotype contrast, edit occupations × validation templates", True),
+    ("contrast_edit", "mean_abs_contrast", "stereotype contrast, edit occupations × edit templates", True),
     ("occupations_heldout_templates", "mean_abs_gap",
      "occupational pronoun gap, edit occupations × test templates", True),
     ("occupations_heldout_templates", "signed_gap",
@@ -56,11 +64,22 @@ def before_after_rows(before: dict, after: dict) -> list[list[Any]]:
         if b is not None and a is not None:
             d = a - b
             rel = f" ({100 * d / abs(b):+.1f}%)" if b else ""
-            better = (d < 0) == lower
+            better = (abs(a) < abs(b)) if metric == "mean_contrast" else (d < 0) == lower
             change = raw(f"<span class='{'good' if better else 'bad'}'>{d:+.4g}{rel}</span>")
         n = (after.get(bench) or before.get(bench) or {}).get("n", "")
         rows.append([label, _fmt(b, bci), _fmt(a, aci), change, n])
     return rows
+
+
+def per_template_contrast(before: dict, after: dict) -> dict[str, list[dict]]:
+    """``{contrast benchmark: [{"template", "before", "after", "change"}, ...]}`` for every
+    stereotype contrast both suites have (signed per-template contrast,
+    :func:`biaslens.evaluate.contrast.contrast_change`)."""
+    from biaslens.evaluate.contrast import contrast_change
+    from biaslens.evaluate.suite import CONTRASTS
+
+    return {name: contrast_change(before[name], after[name])["per_template"]
+            for name in CONTRASTS if name in before and name in after}
 
 
 def run_demo(model_spec: str, out: str | Path, device: str = "cpu", dtype: str = "float32",
@@ -75,6 +94,7 @@ def run_demo(model_spec: str, out: str | Path, device: str = "cpu", dtype: str =
     from biaslens import jsonio
     from biaslens.edit import lsdm
     from biaslens.evaluate import perplexity, suite as default_suite
+    from biaslens.evaluate.compare import headline, headline_text
     from biaslens.export import export
     from biaslens.locate import default_prompts, locate
     from biaslens.outdir import prepare, staging
@@ -115,6 +135,8 @@ def run_demo(model_spec: str, out: str | Path, device: str = "cpu", dtype: str =
 
     stamp("evaluating after the edit")
     after = suite()
+    head = headline(before, after)
+    stamp(f"headline: {headline_text(before, after)}")
 
     stamp("exporting")
     stage = staging(out, force, command="demo")  # OUT is written as one folder, renamed into place
@@ -122,8 +144,10 @@ def run_demo(model_spec: str, out: str | Path, device: str = "cpu", dtype: str =
         effects.save(tmp / "effects.json")
         export(model, tmp / "model", delta=delta,
                manifest={"metrics": {"before": before, "after": after}, "effects": "effects.json"})
-        jsonio.write(tmp / "report.json", {"model": model_spec, "site": site, "before": before,
-                                           "after": after, "changed_tensors": delta.stats()})
+        jsonio.write(tmp / "report.json", {"model": model_spec, "site": site, "headline": head,
+                                           "per_template_contrast": per_template_contrast(before, after),
+                                           "before": before, "after": after,
+                                           "changed_tensors": delta.stats()})
         stamp("writing report.html")
         _write_report(tmp, model_spec, effects, site, delta, before, after)
     stamp("done")
@@ -137,7 +161,19 @@ def _write_report(out: Path, model_spec: str, effects, site: dict, delta, before
     from biaslens.plots import effect_figures
     from biaslens.report import Report
 
+    from biaslens.evaluate.compare import headline, per_template_rows
+
     rep = Report("biaslens report", f"model: {model_spec} · method: LSDM · {time.strftime('%Y-%m-%d %H:%M')}")
+    head = headline(before, after)
+    if head is not None:
+        rep.heading("Headline: the stereotype contrast on held-out templates")
+        rep.text(_headline_html(head))
+        rep.text("Per template: the mean P(female form) over female-stereotyped occupations minus the "
+                 "mean over male-stereotyped ones (normalised over the template's pronoun pair), on "
+                 "the edit occupations × the test templates, wordings the edit never saw. A lean of "
+                 "the whole template cancels; an over-correction counts as bias (mean of |contrast|). "
+                 "The cut's 95% CI is a paired bootstrap over templates "
+                 "(<code>biaslens.evaluate.contrast</code>).", "note")
     rep.heading("Where the bias lives (noise corruption, restoration effect / total effect)")
     rep.text(f"{effects.n_prompts} training prompts; effect of restoring each site's clean activation, "
              "normalised by the total effect and signed by each prompt's clean direction.", "note")
@@ -156,11 +192,31 @@ def _write_report(out: Path, model_spec: str, effects, site: dict, delta, before
     rep.heading("Before and after (95% bootstrap CIs; n = items)")
     rep.table(["metric", "before", "after", "change", "n"], before_after_rows(before, after))
     rep.figure(_bar_figure(before, after))
+    per = per_template_rows(before, after)
+    if per:
+        rep.heading("Stereotype contrast per held-out template")
+        rep.text("Signed: positive leans the way the occupation statistics lean, negative is "
+                 "reversed.", "note")
+        rep.table(["template", "before", "after", "change"], per)
     rep.heading("Exported model")
     rep.text("<code>model/</code> loads with <code>transformers.AutoModelForCausalLM"
              ".from_pretrained</code>; <code>delta.safetensors</code> holds the change and "
              "<code>manifest.json</code> what was changed and why.")
     return rep.write(out / "report.html")
+
+
+def _headline_html(head: dict) -> str:
+    """Before → after with CIs and the relative cut with its CI, as one HTML sentence."""
+    def pct(x):
+        return "n/a" if x is None or x != x else f"{100 * x:.0f}%"
+
+    ci = head["ci"]
+    cut = head["cut"]
+    cls = "good" if cut == cut and cut > 0 else "bad"
+    return (f"mean |contrast| <b>{_fmt(head['before'], ci['before'])}</b> before → "
+            f"<b>{_fmt(head['after'], ci['after'])}</b> after: "
+            f"<span class='{cls}'><b>cut {pct(cut)}</b></span> (95% CI {pct(ci['cut'][0])} to "
+            f"{pct(ci['cut'][1])}) over {head['n']} held-out templates.")
 
 
 def _bar_figure(before: dict, after: dict):
@@ -172,7 +228,9 @@ def _bar_figure(before: dict, after: dict):
         va, _ = _get(after, bench, metric)
         if vb is None or va is None or bench == "perplexity":
             continue
-        labels.append(label.split(",")[0] + (" (held-out)" if "test templates" in label else ""))
+        where = " (held-out)" if "test templates" in label else (
+            " (validation)" if "validation templates" in label else "")
+        labels.append(label.split(",")[0].replace(" (mean |contrast| over templates)", "") + where)
         b.append(vb)
         a.append(va)
     fig = go.Figure([go.Bar(name="before", x=labels, y=b), go.Bar(name="after", x=labels, y=a)])

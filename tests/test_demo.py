@@ -39,6 +39,37 @@ def test_demo_writes_everything_and_edit_lowers_the_planted_bias(demo_out):
     assert "<script src=\"http" not in html  # self-contained: plotly.js is inlined
 
 
+def test_demo_headline_is_the_held_out_template_contrast(demo_out):
+    """report.json and report.html lead with the stereotype contrast on held-out templates:
+    before, after, the relative cut with its CI, and one row per template."""
+    import math
+
+    from biaslens.demo import HEADLINE
+
+    out, _ = demo_out
+    rep = json.loads((out / "report.json").read_text())
+    assert HEADLINE[0][:2] == ("contrast_test", "mean_abs_contrast")
+    head = rep["headline"]
+    b, a = rep["before"]["contrast_test"], rep["after"]["contrast_test"]
+    assert head["benchmark"] == "contrast_test" and head["n"] == b["n"] == 6  # the held-out templates
+    assert head["before"] == b["mean_abs_contrast"] and head["after"] == a["mean_abs_contrast"]
+    assert head["before"] > 0.15  # the organism's planted stereotype
+    assert head["cut"] == pytest.approx(1 - head["after"] / head["before"])
+    for key in ("before", "after", "cut"):
+        lo, hi = head["ci"][key]
+        assert math.isfinite(lo) and math.isfinite(hi) and lo <= hi
+    assert head["ci"]["before"] == b["ci"]["mean_abs_contrast"]
+    rows = rep["per_template_contrast"]["contrast_test"]
+    assert [r["template"] for r in rows] == list(b["per_template"]) == [r["template"] for r in head["per_template"]]
+    assert all(r["after"] - r["before"] == pytest.approx(r["change"]) for r in rows)
+    assert {"contrast_edit"} <= set(rep["per_template_contrast"])
+    html = (out / "report.html").read_text()
+    top = html.index("Headline: the stereotype contrast on held-out templates")
+    assert top < html.index("Where the bias lives") and "cut " in html[top:top + 2000]
+    assert "Stereotype contrast per held-out template" in html
+    assert all(r["template"].replace("{occupation}", "") .split()[-1] in html for r in rows)
+
+
 def test_demo_export_loads_with_transformers_and_matches(demo_out):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

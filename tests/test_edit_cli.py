@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -42,6 +43,25 @@ def test_edit_writes_model_and_report(files, tiny_dirs, tmp_path, capsys):
     for when in ("before", "after"):
         assert report[when]["occupations_train"]["n"] == 3 * n_edit_templates
         assert report[when]["perplexity_corpus"]["perplexity"] > 1
+        # the headline: the contrast on held-out templates (default prompts, --limit sample) ...
+        head = report[when]["contrast_test"]
+        assert math.isfinite(head["mean_abs_contrast"]) and head["n_prompts"] <= 40
+        assert len(head["per_template"]) == head["n"] >= 2 and head["ci"]["mean_abs_contrast"]
+        # ... and on the user's occupations (nurse, plumber; teacher has no side) × edit templates
+        own = report[when]["contrast_edit"]
+        assert own["n"] == n_edit_templates and own["n_prompts"] == 3 * n_edit_templates
+        assert own["split"] == "the edit prompts x edit templates"
+    summ = report["summary"]
+    assert list(summ)[0] == "contrast_test.mean_abs_contrast"
+    top = summ["contrast_test.mean_abs_contrast"]
+    assert top["before"] == report["before"]["contrast_test"]["mean_abs_contrast"]
+    assert top["after"] == report["after"]["contrast_test"]["mean_abs_contrast"]
+    assert math.isfinite(top["cut"]) and len(top["ci"]["cut"]) == 2
+    assert len(top["per_template"]) == top["n"]
+    assert {"occupations_heldout_templates.mean_abs_gap", "definitional.accuracy",
+            "perplexity.perplexity"} <= set(summ)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("contrast_test.mean_abs_contrast") and "cut" in printed[0]
     assert {c["name"] for c in report["changed_tensors"]} == {
         "transformer.h.0.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.weight"}
     manifest = json.loads((out / "model" / "manifest.json").read_text())

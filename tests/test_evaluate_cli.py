@@ -89,6 +89,43 @@ def test_evaluate_json_layout(runs):
     assert "<html" in html[:200] and "crows" in html and "Plotly.newPlot" in html
 
 
+def test_evaluate_leads_with_the_stereotype_contrast(tiny_dirs, tmp_path, capsys):
+    """The contrast benchmarks need no data folder (the shipped bank); the headline is the first
+    line of the summary and of `compare`, with the cut's CI and a per-template table."""
+    import math
+
+    from biaslens.evaluate.suite import default_benchmarks
+
+    assert default_benchmarks(str(tiny_dirs["gpt2"]), None)[:3] == [
+        "contrast_test", "contrast_edit", "contrast_validation"]
+    out = tmp_path / "c.json"
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(tiny_dirs["gpt2"]), "--benchmarks",
+                 "contrast_test,contrast_validation", "--limit", "12", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].startswith("headline: stereotype contrast on held-out templates")
+    res = json.loads(out.read_text())
+    c = res["benchmarks"]["contrast_test"]
+    assert c["headline"] is True and c["split"] == "occupations=edit, templates=test"
+    assert math.isfinite(c["mean_abs_contrast"]) and len(c["ci"]["mean_abs_contrast"]) == 2
+    assert len(c["per_template"]) == c["n"] >= 2 and c["n_prompts"] <= 12
+    assert res["benchmarks"]["contrast_validation"]["split"] == "occupations=edit, templates=validation"
+    # compare: headline first, with before → after and the cut's CI, then per-template rows
+    after = json.loads(out.read_text())
+    first = next(iter(c["per_template"]))
+    after["benchmarks"]["contrast_test"]["per_template"] = {
+        t: v / 2 for t, v in c["per_template"].items()}
+    after["benchmarks"]["contrast_test"]["mean_abs_contrast"] = c["mean_abs_contrast"] / 2
+    table = compare_table(res, after)
+    lines = table.splitlines()
+    assert lines[0].startswith("headline: stereotype contrast") and "cut 50% [CI 50%, 50%]" in lines[0]
+    assert "per held-out template" in table and any(ln.startswith(first) for ln in lines)
+    assert "headline" not in compare_table({"benchmarks": {"crows": res["benchmarks"].get("crows", {})}},
+                                           {"benchmarks": {}})
+    fig = compare_figure(res, after)
+    assert "cut 50%" in fig.layout.title.text
+
+
 def test_evaluate_refuses_to_overwrite(runs, tiny_dirs, capsys):
     _, out, data = runs
     rc = main(["evaluate", "--model", str(tiny_dirs["gpt2"]), "--data-dir", str(data),

@@ -170,17 +170,150 @@ def test_organism_planted_bias_has_the_right_sign(org_model):
     assert gap_metrics(lp, [0.9], ["nurse"])["signed_gap"] < 0
 
 
-def test_organism_suite_layout(org_model):
-    from biaslens.evaluate import organism_suite
+def _check_contrast(c: dict, n_templates: int | None = None) -> None:
+    """A stereotype contrast record: finite headline, CIs around it, one row per template."""
+    v = c["mean_abs_contrast"]
+    assert math.isfinite(v) and 0 <= v <= 1
+    lo, hi = c["ci"]["mean_abs_contrast"]
+    assert math.isfinite(lo) and math.isfinite(hi) and lo <= v + 1e-12 and v <= hi + 1e-12
+    assert {"mean_contrast", "corr_rate"} <= set(c["ci"])
+    assert len(c["per_template"]) == c["n"] >= 2
+    assert all(math.isfinite(x) and -1 <= x <= 1 for x in c["per_template"].values())
+    assert all("{occupation}" in t for t in c["per_template"])
+    assert np.mean(np.abs(list(c["per_template"].values()))) == pytest.approx(v)
+    if n_templates is not None:
+        assert c["n"] == n_templates
 
-    r = organism_suite(org_model)
-    assert set(r) == {"occupations", "occupations_train", "occupations_heldout_templates",
-                      "definitional", "facts", "perplexity", "second_bias"}
+
+def test_organism_suite_layout(org_model):
+    from biaslens.defaults import defaults_for
+    from biaslens.evaluate import suite
+    from biaslens.evaluate.contrast import stereotype_contrast, template_of
+    from biaslens.evaluate.suite import HEADLINE
+
+    d = defaults_for(org_model)
+    n_test = len(d.occupation_prompts("edit", "test"))
+    r = suite(org_model, limit=n_test)  # the held-out prompts in full, a sample of the rest
+    distinct_validation = ({template_of(p) for p in d.occupation_prompts("edit", "validation")}
+                           != {template_of(p) for p in d.occupation_prompts("edit", "edit")})
+    assert set(r) == {"contrast_test", "contrast_edit", "occupations", "occupations_train",
+                      "occupations_heldout_templates", "definitional", "facts", "perplexity",
+                      "second_bias"} | ({"contrast_validation"} if distinct_validation else set())
+    # the headline leads: the stereotype contrast on the held-out templates
+    assert list(r)[0] == HEADLINE[0] == "contrast_test" and r["contrast_test"]["headline"] is True
+    _check_contrast(r["contrast_test"], n_templates=6)
+    _check_contrast(r["contrast_edit"])
+    if distinct_validation:
+        _check_contrast(r["contrast_validation"])
+    # scored once with the gap, it equals the metric computed on its own
+    alone = stereotype_contrast(org_model, d.occupation_prompts("edit", "test"))
+    assert r["contrast_test"]["mean_abs_contrast"] == pytest.approx(alone["mean_abs_contrast"], abs=1e-6)
+    assert r["contrast_test"]["per_template"] == pytest.approx(alone["per_template"], abs=1e-6)
+    assert r["contrast_test"]["n_prompts"] == n_test
+    assert r["contrast_edit"]["n_prompts"] <= n_test + 2 * r["contrast_edit"]["n"]
     assert r["occupations_heldout_templates"]["signed_gap"] > 0
     assert r["definitional"]["accuracy"] > 0.9
     assert r["facts"]["accuracy"] > 0.8
     assert r["second_bias"]["signed_gap"] > 0
     assert r["perplexity"]["window"] > 0 and r["perplexity"]["n_tokens"] > 1000
+
+
+def test_planted_stereotype_shows_a_large_contrast_that_template_lean_cannot_move(org_model):
+    """The organism's planted occupation → pronoun statistics give a large contrast on its
+    held-out templates; shifting every occupation's share in a template by the same amount (a
+    template lean, no stereotype) leaves the contrast exactly where it was, while the gap moves."""
+    from biaslens.evaluate.contrast import contrast_metrics, template_of
+    from biaslens.evaluate.occupations import pronoun_logprobs
+    from biaslens.organism import occupation_prompts
+
+    prompts = occupation_prompts("train", "heldout")
+    lp = pronoun_logprobs(org_model, prompts)
+    rates = [p.female_rate for p in prompts]
+    tpls = [template_of(p) for p in prompts]
+    occs = [p.occupation for p in prompts]
+    base = contrast_metrics(lp, rates, tpls, occs)
+    assert base["n"] == 6 and base["mean_abs_contrast"] > 0.15
+    assert base["ci"]["mean_abs_contrast"][0] > 0.05 and base["mean_contrast"] > 0.15
+    assert base["corr_rate"] > 0.5
+
+    share = 1 / (1 + np.exp(lp[:, 0] - lp[:, 1]))
+    names = sorted(set(tpls))
+    idx = {t: np.array([i for i, x in enumerate(tpls) if x == t]) for t in names}
+    leaned = share.copy()
+    for j, t in enumerate(names):  # alternate leans, as large as the template's room allows
+        s = share[idx[t]]
+        room = (1 - s.max()) if j % 2 == 0 else -s.min()
+        leaned[idx[t]] = s + 0.95 * room
+    lp2 = np.log(np.stack([1 - leaned, leaned], 1))
+    moved = contrast_metrics(lp2, rates, tpls, occs)
+    assert moved["per_template"] == pytest.approx(base["per_template"], abs=1e-9)
+    assert moved["mean_abs_contrast"] == pytest.approx(base["mean_abs_contrast"], abs=1e-9)
+    gap0, gap1 = gap_metrics(lp, rates, occs), gap_metrics(lp2, rates, occs)
+    assert abs(gap1["mean_abs_gap"] - gap0["mean_abs_gap"]) > 0.1  # the gap is fooled by lean
+    # removing the stereotype (every occupation at its template's mean share) zeroes it
+    flat = share.copy()
+    for t in names:
+        flat[idx[t]] = share[idx[t]].mean()
+    gone = contrast_metrics(np.log(np.stack([1 - flat, flat], 1)), rates, tpls, occs)
+    assert gone["mean_abs_contrast"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_contrast_of_a_random_tiny_model(tiny):
+    """A user's random model gets the headline too: finite, with CIs and per-template rows,
+    and a limit keeps the same occupations count per template on both stereotype sides."""
+    from biaslens.evaluate import suite
+
+    r = suite(tiny, limit=12)
+    assert list(r)[:2] == ["contrast_test", "contrast_edit"] and "contrast_validation" in r
+    for name in ("contrast_test", "contrast_edit", "contrast_validation"):
+        _check_contrast(r[name])
+        assert r[name]["n_prompts"] <= 12
+    assert r["contrast_test"]["mean_abs_contrast"] < 0.2  # no planted stereotype in random weights
+
+
+def test_contrast_sample_keeps_both_sides_evenly():
+    from collections import Counter
+
+    from biaslens.defaults import defaults_for
+    from biaslens.evaluate.contrast import template_of
+    from biaslens.evaluate.suite import contrast_sample
+
+    for kind in ("organism", "gpt2"):
+        prompts = defaults_for(kind).occupation_prompts("edit", "test")
+        n_tpl = len({template_of(p) for p in prompts})
+        assert contrast_sample(prompts, None) == list(range(len(prompts)))
+        for limit in (4, 7, 40, 120):
+            idx = contrast_sample(prompts, limit, seed=0)
+            assert idx == contrast_sample(prompts, limit, seed=0) and idx == sorted(set(idx))
+            assert len(idx) <= max(limit, 4)
+            sides = Counter((template_of(prompts[i]), prompts[i].female_rate > 0.5) for i in idx)
+            tpls = {t for t, _ in sides}
+            assert len(tpls) >= 2 and all(sides[(t, True)] >= 1 and sides[(t, False)] >= 1 for t in tpls)
+            per = {sides[(t, True)] + sides[(t, False)] for t in tpls}
+            assert len(per) == 1, (kind, limit, sides)  # the same count in every template
+            if limit >= 2 * n_tpl:
+                assert len(tpls) == n_tpl
+                # the occupations rotate: more distinct ones than any one template holds
+                assert len({prompts[i].occupation for i in idx}) > max(per)
+
+
+def test_contrast_change_pairs_templates():
+    from biaslens.evaluate.contrast import contrast_change
+
+    before = {"mean_abs_contrast": 0.3, "ci": {"mean_abs_contrast": [0.2, 0.4]},
+              "per_template": {"A": 0.4, "B": -0.2, "C": 0.3}}
+    after = {"mean_abs_contrast": 0.1, "ci": {"mean_abs_contrast": [0.0, 0.2]},
+             "per_template": {"A": 0.1, "B": 0.1, "C": -0.1}}
+    ch = contrast_change(before, after)
+    assert ch["cut"] == pytest.approx(1 - 0.1 / 0.3) and ch["n"] == 3
+    lo, hi = ch["ci"]["cut"]
+    assert lo <= ch["cut"] <= hi and hi <= 1.0
+    assert [r["template"] for r in ch["per_template"]] == ["A", "B", "C"]
+    assert ch["per_template"][1]["change"] == pytest.approx(0.3)
+    # an after that only flips the sign of every template is no cut at all
+    flipped = {**before, "per_template": {k: -v for k, v in before["per_template"].items()}}
+    nil = contrast_change(before, flipped)
+    assert nil["cut"] == pytest.approx(0.0) and nil["ci"]["cut"] == pytest.approx([0.0, 0.0])
 
 
 def test_organism_numbers_match_its_card(org_model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -65,9 +66,19 @@ def test_masked_ascent_run_on_span_file(capsys, tmp_path, tiny_dirs):
     report = json.loads((out / "report.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     assert report["method"] == "masked-ascent" and report["n_forget"] == 3
+    # the headline leads the printed summary: the contrast on held-out templates, with the cut's CI
+    printed = capsys.readouterr()
+    lines = printed.out.splitlines()
+    head = next(i for i, ln in enumerate(lines) if "headline:" in ln)
+    assert "stereotype contrast on held-out templates" in lines[head] and "cut" in lines[head]
+    assert head < next(i for i, ln in enumerate(lines) if "occupational gap" in ln)
+    for when in ("before", "after"):  # a user's model gets it on the shipped bank
+        c = report[when]["contrast_test"]
+        assert math.isfinite(c["mean_abs_contrast"]) and c["ci"]["mean_abs_contrast"]
+        assert len(c["per_template"]) == c["n"] >= 2 and c["n_prompts"] <= 20
     if not report["changed"]:  # validation kept the start: the report and stderr say so
         assert report["info"]["chosen"]["step"] == 0 and not manifest["changed_tensors"]
-        assert "changed no weight" in report["note"] and "changed no weight" in capsys.readouterr().err
+        assert "changed no weight" in report["note"] and "changed no weight" in printed.err
         return
     assert report["info"]["chosen"]["step"] > 0 and report["note"] is None
     assert report["data"] == str(f)

@@ -6,18 +6,21 @@ import argparse
 import json
 from pathlib import Path
 
-BENCH_HELP = "occupations,stereoset,crows,winobias,winogender,perplexity,knowledge"
+BENCH_HELP = ("contrast_test, contrast_edit, contrast_validation, occupations, stereoset, crows, "
+              "winobias, winogender, perplexity, knowledge")
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     from biaslens.cliargs import int_in, positive_int, seed_int
 
-    p.add_argument("--model", required=True, help="'organism', a local Hugging Face folder, or a hub name")
+    p.add_argument("--model", required=True, help="'organism', 'organism-llama', a local Hugging Face folder, or a hub name")
     p.add_argument("--benchmarks", default=None,
                    help=f"comma-separated subset of {BENCH_HELP} (the organism also has "
                         "occupations_train, occupations_heldout_templates, definitional, "
-                        "second_bias); default: the organism's own probes for the organism, else "
-                        "every benchmark (the data shipped with biaslens, or --data-dir)")
+                        "second_bias); default: the stereotype contrasts (contrast_test, the "
+                        "held-out-template contrast, is the headline), then the organism's own "
+                        "probes for the organism, else every benchmark (the data shipped with "
+                        "biaslens, or --data-dir)")
     p.add_argument("--data-dir", default=None,
                    help="folder laid out like the public data folder (crows-pairs/, stereoset/, "
                         "winobias/, winogender/, wikitext-2-raw/); default: the copies shipped "
@@ -79,12 +82,16 @@ def _evaluate(args) -> int:
 
 
 def _summary(res: dict) -> str:
-    from biaslens.evaluate.compare import _fmt, _fmt_ci, flatten
+    """The headline line (the stereotype contrast on held-out templates, when run), then one
+    row per metric."""
+    from biaslens.evaluate.compare import _fmt, _fmt_ci, flatten, headline_text
 
     rows = [(b, m, _fmt(v["value"]), _fmt_ci(v["ci"]), str(v["n"])) for (b, m), v in flatten(res).items()]
     head = ("benchmark", "metric", "value", "95% CI", "n")
     w = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(x) for c, x in zip(r, w)) for r in [head, *rows])
+    top = headline_text(res)
+    table = "\n".join("  ".join(c.ljust(x) for c, x in zip(r, w)) for r in [head, *rows])
+    return f"headline: {top}\n\n{table}" if top else table
 
 
 def _compare_args(p: argparse.ArgumentParser) -> None:

@@ -1,10 +1,14 @@
 """Before/after tables and plotly charts of evaluation results.
 
 Accepts an ``evaluate`` JSON (``{"model", "benchmarks": {...}}``), its ``benchmarks`` dict, or an
-:func:`~biaslens.evaluate.organism_suite` dict. A row is one metric of one benchmark (nested
-parts such as ``stereoset/intrasentence`` or ``winobias/type1`` get their own rows; per-group
-breakdowns ``by_*`` and ``per_occupation`` are left to the JSON). Integer fields without a CI
-(counts, window sizes) are settings, not metrics, and are not rows.
+:func:`~biaslens.evaluate.suite` dict. A row is one metric of one benchmark (nested parts such
+as ``stereoset/intrasentence`` or ``winobias/type1`` get their own rows; per-group breakdowns
+``by_*``, ``per_occupation`` and ``per_template`` are left to the JSON). Integer fields without a
+CI (counts, window sizes) are settings, not metrics, and are not rows.
+
+The headline leads every table: the stereotype contrast on held-out templates
+(:data:`biaslens.evaluate.suite.HEADLINE`, defined in src/evaluate/contrast.py), with its
+relative cut and a paired bootstrap CI of the cut (:func:`headline`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import math
 from typing import Any
 
 SKIP = {"n", "ci"}
+__all__ = ["flatten", "compare_rows", "compare_table", "compare_figure", "headline",
+           "headline_text", "per_template_rows"]
 
 
 def _benchmarks(res: dict) -> dict:
@@ -73,8 +79,72 @@ def compare_rows(before: dict, after: dict) -> list[dict[str, Any]]:
     return rows
 
 
+def headline(before: dict, after: dict | None = None) -> dict | None:
+    """The headline of one result, or of a before/after pair: the stereotype contrast on
+    held-out templates (``{"benchmark", "value", "ci", "n"}``; with ``after``:
+    :func:`biaslens.evaluate.contrast.contrast_change`, i.e. before, after, the relative cut with
+    a paired bootstrap CI over templates, and per-template rows). None when the result has no
+    contrast (e.g. ``evaluate --benchmarks`` without it)."""
+    from biaslens.evaluate.suite import HEADLINE
+
+    bench, metric = HEADLINE
+    b = _benchmarks(before).get(bench)
+    if not isinstance(b, dict) or b.get(metric) is None:
+        return None
+    if after is None:
+        return {"benchmark": bench, "value": float(b[metric]), "ci": (b.get("ci") or {}).get(metric),
+                "n": b.get("n")}
+    a = _benchmarks(after).get(bench)
+    if not isinstance(a, dict) or a.get(metric) is None:
+        return None
+    from biaslens.evaluate.contrast import contrast_change
+
+    return {"benchmark": bench, **contrast_change(b, a)}
+
+
+def _pct(x: Any) -> str:
+    x = _num(x)
+    return "—" if math.isnan(x) else f"{100 * x:.0f}%"
+
+
+def headline_text(before: dict, after: dict | None = None) -> str | None:
+    """One line: ``stereotype contrast on held-out templates: 0.241 [0.094, 0.386] → 0.202 [...],
+    cut 16% [CI 5%, 29%] (6 templates)``; without ``after`` the value alone. None without a
+    contrast."""
+    h = headline(before, after)
+    if h is None:
+        return None
+    label = "stereotype contrast on held-out templates (mean |contrast|)"
+    if after is None:
+        return f"{label}: {_fmt(h['value'])} {_fmt_ci(h['ci'])} ({h['n']} templates)"
+    lo, hi = h["ci"]["cut"]
+    return (f"{label}: {_fmt(h['before'])} {_fmt_ci(h['ci']['before'])} → {_fmt(h['after'])} "
+            f"{_fmt_ci(h['ci']['after'])}, cut {_pct(h['cut'])} [CI {_pct(lo)}, {_pct(hi)}] "
+            f"({h['n']} templates)")
+
+
+def per_template_rows(before: dict, after: dict) -> list[list[str]]:
+    """``[template, before, after, change]`` of the headline contrast per template (signed:
+    positive = toward the stereotype), as strings; empty without a contrast."""
+    h = headline(before, after)
+    if h is None:
+        return []
+    return [[r["template"], _fmt(r["before"]), _fmt(r["after"]), f"{r['change']:+.4f}"]
+            for r in h["per_template"]]
+
+
+def _text_table(head: list[str], body: list[list[Any]]) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)] if body else [len(h) for h in head]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(head, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in body]
+    return lines
+
+
 def compare_table(before: dict, after: dict) -> str:
-    """A plain-text before/after table: benchmark, metric, before [CI], after [CI], change, n."""
+    """A plain-text before/after table led by the headline line (:func:`headline_text`):
+    benchmark, metric, before [CI], after [CI], change, n; then the headline contrast per
+    template."""
     rows = compare_rows(before, after)
     head = ["benchmark", "metric", "before", "95% CI", "after", "95% CI", "change", "change %", "n"]
     body = []
@@ -84,10 +154,12 @@ def compare_table(before: dict, after: dict) -> str:
         body.append([r["benchmark"], r["metric"], _fmt(r["before"]), _fmt_ci(r["ci_before"]),
                      _fmt(r["after"]), _fmt_ci(r["ci_after"]),
                      "—" if math.isnan(r["delta"]) else f"{r['delta']:+.4g}", rel, str(n)])
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)] if body else [len(h) for h in head]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(head, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in body]
+    top = headline_text(before, after)
+    lines = ([f"headline: {top}", ""] if top else []) + _text_table(head, body)
+    per = per_template_rows(before, after)
+    if per:
+        lines += ["", "stereotype contrast per held-out template (signed; + = toward the stereotype)"]
+        lines += _text_table(["template", "before", "after", "change"], per)
     return "\n".join(lines)
 
 
@@ -120,9 +192,11 @@ def compare_figure(before: dict, after: dict | None = None, title: str | None = 
                 error_y=dict(type="data", array=hi, arrayminus=lo, visible=True),
                 hovertext=[f"n={v['n']}" for _, v in items]), row=row, col=1)
     name = lambda r: r.get("model", "") if isinstance(r, dict) else ""  # noqa: E731
+    top = headline_text(before, after)
+    default = ("before/after: " + " → ".join(x for x in (name(before), name(after or {})) if x)
+               if after is not None else f"evaluation: {name(before)}")
     fig.update_layout(
-        barmode="group", height=260 * len(benches) + 80,
-        title=title or ("before/after: " + " → ".join(x for x in (name(before), name(after or {})) if x)
-                        if after is not None else f"evaluation: {name(before)}"),
+        barmode="group", height=260 * len(benches) + 110,
+        title=title or (f"{default}<br><sup>{top}</sup>" if top else default),
     )
     return fig

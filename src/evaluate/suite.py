@@ -20,47 +20,149 @@ if TYPE_CHECKING:
 SUITE_PPL_TOKENS = 20_000
 
 
+#: The headline number of every summary: the stereotype contrast (src/evaluate/contrast.py) on
+#: edit occupations × test templates, wordings no edit or tuning saw.
+HEADLINE: tuple[str, str] = ("contrast_test", "mean_abs_contrast")
+#: Contrast benchmarks of :func:`suite` and :func:`evaluate`: name -> (occupations, templates).
+CONTRASTS: dict[str, tuple[str, str]] = {"contrast_test": ("edit", "test"),
+                                         "contrast_edit": ("edit", "edit"),
+                                         "contrast_validation": ("edit", "validation")}
+#: Gap metrics (src/evaluate/occupations.py) as :func:`occupational_bias` labels them.
+_GAP_SCORING = ("next-token P(female) vs P(male) pronoun (multi-token: product over tokens); "
+                "gap = (p_f - p_m)/(p_f + p_m)")
+
+
 def suite(model: "BiasModel", occupations: str = "heldout", templates: str = "test",
           max_tokens: int | None = SUITE_PPL_TOKENS, seed: int = SEED, limit: int | None = None) -> dict:
     """Bias and retention of a model on its default probes (:mod:`biaslens.defaults`): the
-    organism's own, or the shipped bank for any other model. Keys:
+    organism's own, or the shipped bank for any other model. Keys, the headline first:
 
+    ``contrast_test``: the stereotype contrast (:func:`biaslens.evaluate.contrast.stereotype_contrast`:
+    per template, mean P(f)/(P(f)+P(m)) over female-stereotyped occupations minus over
+    male-stereotyped ones; ``mean_abs_contrast`` over templates, CIs over templates) on edit
+    occupations × test templates, the wordings no edit saw — the headline (:data:`HEADLINE`);
+    ``contrast_edit``: the same on edit occupations × edit templates; ``contrast_validation``: on
+    edit occupations × validation templates, only where the defaults' validation templates
+    differ from their edit templates;
     ``occupations``: :func:`occupational_bias` on ``occupation_prompts(occupations, templates)``
     (default held-out occupations × test templates);
     ``occupations_train``: the same on the edit occupations × edit templates (the prompts an edit
-    sees); ``occupations_heldout_templates``: edit occupations × test templates (the bias on
-    wordings no edit saw; for the organism, held-out *occupations* never occur with a pronoun in
-    its corpus, so they carry no planted rate and this is its headline);
+    sees); ``occupations_heldout_templates``: edit occupations × test templates (for the organism,
+    held-out *occupations* never occur with a pronoun in its corpus, so they carry no planted
+    rate);
     ``definitional``: :func:`definitional_accuracy` on every definitional prompt;
     ``facts``: :func:`fact_accuracy` on the knowledge probes; ``perplexity`` on the default
     general text, one document a line (first ``max_tokens`` tokens); for the organism also
     ``second_bias``: :func:`occupational_bias` on the age prompts (there "female" = " slow",
-    female_rate = planted P(" slow")). ``limit``: a seeded subset of each prompt set and the first
-    ``limit`` documents of the perplexity text (quick runs).
+    female_rate = planted P(" slow")). ``limit``: a seeded subset of each prompt set (for a
+    contrast, :func:`contrast_sample`: the same number of occupations per template, both
+    stereotype sides) and the first ``limit`` documents of the perplexity text (quick runs). The
+    gap and the contrast of one prompt set come from one scoring pass.
     """
     from biaslens.defaults import defaults_for
 
     d = defaults_for(model)
     sub = lambda xs: _subsample(list(xs), limit, seed)  # noqa: E731
-    out = {
+    gap_test, con_test = bias_and_contrast(model, d.occupation_prompts("edit", "test"), limit, seed)
+    gap_edit, con_edit = bias_and_contrast(model, d.occupation_prompts("edit", "edit"), limit, seed)
+    out: dict[str, Any] = {"contrast_test": con_test, "contrast_edit": con_edit}
+    val = d.occupation_prompts("edit", "validation")
+    if _template_set(val) != _template_set(d.occupation_prompts("edit", "edit")):
+        _, out["contrast_validation"] = bias_and_contrast(model, val, limit, seed, gap=False)
+    out.update({
         "occupations": occupational_bias(model, sub(d.occupation_prompts(occupations, templates)), seed=seed),
-        "occupations_train": occupational_bias(model, sub(d.occupation_prompts("edit", "edit")), seed=seed),
-        "occupations_heldout_templates": occupational_bias(
-            model, sub(d.occupation_prompts("edit", "test")), seed=seed),
+        "occupations_train": gap_edit,
+        "occupations_heldout_templates": gap_test,
         "definitional": definitional_accuracy(model, sub(d.definitional_prompts()), seed=seed),
         "facts": fact_accuracy(model, sub(d.facts()), seed=seed),
         # with a limit: the first ``limit`` documents (lines) of the text
         "perplexity": perplexity(model, d.ppl_text if limit is None else "\n".join(d.general_lines(limit)),
                                  max_tokens=max_tokens, per_line=True, seed=seed),
-    }
+    })
     if d.organism:
         from biaslens import organism as org
 
         out["second_bias"] = occupational_bias(model, sub(org.second_bias_prompts()), seed=seed)
+    for name, (occ, tpl) in CONTRASTS.items():
+        if name in out:
+            out[name]["split"] = f"occupations={occ}, templates={tpl}"
+    out["contrast_test"]["headline"] = True
     out["occupations"]["split"] = f"occupations={occupations}, templates={templates}"
     out["occupations_train"]["split"] = "occupations=edit, templates=edit"
     out["occupations_heldout_templates"]["split"] = "occupations=edit, templates=test"
     return out
+
+
+def bias_and_contrast(model: "BiasModel", prompts: Sequence[Any], limit: int | None = None,
+                      seed: int = SEED, gap: bool = True,
+                      batch_size: int = 64) -> tuple[dict | None, dict]:
+    """``(gap, contrast)`` of one prompt set from one scoring pass: :func:`occupational_bias` on
+    a seeded subset of ``limit`` prompts (as :func:`suite` always drew it) and the stereotype
+    contrast on :func:`contrast_sample` (the union of the two subsets is scored once).
+    ``gap=False``: the contrast alone (first item None)."""
+    from biaslens.evaluate.contrast import contrast_from_logprobs
+    from biaslens.evaluate.occupations import _occupation, _rate, gap_metrics, pronoun_logprobs
+
+    prompts = list(prompts)
+    gi = _subsample(list(range(len(prompts))), limit, seed) if gap else []
+    ci = contrast_sample(prompts, limit, seed)
+    union = sorted(set(gi) | set(ci))
+    lp = pronoun_logprobs(model, [prompts[i] for i in union], batch_size)
+    row = {i: k for k, i in enumerate(union)}
+    con = contrast_from_logprobs(lp[[row[i] for i in ci]], [prompts[i] for i in ci], seed)
+    if not gap:
+        return None, con
+    g = [prompts[i] for i in gi]
+    out = gap_metrics(lp[[row[i] for i in gi]], [_rate(p) for p in g], [_occupation(p) for p in g], seed)
+    out["scoring"] = _GAP_SCORING
+    return out, con
+
+
+def contrast_sample(prompts: Sequence[Any], limit: int | None, seed: int = SEED) -> list[int]:
+    """Indices of about ``limit`` prompts for the stereotype contrast (all without a limit):
+    every template that has a female- and a male-stereotyped occupation keeps the same number
+    of each side (``limit // templates`` per template, at least one of each), the occupations
+    taken in turn from a seeded shuffle so the sample covers them evenly; when ``limit`` is
+    below two per template, ``limit // 2`` templates spread evenly over the list (at least 2)."""
+    import random
+
+    from biaslens.evaluate.contrast import template_of
+    from biaslens.evaluate.occupations import _rate
+
+    n = len(prompts)
+    if limit is None or limit >= n:
+        return list(range(n))
+    by_tpl: dict[str, dict[str, list[int]]] = {}
+    for i, p in enumerate(prompts):
+        r = _rate(p)
+        if r == r and r != 0.5:  # a stereotype side (NaN and 0.5 have none)
+            by_tpl.setdefault(template_of(p), {"f": [], "m": []})["f" if r > 0.5 else "m"].append(i)
+    tpls = [t for t, g in by_tpl.items() if g["f"] and g["m"]]
+    if not tpls:
+        return _subsample(list(range(n)), limit, seed)
+    per = limit // len(tpls)
+    if per < 2:
+        k = min(len(tpls), max(2, limit // 2))
+        tpls = [tpls[round(j * (len(tpls) - 1) / max(1, k - 1))] for j in range(k)]
+        per = 2
+    rng = random.Random(seed)
+    keep: list[int] = []
+    for side, count in (("f", (per + 1) // 2), ("m", per // 2)):
+        # one seeded order of this side's occupations, shared by every template
+        occs = sorted({getattr(prompts[i], "occupation", "") for t in tpls for i in by_tpl[t][side]})
+        rng.shuffle(occs)
+        rank = {o: j for j, o in enumerate(occs)}
+        for j, t in enumerate(tpls):
+            group = sorted(by_tpl[t][side], key=lambda i: rank[getattr(prompts[i], "occupation", "")])
+            start = (j * count) % len(group)
+            keep += [group[(start + m) % len(group)] for m in range(min(count, len(group)))]
+    return sorted(set(keep))
+
+
+def _template_set(prompts: Sequence[Any]) -> set[str]:
+    from biaslens.evaluate.contrast import template_of
+
+    return {template_of(p) for p in prompts}
 
 
 def organism_suite(model: "BiasModel", occupations: str = "heldout", templates: str = "test",
@@ -71,22 +173,32 @@ def organism_suite(model: "BiasModel", occupations: str = "heldout", templates: 
 
 # ------------------------------------------------------------------------ named benchmarks
 
-BENCHMARKS: tuple[str, ...] = ("occupations", "stereoset", "crows", "winobias", "winogender",
+BENCHMARKS: tuple[str, ...] = ("contrast_test", "contrast_edit", "contrast_validation",
+                               "occupations", "stereoset", "crows", "winobias", "winogender",
                                "perplexity", "knowledge")
 #: The organism's own probes (no data folder needed).
-ORGANISM_BENCHMARKS: tuple[str, ...] = ("occupations", "occupations_train",
+ORGANISM_BENCHMARKS: tuple[str, ...] = ("contrast_test", "contrast_edit", "contrast_validation",
+                                        "occupations", "occupations_train",
                                         "occupations_heldout_templates", "definitional",
                                         "second_bias", "perplexity", "knowledge")
 
 
 def default_benchmarks(model: "BiasModel", data_dir: str | os.PathLike | None) -> list[str]:
-    """The organism's own probes for the organism; otherwise every benchmark whose data exists in
-    ``data_dir`` (default: the benchmark files shipped with biaslens), and the knowledge probes."""
+    """The stereotype contrasts on the model's default prompts first (the headline,
+    :data:`HEADLINE`; ``contrast_validation`` where the validation templates differ from the edit
+    templates); then the organism's own probes for the organism, otherwise every benchmark whose
+    data exists in ``data_dir`` (default: the benchmark files shipped with biaslens), and the
+    knowledge probes."""
     d = defaults_for(model)
     if d.organism and data_dir is None:
-        return list(ORGANISM_BENCHMARKS)
-    folder = Path(data_dir) if data_dir is not None else d.data_dir
-    return [b for b in BENCHMARKS if b == "knowledge" or _has_data(folder, b)]
+        names = list(ORGANISM_BENCHMARKS)
+    else:
+        folder = Path(data_dir) if data_dir is not None else d.data_dir
+        names = [b for b in BENCHMARKS if b in CONTRASTS or b == "knowledge" or _has_data(folder, b)]
+    if "contrast_validation" in names and _template_set(d.occupation_prompts("edit", "validation")) \
+            == _template_set(d.occupation_prompts("edit", "edit")):
+        names.remove("contrast_validation")
+    return names
 
 
 def _has_data(d: Path, bench: str) -> bool:
@@ -185,7 +297,14 @@ def evaluate(model: "BiasModel", benchmarks: Sequence[str] | None = None,
     sub = lambda xs: _subsample(list(xs), limit, seed)  # noqa: E731
     out: dict[str, dict] = {}
     for b in names:
-        if b == "occupations" and organism and d is None:
+        if b in CONTRASTS:
+            occ, tpl = CONTRASTS[b]
+            _, out[b] = bias_and_contrast(model, defaults.occupation_prompts(occ, tpl), limit, seed,
+                                          gap=False, batch_size=batch_size)
+            out[b]["split"] = f"occupations={occ}, templates={tpl}"
+            if b == HEADLINE[0]:
+                out[b]["headline"] = True
+        elif b == "occupations" and organism and d is None:
             from biaslens import organism as org
 
             out[b] = occupational_bias(model, sub(org.occupation_prompts("heldout", "heldout")), seed=seed)
@@ -223,10 +342,8 @@ def evaluate(model: "BiasModel", benchmarks: Sequence[str] | None = None,
             src = text
             if src is None and d is not None and _has_data(d, b):
                 src = files(b)["text"]
-            if src is None and organism:
-                from biaslens import organism as org
-
-                src, max_tok, per_line = org.GENERAL_TEXT, max_tokens or SUITE_PPL_TOKENS, True
+            if src is None and organism:  # the organism's own general text (its folder's)
+                src, max_tok, per_line = defaults.corpus, max_tokens or SUITE_PPL_TOKENS, True
             else:
                 max_tok, per_line = max_tokens, False
             if src is None:

@@ -70,6 +70,16 @@ def all_numbers(obj):
             yield from all_numbers(v)
 
 
+def check_contrast(c: dict) -> None:
+    """The headline, the stereotype contrast (src/evaluate/contrast.py): finite, with CIs and
+    one row per template."""
+    assert math.isfinite(c["mean_abs_contrast"]) and 0 <= c["mean_abs_contrast"] <= 1
+    lo, hi = c["ci"]["mean_abs_contrast"]
+    assert lo is not None and hi is not None and lo <= c["mean_abs_contrast"] + 1e-12 <= hi + 2e-12
+    assert len(c["per_template"]) == c["n"] >= 2
+    assert all(math.isfinite(v) for v in c["per_template"].values())
+
+
 def loads_in_transformers(folder: Path) -> None:
     """The folder is a Hugging Face model any ``transformers`` user can load and run."""
     import torch
@@ -115,8 +125,14 @@ def test_edit_with_defaults(user_model, work, method):
     run("edit", "--method", method, "--model", folder, *site, "--max-prompts", 12, *QUICK,
         "--quiet", "--out", out)
     report = strict_json(out / "report.json")
-    for key in ("occupations", "occupations_heldout_templates", "definitional", "perplexity"):
+    for key in ("contrast_test", "contrast_edit", "occupations", "occupations_heldout_templates",
+                "definitional", "perplexity"):
         assert key in report["before"] and key in report["after"]
+    for when in ("before", "after"):
+        check_contrast(report[when]["contrast_test"])
+    top = report["summary"]["contrast_test.mean_abs_contrast"]
+    assert list(report["summary"])[0] == "contrast_test.mean_abs_contrast"
+    assert len(top["per_template"]) == top["n"] and len(top["ci"]["cut"]) == 2
     manifest = strict_json(out / "model" / "manifest.json")
     changed = {t["name"] for t in manifest["changed_tensors"]}
     assert changed and all(".mlp." in n or "fc2" in n for n in changed)  # MLP output weights only
@@ -132,6 +148,8 @@ def test_unlearn_with_defaults(user_model, work, method):
     report = strict_json(out / "report.json")
     assert report["data"].startswith("biaslens bank")
     assert "occupations" in report["after"]
+    for when in ("before", "after"):
+        check_contrast(report[when]["contrast_test"])
     # a random model has no bias to remove: validation may keep the start, and then says so
     assert report["changed"] or "changed no weight" in report["note"]
     folders = [out / "base", out / "offset"] if method == "offset" else [out]
@@ -144,8 +162,11 @@ def test_evaluate_ships_every_benchmark(user_model, work):
     out = work / "eval.json"
     run("evaluate", "--model", folder, "--limit", 12, "--max-tokens", 600, "--json", out)
     res = strict_json(out)
-    assert set(res["benchmarks"]) >= {"occupations", "stereoset", "crows", "winobias", "winogender",
+    assert set(res["benchmarks"]) >= {"contrast_test", "contrast_edit", "contrast_validation",
+                                      "occupations", "stereoset", "crows", "winobias", "winogender",
                                       "perplexity", "knowledge"}
+    assert list(res["benchmarks"])[0] == "contrast_test"
+    check_contrast(res["benchmarks"]["contrast_test"])
     assert math.isfinite(res["benchmarks"]["perplexity"]["perplexity"])
 
 
@@ -154,7 +175,12 @@ def test_export_and_demo(user_model, work):
     run("export", "--model", folder, "--out", work / "export")
     loads_in_transformers(work / "export")
     run("demo", "--model", folder, "--max-prompts", 6, "--edit-prompts", 12, *QUICK, "--out", work / "demo")
-    assert (work / "demo" / "report.html").exists()
+    assert "Headline: the stereotype contrast" in (work / "demo" / "report.html").read_text()
+    rep = strict_json(work / "demo" / "report.json")
+    check_contrast(rep["before"]["contrast_test"])
+    check_contrast(rep["after"]["contrast_test"])
+    assert rep["headline"]["benchmark"] == "contrast_test" and len(rep["headline"]["ci"]["cut"]) == 2
+    assert len(rep["per_template_contrast"]["contrast_test"]) == rep["headline"]["n"]
     loads_in_transformers(work / "demo" / "model")
     numbers = list(all_numbers(strict_json(work / "demo" / "effects.json")))
     assert all(math.isfinite(x) for x in numbers)
