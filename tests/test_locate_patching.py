@@ -4,6 +4,9 @@
   on the same TransformerBridge (they run there: the bridge exposes ``hook_resid_pre`` etc. as
   aliases and ``cfg.n_layers``), per prompt, ≤ 1e-5.
 - Noise tracing equals a one-forward-per-site reference built with the bridge's own hooks.
+- Every family (GPT-2, NeoX, OPT, LLaMA) on the engine's own path equals TransformerLens; the
+  fused GPT-2 blocks equal the bridge's blocks; attribution through them equals the bridge's
+  gradients. The GPT-2-small benchmark's sites are checked in tests/test_locate_parity.py (slow).
 """
 
 from __future__ import annotations
@@ -42,35 +45,128 @@ def _engine(model, early_start=True, metric=None, **kw):
     hooks = [act_name(c, l) for c in ("resid_pre", "mlp_out", "attn_out") for l in range(model.n_layers)]
     src, _ = clean_source(model, cb, hooks, rows)
     base = Base(xb.input_ids, xb.attention_mask, xb.lengths, rows)
-    # merge_tokens=0 and a small token budget: many chunks, each skipping its unchanged prefix
+    # by default merge_tokens=0 and a small token budget: many chunks, each skipping its
+    # unchanged prefix
+    kw = {"max_tokens": 40, "merge_tokens": 0, **kw}
     return PatchEngine(model, base, {"clean": src}, metric, early_start=early_start, progress=False,
-                       max_tokens=40, merge_tokens=0, **kw), cb, xb, metric
+                       **kw), cb, xb, metric
 
 
-def test_exact_patching_equals_transformer_lens(model):
+def _tl_sweeps(model, cb, xb, metric):
+    """TransformerLens ``patching`` of the three components: ``{component: [layer, pos, prompt]}``."""
     from transformer_lens import patching as tlp
 
-    from biaslens.locate.patching import (patch_attn_out_by_pos, patch_mlp_out_by_pos,
-                                          patch_resid_pre_by_pos)
-
-    engine, cb, xb, metric = _engine(model)
-    assert engine.early_start and engine.skip_prefix  # re-entry + cached-prefix path under test
     _, cache = model.bridge.run_with_cache(cb.input_ids)
     last = xb.lengths - 1
 
     def tl_metric(logits):  # per prompt, at each prompt's last real token
         return metric(logits[torch.arange(len(last)), last])
 
-    pairs = [(patch_resid_pre_by_pos, tlp.get_act_patch_resid_pre),
-             (patch_mlp_out_by_pos, tlp.get_act_patch_mlp_out),
-             (patch_attn_out_by_pos, tlp.get_act_patch_attn_out)]
-    for ours_fn, tl_fn in pairs:
-        ours = ours_fn(engine)  # [layer, pos, prompt]
-        ref = tl_fn(model.bridge, xb.input_ids, cache, tl_metric, reduce="none").values
-        assert ours.shape == ref.shape
-        torch.testing.assert_close(ours, ref.to(ours.dtype), atol=1e-5, rtol=0)
-    # the patches matter (not a comparison of two unpatched runs)
-    assert (ours - engine.base_metric[None, None]).abs().max() > 1e-3
+    fns = {"resid": tlp.get_act_patch_resid_pre, "mlp": tlp.get_act_patch_mlp_out, "attn": tlp.get_act_patch_attn_out}
+    return {c: f(model.bridge, xb.input_ids, cache, tl_metric, reduce="none").values for c, f in fns.items()}
+
+
+def _assert_equals_tl(engine, ref):
+    from biaslens.locate.patching import (patch_attn_out_by_pos, patch_mlp_out_by_pos,
+                                          patch_resid_pre_by_pos)
+
+    fns = {"resid": patch_resid_pre_by_pos, "mlp": patch_mlp_out_by_pos, "attn": patch_attn_out_by_pos}
+    for c, fn in fns.items():
+        ours = fn(engine)  # [layer, pos, prompt]
+        assert ours.shape == ref[c].shape
+        torch.testing.assert_close(ours, ref[c].to(ours.dtype), atol=1e-5, rtol=0)
+        # the patches matter (not a comparison of two unpatched runs)
+        assert (ours - engine.base_metric[None, None]).abs().max() > 1e-3
+
+
+def test_exact_patching_equals_transformer_lens(model):
+    engine, cb, xb, metric = _engine(model)
+    # re-entry and the cached prefix under test: through the fused blocks on GPT-2 (their calls
+    # split the final block), else through the bridge's with the split and mixed lengths
+    assert engine.early_start and engine.skip_prefix
+    assert engine.fused == (type(model.bridge.blocks[0].original_component).__name__ == "GPT2Block")
+    assert engine.fused or (engine.split_final and engine.mix_lengths)
+    _assert_equals_tl(engine, _tl_sweeps(model, cb, xb, metric))
+
+
+@pytest.mark.parametrize("arch", ["neox", "opt"])
+def test_every_family_equals_transformer_lens(arch, tiny_dirs):
+    """The engine on the bridge's own blocks (these families have no fused path), chunks merged
+    by the planner (default budget) and one-row chunks (max_tokens=1)."""
+    import biaslens
+
+    model = biaslens.load(tiny_dirs[arch])
+    small, cb, xb, metric = _engine(model)
+    assert not small.fused and small.early_start and small.skip_prefix
+    ref = _tl_sweeps(model, cb, xb, metric)
+    _assert_equals_tl(small, ref)
+    merged, *_ = _engine(model, max_tokens=8192, merge_tokens=None)
+    _assert_equals_tl(merged, ref)
+    assert merged.stats["block_calls"] < small.stats["block_calls"]
+
+
+def test_fused_gpt2_blocks_equal_the_bridge_blocks(tiny_dirs):
+    """GPT-2 through the fused blocks (one call per block for a sweep) and through the bridge's
+    blocks: the same numbers, and TransformerLens's."""
+    import biaslens
+    from biaslens.locate.patching import patch_by_pos
+
+    model = biaslens.load(tiny_dirs["gpt2"])
+    fused, cb, xb, metric = _engine(model, max_tokens=8192, merge_tokens=None)
+    bridge, *_ = _engine(model, max_tokens=8192, merge_tokens=None, fused=False)
+    assert fused.fused and not bridge.fused and bridge.split_final and bridge.mix_lengths
+    a, b = patch_by_pos(fused), patch_by_pos(bridge)
+    for c in a:
+        torch.testing.assert_close(a[c], b[c], atol=1e-5, rtol=0)
+    assert fused.stats["block_calls"] == model.n_layers  # every group of the sweep in one call per block
+    _assert_equals_tl(bridge, _tl_sweeps(model, cb, xb, metric))
+
+
+def test_patch_by_pos_and_source_runs_give_the_sweeps_numbers(model):
+    """One run of the three sweeps equals the three sweeps; a clean run computed in the base
+    forward (SourceRun) equals one computed before (clean_source), logits too."""
+    from biaslens.hooks import act_name
+    from biaslens.locate.patching import (Base, PatchEngine, SourceRun, clean_source, patch_attn_out_by_pos,
+                                          patch_by_pos, patch_mlp_out_by_pos, patch_resid_pre_by_pos)
+
+    engine, cb, xb, metric = _engine(model)
+    rows = torch.arange(len(cb))
+    hooks = [act_name(c, l) for c in ("resid_pre", "mlp_out", "attn_out") for l in range(model.n_layers)]
+    base = Base(xb.input_ids, xb.attention_mask, xb.lengths, rows)
+    riding = PatchEngine(model, base, {"clean": SourceRun(cb, hooks, rows)}, metric, progress=False)
+    _, clean_last = clean_source(model, cb, hooks, rows)
+    torch.testing.assert_close(riding.source_logits["clean"], clean_last, atol=1e-5, rtol=0)
+    torch.testing.assert_close(riding.base_logits, engine.base_logits, atol=1e-5, rtol=0)
+    together = patch_by_pos(riding)
+    for c, fn in (("resid", patch_resid_pre_by_pos), ("mlp", patch_mlp_out_by_pos), ("attn", patch_attn_out_by_pos)):
+        torch.testing.assert_close(together[c], fn(engine), atol=1e-5, rtol=0)
+
+
+def test_attribution_scores_equal_the_bridge_gradients(model):
+    """attribution_scores (on GPT-2: the fused blocks, the shared prefix run once) gives
+    gradient_attribution's scores after clean_source; the shared prefix scores exactly 0."""
+    from biaslens.hooks import act_name
+    from biaslens.locate.attribution import _shared_prefix, attribution_scores, gradient_attribution
+    from biaslens.locate.patching import Base, clean_source
+    from biaslens.metrics import pronoun_log_ratio
+
+    cb, xb = model.encode(CLEAN), model.encode(CORRUPT)
+    metric = pronoun_log_ratio(model, CLEAN)
+    rows = torch.arange(len(cb))
+    hooks = [act_name(c, l) for c in ("resid_pre", "mlp_out", "attn_out") for l in range(model.n_layers)]
+    base = Base(xb.input_ids, xb.attention_mask, xb.lengths, rows)
+    src, clean_last = clean_source(model, cb, hooks, rows)
+    ref, ref_m = gradient_attribution(model, base, src, metric, hooks)
+    got, m, last = attribution_scores(model, cb, base, metric, hooks)
+    torch.testing.assert_close(m, ref_m, atol=1e-5, rtol=0)
+    cols = metric.columns
+    torch.testing.assert_close(last[:, cols], clean_last[:, cols], atol=1e-4, rtol=0)
+    skip = _shared_prefix(cb, base, rows)
+    assert skip >= 1  # BOS (and "The"/"My") shared
+    for h in hooks:
+        torch.testing.assert_close(got[h], ref[h], atol=1e-6, rtol=1e-4)
+        assert not got[h][:, :skip].any()
+    assert max(float(ref[h].abs().max()) for h in hooks) > 1e-4  # not all zero
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -104,10 +200,12 @@ def test_noop_skipping_and_metric_columns_change_no_number(model):
     """The two shortcuts against the engine without them: skipping patches whose source equals
     the base (the prompts share "The"/"My" and BOS) and unembedding only the pronoun columns."""
     from biaslens.locate.patching import patch_attn_out_by_pos, patch_resid_pre_by_pos
-    from biaslens.metrics import pronoun_log_ratio
+    from biaslens.metrics import LogitMetric, pronoun_log_ratio
 
     full_metric = pronoun_log_ratio(model, CLEAN)
-    plain = full_metric.fn  # the same function, without the declared columns
+    # the same per-prompt function, without the declared columns
+    plain = LogitMetric(full_metric.fn, full_metric.name)
+    plain._subset = lambda idx: LogitMetric(full_metric.subset(idx).fn, full_metric.name)
 
     fast, cb, xb, _ = _engine(model)
     slow, *_ = _engine(model, metric=plain, skip_noops=False)

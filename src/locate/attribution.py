@@ -1,7 +1,7 @@
 """Attribution patching: every site's indirect effect from one forward and one backward pass.
 
 First-order approximation of activation patching (Nanda 2023; Syed et al. 2023, "Attribution
-Patching Outperforms Automated Circuit Discovery"; METHODS.md §1):
+Patching Outperforms Automated Circuit Discovery"; docs/methods/tracing.md):
 
     IE(site) ≈ (a_source(site) − a_base(site)) · ∂m/∂a (site), evaluated on the base run.
 
@@ -12,6 +12,7 @@ linearisation of patching them together). Use it to screen; confirm with exact p
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -21,11 +22,17 @@ from jaxtyping import Float
 from biaslens.hooks import act_name
 from biaslens.locate.effects import EffectMap
 from biaslens.locate.noise import noise_base, prepare, signed_effects
-from biaslens.locate.patching import LAYER_HOOKS, ActSource, Base, clean_source, metric_rows, role_masks
+from biaslens.locate.patching import (
+    LAYER_HOOKS, ActSource, Base, _add, _AttentionDone, _FusedGPT2, _Group, _last_logits, _take, _untap, _window,
+    clean_source, metric_rows, role_masks,
+)
 from biaslens.prompts import ROLES
 
 if TYPE_CHECKING:
     from biaslens.model import BiasModel
+    from biaslens.prompts import TokenBatch
+
+__all__ = ["gradient_attribution", "attribution_scores", "role_sums", "attribution_patch"]
 
 
 def _grab(act: torch.Tensor, hook: Any, store: dict, name: str) -> torch.Tensor:
@@ -39,24 +46,239 @@ def _embed_leaf(act: torch.Tensor, hook: Any, delta: torch.Tensor | None) -> tor
     return act if delta is None else act + delta.to(act.dtype)
 
 
+@contextmanager
+def _frozen(model: "BiasModel", fused: _FusedGPT2 | None = None):
+    """Parameters (the bridge's own copies too; only those ``fused`` reads, where given) out of
+    autograd while active: a backward then computes activation gradients only, and the
+    forward keeps nothing for weight gradients."""
+    pool = model.bridge.parameters() if fused is None else fused.parameters()
+    params = [p for p in pool if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def gradient_attribution(
     model: "BiasModel", base: Base, source: ActSource, metric: Callable, hooks: Sequence[str],
 ) -> tuple[dict[str, Float[torch.Tensor, "rows pos ..."]], torch.Tensor]:
     """``(a_source − a_base) * ∂m/∂a`` elementwise for every hook (not yet summed over the last
-    axis), from one forward and one backward pass over the base rows; also the base metric."""
+    axis), from one forward and one backward pass over the base rows; also the base metric.
+    Only the last tokens are unembedded and no parameter gets a gradient."""
     bridge = model.bridge
     store: dict[str, torch.Tensor] = {}
     fwd = [(act_name("embed"), partial(_embed_leaf, delta=base.embed_delta))]
     fwd += [(h, partial(_grab, store=store, name=h)) for h in hooks]
-    with torch.enable_grad(), bridge.hooks(fwd_hooks=fwd):
-        logits = bridge(base.input_ids, attention_mask=base.attention_mask)
-        rows = torch.arange(len(base), device=logits.device)
-        m = metric_rows(metric, logits[rows, base.lengths - 1], base.prompt_idx)
+    with torch.enable_grad(), _frozen(model):
+        last = _last_logits(bridge, base.input_ids, base.attention_mask, base.lengths, fwd)
+        m = metric_rows(metric, last, base.prompt_idx)
         grads = torch.autograd.grad(m.sum(), [store[h] for h in hooks])
     out = {}
     for h, g in zip(hooks, grads):
         out[h] = (source.acts[h][source.rows] - store[h].detach()) * g
     return out, m.detach()
+
+
+def _shared_prefix(clean: "TokenBatch", base: Base, rows: torch.Tensor) -> int:
+    """Leading positions where every base row has exactly its clean row's input (tokens,
+    mask, no perturbation): activations there are the same in both runs (causal attention)."""
+    width = int(base.input_ids.shape[1])
+    if int(clean.input_ids.shape[1]) != width:
+        return 0
+    same = (base.input_ids == clean.input_ids[rows]) & (base.attention_mask == clean.attention_mask[rows])
+    if base.embed_delta is not None:
+        same &= (base.embed_delta == 0).all(-1)
+    diff = (~same).any(0)
+    return int(diff.int().argmax()) if bool(diff.any()) else width
+
+
+def attribution_scores(
+    model: "BiasModel", clean: "TokenBatch", base: Base, metric: Callable, hooks: Sequence[str],
+    rows: torch.Tensor | None = None,
+) -> tuple[dict[str, Float[torch.Tensor, "rows pos ..."]], torch.Tensor, torch.Tensor]:
+    """:func:`gradient_attribution` with the clean run included (base row ``r`` reads clean row
+    ``rows[r]``, default ``base.prompt_idx``): ``(scores, base metric, clean last-token logits)``.
+
+    Where the model's blocks run fused (:class:`~biaslens.locate.patching._FusedGPT2`, checked
+    against the bridge on the clean rows) and the hooks are residual, attention- or MLP-output
+    sites, the leading positions every base row shares with its clean row are run once (in the
+    clean run: their activations, hence their scores, are the same in both runs, so their scores
+    are exactly 0) and the corrupted forward and its backward cover the rest only, the final
+    block with its last position alone in full; the clean logits are then the metric's columns
+    only (``-inf`` elsewhere) where it declares them. Else: the clean run, then
+    :func:`gradient_attribution`."""
+    rows = base.prompt_idx if rows is None else rows
+    hooks = list(hooks)
+    skip = _shared_prefix(clean, base, rows)
+    fused = _FusedGPT2.build(model.bridge)
+    sites = all(h.rsplit(".", 1)[-1] in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out") for h in hooks)
+    shortest = min(int(clean.lengths.min()), int(base.lengths.min()))
+    if fused is not None and sites and fused.supports(hooks) and skip < shortest:
+        got = _fused_attribution(model, fused, clean, base, rows, metric, hooks, skip)
+        if got is not None:
+            return got
+    src, clean_last = clean_source(model, clean, hooks, rows)
+    scores, m = gradient_attribution(model, base, src, metric, hooks)
+    return scores, m, clean_last
+
+
+def _by_length(lengths: torch.Tensor, lo: int, x: torch.Tensor) -> list[_Group]:
+    """Groups of equal-length rows (indices into ``x``), each holding its positions ``lo:length``."""
+    groups = []
+    for n in lengths.unique().tolist():
+        idx = (lengths == n).nonzero().squeeze(1)
+        g = _Group(idx, [0] * len(idx), lo, int(n), {}, [0, int(n) - lo])
+        g.x, g.joined = x[idx, : int(n) - lo], len(idx)
+        groups.append(g)
+    return groups
+
+
+def _fused_attribution(model, fused: _FusedGPT2, clean: "TokenBatch", base: Base, rows: torch.Tensor,
+                       metric: Callable, hooks: list[str], skip: int):
+    """:func:`attribution_scores` through ``fused``: one stopped bridge forward for both runs'
+    embeddings (and block 0's arguments), the fused final block checked there against the
+    bridge's own on two clean rows (else None: the caller runs the bridge), the clean run
+    (no gradients; keys and values of the shared prefix kept), the corrupted run over positions
+    ``skip:`` on that prefix, one backward. Rows of each length run as one group (no padding
+    computed); the final block runs whole at the last position only (keys and values before)."""
+    L, n, B = model.n_layers, len(base), len(clean)
+    width = int(base.input_ids.shape[1])
+    x0, args = _block0_input(model, clean, base)
+    check = torch.arange(min(2, B), device=x0.device)
+    if not _fused_agrees(model, fused, x0[check], _take(args, check, B + n), clean.lengths[check]):
+        return None
+    head = _Head(model, metric)
+    with torch.no_grad():  # the clean run: every position, keys and values kept
+        gc = _by_length(clean.lengths, 0, x0[:B])
+        for g in gc:
+            g.kv = []
+        taps: dict = {}
+        clean_acts: dict[str, torch.Tensor] = {}
+        for j in range(L):
+            if j < L - 1:
+                fused.packed(j, gc, taps)
+            else:
+                outs = fused.packed_last(j, gc, taps)
+            for h in hooks:
+                if h in taps:
+                    clean_acts[h] = _untap(taps[h], [t for t, _ in taps[h]], gc, B, width)
+            taps.clear()
+        prefix = []
+        for j in range(L):
+            k0 = gc[0].kv[j][0]
+            keys = k0.new_zeros((B, k0.shape[1], skip, k0.shape[3]))
+            values = keys.clone()
+            for g in gc:
+                keys[g.rows], values[g.rows] = g.kv[j][0][:, :, :skip], g.kv[j][1][:, :, :skip]
+            prefix.append((keys, values))
+        clean_last = torch.empty((B, int(model.bridge.cfg.d_vocab)), device=x0.device)
+        clean_last[torch.cat([g.rows for g in gc])] = head(torch.cat(outs))
+    with torch.enable_grad(), _frozen(model, fused):  # the corrupted run from the prefix on
+        gb = _by_length(base.lengths, skip, x0[B:, skip:])
+        for g in gb:
+            g.x = g.x.detach().requires_grad_(True)
+        entries: dict[str, list] = {h: [] for h in hooks}
+        for j in range(L):
+            for g in gb:
+                src = rows[g.rows]
+                g.prefix = (prefix[j][0][src], prefix[j][1][src])
+            taps = {}
+            if j < L - 1:
+                fused.packed(j, gb, taps)
+            else:
+                outs = fused.packed_last(j, gb, taps)
+            for h in hooks:
+                if h in taps:
+                    entries[h] = taps[h]
+        order = torch.cat([g.rows for g in gb])
+        m = torch.empty(n, device=x0.device)
+        vals = metric_rows(metric, head(torch.cat(outs)), base.prompt_idx[order])
+        flat = [t for h in hooks for t, _ in entries[h]]
+        grads = torch.autograd.grad(vals.sum(), flat)
+        m[order] = vals.detach()
+    out, at = {}, 0
+    for h in hooks:
+        k = len(entries[h])
+        g_full = _untap(entries[h], grads[at: at + k], gb, n, width)
+        a_full = _untap(entries[h], [t.detach() for t, _ in entries[h]], gb, n, width)
+        at += k
+        out[h] = (clean_acts[h][rows] - a_full) * g_full
+    return out, m, clean_last
+
+
+class _Head:
+    """Final norm and unembedding of last-token residuals: only the metric's columns
+    (``-inf`` elsewhere) where it declares them."""
+
+    def __init__(self, model: "BiasModel", metric: Callable):
+        self.bridge = model.bridge
+        cols = getattr(metric, "columns", None)
+        head = model.hf.get_output_embeddings() if cols is not None else None
+        ok = head is not None and isinstance(getattr(head, "weight", None), torch.Tensor)
+        self.cols, self.head = (cols.to(head.weight.device), head) if ok else (None, None)
+
+    def __call__(self, resid: torch.Tensor) -> torch.Tensor:
+        h = self.bridge.ln_final(resid)
+        if self.cols is None:
+            return self.bridge.unembed(h)
+        bias = getattr(self.head, "bias", None)
+        out = torch.full((h.shape[0], int(self.bridge.cfg.d_vocab)), float("-inf"), dtype=h.dtype, device=h.device)
+        out[:, self.cols] = torch.nn.functional.linear(
+            h, self.head.weight[self.cols].to(h.dtype), None if bias is None else bias[self.cols].to(h.dtype))
+        return out
+
+
+def _fused_agrees(model, fused: _FusedGPT2, x: torch.Tensor, args: tuple, lengths: torch.Tensor) -> bool:
+    """The fused final block gives the bridge's final block's output on ``x`` (with block 0's
+    call arguments ``args``: the same for every block of these models, whose blocks are all of
+    one class) at real positions, to 1e-5 relative."""
+    bridge, width = model.bridge, x.shape[1]
+    a, kw = _window(args[0], 0, width, width, None), _window(args[1], 0, width, width, None)
+    real = torch.arange(width, device=x.device)[None] < lengths[:, None]
+    try:
+        with torch.no_grad():
+            for l in (model.n_layers - 1,):
+                ref = bridge.blocks[l](x, *a, **kw)
+                ref = ref[0] if isinstance(ref, tuple) else ref
+                err = ((fused(l, x, 0, None, {}) - ref).abs().amax(-1) * real).max()
+                if not bool(err <= 1e-5 * (float(ref.abs().max()) + 1.0)):
+                    return False
+    except Exception:  # blocks that cannot be called on their own so
+        return False
+    return True
+
+
+def _block0_input(model: "BiasModel", clean: "TokenBatch", base: Base) -> tuple[torch.Tensor, tuple]:
+    """The residual stream entering block 0 on the clean rows then the base rows (with their
+    embedding perturbation), and block 0's call arguments, from one bridge forward stopped
+    there."""
+    bridge = model.bridge
+    B = len(clean)
+    ids = torch.cat([clean.input_ids, base.input_ids])
+    mask = torch.cat([clean.attention_mask, base.attention_mask])
+    got: dict[str, Any] = {}
+
+    def pre(mod, args, kwargs):
+        got["x"] = args[0] if args else kwargs["hidden_states"]
+        got["args"] = (args[1:], kwargs)
+        raise _AttentionDone
+
+    h = bridge.blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
+    fwd = []
+    if base.embed_delta is not None:
+        delta = torch.cat([base.embed_delta.new_zeros((B,) + base.embed_delta.shape[1:]), base.embed_delta])
+        fwd = [(act_name("embed"), partial(_add, delta=delta))]
+    try:
+        with torch.no_grad(), bridge.hooks(fwd_hooks=fwd):
+            bridge(ids, attention_mask=mask)
+    except _AttentionDone:
+        pass
+    finally:
+        h.remove()
+    return got["x"], got["args"]
 
 
 def role_sums(scores: torch.Tensor, masks: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Causal tracing by noise corruption and restoration (Meng et al. 2022, ROME §2.1; METHODS.md §1).
+"""Causal tracing by noise corruption and restoration (Meng et al. 2022, ROME §2.1; docs/methods/tracing.md).
 
 1. Clean run: metric ``m`` (default ``log P(female) − log P(male)``) at each prompt's last token.
 2. Corrupted runs: Gaussian noise ``ε ~ N(0, ν²)`` added to the token embeddings of every subject

@@ -3,19 +3,24 @@
 Activation patching (ROME; Vig et al.; TransformerLens ``patching.py``) runs a *base* input
 (the corrupted or counterfactual prompt) and puts back, at one *site*, the activation the same
 site had on a *source* run, then reads a metric at the last token. TransformerLens runs one
-forward pass per site. Here:
+forward pass per site. Here (docs/methods/tracing.md):
 
-- **Many variants per forward.** A variant (one site, or a window of sites) is applied to every
-  base row it touches; the (variant, row) pairs are stacked in the batch dimension and chunked to
-  a token budget.
-- **Nothing recomputed that cannot change.** The base run is cached once. A variant whose first
-  patch is in block ``l`` starts from the cached base residual entering block ``l`` and runs
-  only blocks ``l..L-1`` (the bridge's own blocks, called with the arguments the base run gave
-  them, so every hook still fires). Positions before a row's first patched position cannot
-  change (causal attention): they are not recomputed, their keys and values come from the base
-  run's KV cache. The final norm and unembedding run only at each row's last real token, the
-  only position the metric reads. A row a variant does not touch (its role is
-  absent, or the position is padding) is not run: its value is the base value.
+- **Many variants per call.** A variant (one site, or a window of sites) is applied to every
+  base row it touches; the (variant, row) pairs are stacked in the batch dimension. Rows are
+  grouped by the first position a variant changes and by the row's length; each group computes
+  exactly its positions ``first:length`` (no padding), and every group goes through a block in
+  the same call (its positions stacked in one matrix per weight, attention per group), with
+  rows joining at their first patched block: one call per block for a whole sweep, bounded by a
+  token budget.
+- **Nothing recomputed that cannot change.** The base run is cached once (sources given as
+  :class:`SourceRun` ride in the same forward). A row enters at its first patched block from
+  the cached base residual; positions before its first patched position cannot change (causal
+  attention): their keys and values come from the base run's. In the final block only the last
+  position is run whole: earlier positions give their keys and values alone. A patch of a
+  block's MLP output sets the next block's input (``resid_mid + source``; the block output is
+  that sum, checked bitwise on the base run), so that block is not run. Only each row's last
+  token is unembedded. A row a variant does not touch (its role is absent, or the position is
+  padding) is not run: its value is the base value.
 - **No-op patches skipped.** Where a source's activation equals the base run's own at every
   position a patch sets (a prefix shared by the clean and corrupted prompts, a position the noise
   did not touch), the patch changes nothing: a (variant, row) whose every patch is such a no-op
@@ -23,21 +28,27 @@ forward pass per site. Here:
 - **Only the columns the metric reads.** A metric that declares ``columns`` (a log-ratio of
   single tokens, unchanged by a shift of all logits) gets logits unembedded at those columns only
   and ``-inf`` elsewhere.
-- **Right-padded prompts of different lengths.** Masks are per row and position, so each
-  prompt is patched at its own role positions and read at its own last token.
+- **Fused GPT-2 blocks.** For GPT-2-architecture models the blocks run as a few fused ops on the
+  weights the bridge computes with (:class:`_FusedGPT2`); patches are set at the residual,
+  attention- and MLP-output sites there. Any other model, or a patch elsewhere, runs the
+  bridge's own blocks (re-entered with the arguments the base run gave them, so every hook
+  fires), in chunks merged where fewer calls save more than the positions they add.
 
-Both shortcuts are checked once per engine against the full forward (re-entry at block 0, and
-with one cached position); an architecture where either fails falls back (to full prefixes, or
-to full bridge forwards, still batched).
+Every shortcut is checked once per engine against the base run's logits (re-entry after a cached
+prefix, the final block's split, mixed lengths, the fused blocks); an architecture where one
+fails does without it (down to batched full bridge forwards).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+import weakref
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
@@ -77,6 +88,17 @@ class ActSource:
     reads source row ``rows[r]`` (e.g. the clean prompt of a noise sample)."""
 
     acts: dict[str, torch.Tensor]
+    rows: Int[torch.Tensor, "rows"]
+
+
+@dataclass
+class SourceRun:
+    """A source a :class:`PatchEngine` computes itself, in its base forward (one run for both
+    where the widths match): ``batch``'s activations of ``hooks``; base row ``r`` reads source
+    row ``rows[r]``. Its last-token logits land in ``engine.source_logits``."""
+
+    batch: "TokenBatch"
+    hooks: Sequence[str]
     rows: Int[torch.Tensor, "rows"]
 
 
@@ -125,6 +147,33 @@ def _take(obj: Any, idx: torch.Tensor, n_rows: int) -> Any:
 
 
 _CACHE_SLOT = object()  # where a block's KV cache argument goes
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Block call arguments equal: same structure, equal tensors, equal other values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and (a is b or torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
+                and all(_same(a[k], b[k]) for k in a))
+    try:
+        return bool(a is b or a == b)
+    except Exception:
+        return False
+
+
+def _rows_of(obj: Any, idx: torch.Tensor, n_rows: int) -> Any:
+    """Index the batch axis of every tensor in a block's call arguments (KV caches kept)."""
+    if isinstance(obj, torch.Tensor):
+        return obj[idx] if obj.ndim >= 2 and obj.shape[0] == n_rows else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_rows_of(o, idx, n_rows) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _rows_of(v, idx, n_rows) for k, v in obj.items()}
+    return obj
 
 
 def _merge(args: list[Any], sizes: list[int]) -> Any:
@@ -192,42 +241,48 @@ def _cache_as_past_key_values(bridge: Any, layers: Iterable[int]):
             h.remove()
 
 
-def _skip(obj: Any, skip: int, width: int, kv: Any) -> Any:
-    """Block arguments for positions ``skip:`` only: slice the query axis of masks and the
-    position axis of position ids / rotary tables; put ``kv`` (the prefix's KV cache, or None)
-    in the cache slot."""
+def _window(obj: Any, lo: int, hi: int, width: int, kv: Any) -> Any:
+    """Block call arguments for positions ``lo:hi`` of the base run's ``width``: a mask
+    ``[.., width, width]`` keeps query rows ``lo:hi`` and key columns ``:hi``; position ids, rotary
+    tables and cache positions (an axis of ``width`` at dim 1, or a 1-D ``[width]``) keep
+    ``lo:hi``; the KV-cache slot gets ``kv`` (the prefix's keys and values, or None)."""
     if obj is _CACHE_SLOT:
         return kv
-    if not skip:
-        if isinstance(obj, (tuple, list)):
-            return type(obj)(_skip(o, 0, width, kv) for o in obj)
-        return {k: _skip(v, 0, width, kv) for k, v in obj.items()} if isinstance(obj, dict) else obj
     if isinstance(obj, torch.Tensor):
+        if lo == 0 and hi == width:
+            return obj
         if obj.ndim == 4 and obj.shape[-2:] == (width, width):
-            return obj[:, :, skip:, :]
+            return obj[:, :, lo:hi, :hi]
         if obj.ndim == 1 and obj.shape[0] == width:
-            return obj[skip:]
+            return obj[lo:hi]
         if obj.ndim >= 2 and obj.shape[1] == width:
-            return obj[:, skip:]
+            return obj[:, lo:hi]
         return obj
     if isinstance(obj, tuple):
-        return tuple(_skip(o, skip, width, kv) for o in obj)
+        return tuple(_window(o, lo, hi, width, kv) for o in obj)
     if isinstance(obj, list):
-        return [_skip(o, skip, width, kv) for o in obj]
+        return [_window(o, lo, hi, width, kv) for o in obj]
     if isinstance(obj, dict):
-        out = {k: _skip(v, skip, width, kv) for k, v in obj.items()}
-        if "use_cache" in out:
+        out = {k: _window(v, lo, hi, width, kv) for k, v in obj.items()}
+        if kv is not None and "use_cache" in out:
             out["use_cache"] = True
         return out
     return obj
 
 
-def _setter(act: torch.Tensor, hook: Any, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Hook: ``act = where(mask, src, act)`` for each ``(mask, src)`` (mask broadcast on the right)."""
-    for mask, src in parts:
-        while mask.ndim < act.ndim:
-            mask = mask.unsqueeze(-1)
-        act = torch.where(mask, src.to(act.dtype), act)
+def _setter(act: torch.Tensor, hook: Any, parts: list, win: list[int]) -> torch.Tensor:
+    """Hook: ``act[idx] = where(mask, src, act[idx])`` for each ``(idx, mask, src)`` (``idx``
+    None: every row; the mask broadcast on the right), at positions ``win[0]:win[1]`` of the
+    span the parts were cut to (the positions this block call computes)."""
+    lo, hi = win
+    for idx, mask, src in parts:
+        m, s = mask[:, lo:hi], src[:, lo:hi].to(act.dtype)
+        while m.ndim < act.ndim:
+            m = m.unsqueeze(-1)
+        if idx is None:
+            act = torch.where(m, s, act)
+        else:
+            act = act.index_put((idx,), torch.where(m, s, act[idx]))
     return act
 
 
@@ -241,11 +296,361 @@ def _add(act: torch.Tensor, hook: Any, delta: torch.Tensor) -> torch.Tensor:
     return act + delta.to(act.dtype)
 
 
+class _AttentionDone(Exception):
+    """Raised once the final block's attention has run: its keys and values are in the cache,
+    and the rest of the block is not needed at these positions."""
+
+
+def _stop_after_attention(mod, args, out):
+    raise _AttentionDone
+
+
+def _in_block(p: "Patch") -> bool:
+    """The patch's hook fires inside block ``p.layer`` (re-entering there runs it)."""
+    return p.hook.startswith(f"blocks.{p.layer}.")
+
+
+def _last_logits(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
+                 hooks: Sequence = ()) -> torch.Tensor:
+    """Logits at each row's last real token from one bridge forward, unembedding only those
+    positions (``logits_to_keep``) where the model takes it."""
+    last = lengths - 1
+    rows = torch.arange(len(ids), device=ids.device)
+    try:
+        logits = bridge.run_with_hooks(ids, fwd_hooks=list(hooks), attention_mask=mask,
+                                       logits_to_keep=last[:, None])
+        if logits.ndim == 3 and logits.shape[1] == 1:
+            return logits[:, 0]
+    except TypeError:  # a model whose forward takes no logits_to_keep
+        logits = bridge.run_with_hooks(ids, fwd_hooks=list(hooks), attention_mask=mask)
+    return logits[rows, last]
+
+
+# ---------------------------------------------------------------- fused blocks
+_FUSED_POINTS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+
+
+def _activation(mod: Any) -> Callable | None:
+    """A fused op computing HF activation module ``mod``'s function, or None."""
+    name = type(mod).__name__
+    if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation"):
+        return partial(torch.nn.functional.gelu, approximate="tanh")
+    if name == "GELUActivation" and getattr(mod, "act", None) in (None, torch.nn.functional.gelu):
+        return torch.nn.functional.gelu
+    return None
+
+
+_FUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class _FusedGPT2:
+    """The blocks of a GPT-2-architecture bridge as a few fused ops on the weights the bridge
+    itself computes with (its q/k/v copies, the HF output, MLP and norm weights):
+    ``F.layer_norm``, one q/k/v matmul, ``scaled_dot_product_attention``, a fused GELU. The
+    bridge's blocks run ~15 hook points, a layer norm and a GELU of several Python-level ops
+    each and three q/k/v matmuls; on a CPU these make a block call ~1.2-1.35x slower. Patches
+    can be set where the residual stream enters or leaves a block and at the attention and MLP
+    outputs (:data:`_FUSED_POINTS`); anything else runs the bridge's blocks. The engine uses it
+    only after its check against the bridge's own forward passes (re-entry logits to 1e-4).
+
+    A block here reads only positions ``lo:`` of its input and the base run's keys and values
+    before ``lo``; padding positions get causal attention alone (their values differ from the
+    bridge's, and no real position reads them)."""
+
+    def __init__(self, bridge: Any):
+        self.blocks = list(bridge.blocks)
+        self._qkv: dict[int, tuple] = {}
+        self._tail = [p for m in (bridge.ln_final, bridge.unembed) for p in m.parameters()]
+
+    @classmethod
+    def build(cls, bridge: Any) -> "_FusedGPT2 | None":
+        """The fused blocks of ``bridge`` (one per bridge: its q/k/v matrices are built once),
+        or None where its blocks are not GPT-2's."""
+        if bridge in _FUSED:
+            return _FUSED[bridge]
+        got = cls._build(bridge)
+        try:
+            _FUSED[bridge] = got
+        except TypeError:  # a bridge that takes no weak reference
+            pass
+        return got
+
+    @classmethod
+    def _build(cls, bridge: Any) -> "_FusedGPT2 | None":
+        cfg = getattr(bridge, "cfg", None)
+        if cfg is None or getattr(cfg, "use_attn_result", False) or getattr(cfg, "use_split_qkv_input", False) \
+                or getattr(cfg, "use_attn_in", False):
+            return None
+        try:
+            for blk in bridge.blocks:
+                hf, attn, mlp = blk.original_component, blk.attn, blk.mlp
+                ha = attn.original_component
+                ok = (type(hf).__name__ == "GPT2Block" and type(ha).__name__ == "GPT2Attention"
+                      and not getattr(ha, "is_cross_attention", True) and getattr(ha, "scale_attn_weights", False)
+                      and not getattr(ha, "scale_attn_by_inverse_layer_idx", True)
+                      and not getattr(ha, "reorder_and_upcast_attn", True)
+                      and all(isinstance(getattr(attn, n).original_component, torch.nn.Linear) for n in "qkv")
+                      and type(attn.o.original_component).__name__ == "Conv1D"
+                      and type(getattr(mlp, "in").original_component).__name__ == "Conv1D"
+                      and type(mlp.out.original_component).__name__ == "Conv1D"
+                      and _activation(mlp.original_component.act) is not None
+                      and all(isinstance(ln.original_component, torch.nn.LayerNorm) and not ln.uses_rms_norm
+                              for ln in (blk.ln1, blk.ln2)))
+                if not ok:
+                    return None
+        except AttributeError:
+            return None
+        return cls(bridge)
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Every weight the fused blocks read (and the final norm's and output embedding's)."""
+        out = []
+        for blk in self.blocks:
+            mods = [blk.ln1, blk.ln2, blk.attn.q, blk.attn.k, blk.attn.v, blk.attn.o,
+                    getattr(blk.mlp, "in"), blk.mlp.out]
+            for m in mods:
+                oc = m.original_component
+                out += [t for t in (oc.weight, getattr(oc, "bias", None)) if isinstance(t, torch.Tensor)]
+        return out + list(self._tail)
+
+    def supports(self, names: Iterable[str]) -> bool:
+        pts = set(_FUSED_POINTS)
+        for n in names:
+            head, _, point = str(n).partition(".")
+            rest = point.split(".", 1)
+            if head != "blocks" or len(rest) != 2 or not rest[0].isdigit() or rest[1] not in pts:
+                return False
+        return True
+
+    def _qkv_weights(self, l: int):
+        """The bridge's q, k, v weights as one ``[3 d, d]`` matrix (rebuilt when any changes)."""
+        attn = self.blocks[l].attn
+        mods = [getattr(attn, n).original_component for n in "qkv"]
+        key = tuple((id(t), t._version) for m in mods for t in (m.weight, m.bias) if t is not None)
+        hit = self._qkv.get(l)
+        if hit is None or hit[0] != key:
+            w = torch.cat([m.weight for m in mods])
+            b = torch.cat([m.bias for m in mods]) if all(m.bias is not None for m in mods) else None
+            hit = self._qkv[l] = (key, w, b)
+        return hit[1], hit[2]
+
+    @staticmethod
+    def _norm(ln: Any, x: torch.Tensor) -> torch.Tensor:
+        m = ln.original_component
+        eps = getattr(ln.config, "eps", m.eps) if getattr(ln, "config", None) is not None else m.eps
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), m.weight, m.bias, eps)
+
+    def kv(self, l: int, x: torch.Tensor, points: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[n, heads, pos, d_head]`` block ``l`` makes of input ``x``."""
+        blk = self.blocks[l]
+        x = _point(points, l, "hook_resid_pre", x)
+        n, P, d = x.shape
+        H = blk.attn.original_component.num_heads
+        w, b = self._qkv_weights(l)
+        kv = torch.nn.functional.linear(self._norm(blk.ln1, x), w[d:], None if b is None else b[d:])
+        k, v = kv.view(n, P, 2, H, d // H).unbind(2)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def __call__(self, l: int, x: torch.Tensor, lo: int, prefix: tuple | None, points: dict,
+                 keep_kv: list | None = None) -> torch.Tensor:
+        """Block ``l`` at positions ``lo:lo + x.shape[1]``; ``prefix``: keys and values before;
+        ``keep_kv``: gets this block's keys and values of these positions appended."""
+        F = torch.nn.functional
+        blk = self.blocks[l]
+        attn, mlp = blk.attn, blk.mlp
+        x = _point(points, l, "hook_resid_pre", x)
+        n, P, d = x.shape
+        ha = attn.original_component
+        H, dh = ha.num_heads, ha.head_dim
+        w, b = self._qkv_weights(l)
+        q, k, v = F.linear(self._norm(blk.ln1, x), w, b).view(n, P, 3, H, dh).unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if keep_kv is not None:
+            keep_kv.append((k, v))
+        if prefix is not None and prefix[0].shape[2]:
+            k, v = torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)
+        K = k.shape[2]
+        if K == P:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            mask = torch.ones(P, K, dtype=torch.bool, device=x.device).tril(K - P)
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        o = attn.o.original_component
+        a = torch.addmm(o.bias, z.transpose(1, 2).reshape(n * P, d), o.weight).view(n, P, d)
+        x = _point(points, l, "hook_attn_out", a) + x
+        fc, proj = getattr(mlp, "in").original_component, mlp.out.original_component
+        h = torch.addmm(fc.bias, self._norm(blk.ln2, x).reshape(n * P, d), fc.weight)
+        h = _activation(mlp.original_component.act)(h)
+        m = torch.addmm(proj.bias, h, proj.weight).view(n, P, d)
+        return _point(points, l, "hook_resid_post", x + _point(points, l, "hook_mlp_out", m))
+
+    # -- several groups of rows through one block call: one matmul per weight for all their
+    # positions, attention per group (its own positions and cached prefix)
+    def _attend(self, l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                prefix: tuple | None) -> torch.Tensor:
+        """``[n, P, d]`` attention output (before the output projection) of one group."""
+        if prefix is not None and prefix[0].shape[2]:
+            k, v = torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)
+        n, H, P, dh = q.shape
+        K = k.shape[2]
+        if K == P:
+            z = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            mask = torch.ones(P, K, dtype=torch.bool, device=q.device).tril(K - P)
+            z = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return z.transpose(1, 2).reshape(n, P, H * dh)
+
+    def _heads(self, l: int, t: torch.Tensor, n: int, P: int, parts: int) -> tuple:
+        ha = self.blocks[l].attn.original_component
+        return tuple(x.transpose(1, 2) for x in t.view(n, P, parts, ha.num_heads, ha.head_dim).unbind(2))
+
+    def packed(self, l: int, groups: list, taps: dict | None = None) -> None:
+        """Block ``l`` over every group's ``x`` ``[n, P, d]`` (replaced by the block's output),
+        the groups' tokens stacked in one matrix for the matmuls. ``taps``: gets, per point,
+        the tensor on the forward's path there and which rows are whose (see :func:`_untap`);
+        a group with a ``kv`` list gets its keys and values appended."""
+        blk = self.blocks[l]
+        xs = [_point(g.points, l, "hook_resid_pre", g.x) for g in groups]
+        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) if len(xs) > 1 else xs[0].reshape(-1, xs[0].shape[-1])
+        d = flat.shape[1]
+        w, b = self._qkv_weights(l)
+        qkv = torch.nn.functional.linear(self._norm(blk.ln1, flat), w, b)
+        zs, at, layout = [], 0, []
+        for i, (g, x) in enumerate(zip(groups, xs)):
+            n, P = x.shape[:2]
+            q, k, v = self._heads(l, qkv[at: at + n * P], n, P, 3)
+            if getattr(g, "kv", None) is not None:
+                g.kv.append((k, v))
+            zs.append(self._attend(l, q, k, v, g.prefix).reshape(n * P, d))
+            layout.append((i, at, n, P, 0))
+            at += n * P
+        o = blk.attn.o.original_component
+        a = self._each(groups, xs, l, "hook_attn_out", torch.addmm(o.bias, torch.cat(zs) if len(zs) > 1 else zs[0], o.weight))
+        h = a + flat
+        m = self._each(groups, xs, l, "hook_mlp_out", self._mlp(l, h))
+        out = self._each(groups, xs, l, "hook_resid_post", h + m)
+        if taps is not None:
+            for name, t in (("hook_resid_pre", flat), ("hook_attn_out", a), ("hook_mlp_out", m)):
+                taps[f"blocks.{l}.{name}"] = [(t, layout)]
+        at = 0
+        for g, x in zip(groups, xs):
+            n, P = x.shape[:2]
+            g.x = out[at: at + n * P].view(n, P, d)
+            at += n * P
+
+    def packed_last(self, l: int, groups: list, taps: dict | None = None) -> list[torch.Tensor]:
+        """The final block over every group, whole at each row's last position (``x[:, -1]``)
+        only: the positions before it get keys and values alone (nothing else there reaches
+        the last position's output). Returns the groups' output residuals ``[n, d]`` at the last
+        position. ``taps`` as in :meth:`packed` (attention and MLP outputs at the last position
+        only)."""
+        blk = self.blocks[l]
+        xs = [_point(g.points, l, "hook_resid_pre", g.x) for g in groups]
+        d = xs[0].shape[-1]
+        w, b = self._qkv_weights(l)
+        mids = [x[:, :-1].reshape(-1, d) for x in xs if x.shape[1] > 1]
+        kv_mid = (torch.nn.functional.linear(self._norm(blk.ln1, torch.cat(mids)), w[d:], None if b is None else b[d:])
+                  if mids else None)
+        last = torch.cat([x[:, -1] for x in xs])
+        qkv = torch.nn.functional.linear(self._norm(blk.ln1, last), w, b)
+        zs, at_mid, at, layout = [], 0, 0, []
+        for i, (g, x) in enumerate(zip(groups, xs)):
+            n, P = x.shape[:2]
+            q, k, v = self._heads(l, qkv[at: at + n], n, 1, 3)
+            prefix, km, vm = g.prefix, k[:, :, :0], v[:, :, :0]
+            if P > 1:
+                km, vm = self._heads(l, kv_mid[at_mid: at_mid + n * (P - 1)], n, P - 1, 2)
+                at_mid += n * (P - 1)
+                prefix = (km, vm) if prefix is None else (torch.cat([prefix[0], km], 2), torch.cat([prefix[1], vm], 2))
+            if getattr(g, "kv", None) is not None:
+                g.kv.append((torch.cat([km, k], 2), torch.cat([vm, v], 2)))
+            zs.append(self._attend(l, q, k, v, prefix).reshape(n, d))
+            g.win[:] = [P - 1, P]  # the setters now see the last position only
+            layout.append((i, at, n, 1, P - 1))
+            at += n
+        ones = [x[:, -1:] for x in xs]
+        o = blk.attn.o.original_component
+        a = self._each(groups, ones, l, "hook_attn_out", torch.addmm(o.bias, torch.cat(zs) if len(zs) > 1 else zs[0], o.weight))
+        h = a + last
+        m = self._each(groups, ones, l, "hook_mlp_out", self._mlp(l, h))
+        out = self._each(groups, ones, l, "hook_resid_post", h + m)
+        if taps is not None:
+            taps[f"blocks.{l}.hook_resid_pre"] = [(x, [(i, 0, x.shape[0], x.shape[1], 0)]) for i, x in enumerate(xs)]
+            taps[f"blocks.{l}.hook_attn_out"] = [(a, layout)]
+            taps[f"blocks.{l}.hook_mlp_out"] = [(m, layout)]
+        res, at = [], 0
+        for x in xs:
+            res.append(out[at: at + x.shape[0]])
+            at += x.shape[0]
+        return res
+
+    def _mlp(self, l: int, h: torch.Tensor) -> torch.Tensor:
+        blk = self.blocks[l]
+        fc, proj = getattr(blk.mlp, "in").original_component, blk.mlp.out.original_component
+        u = _activation(blk.mlp.original_component.act)(torch.addmm(fc.bias, self._norm(blk.ln2, h), fc.weight))
+        return torch.addmm(proj.bias, u, proj.weight)
+
+    @staticmethod
+    def _each(groups: list, xs: list, l: int, name: str, flat: torch.Tensor) -> torch.Tensor:
+        """Apply each group's setter at point ``name`` to its rows of ``flat`` (in place)."""
+        at = 0
+        for g, x in zip(groups, xs):
+            n, P = x.shape[:2]
+            fn = g.points.get(f"blocks.{l}.{name}")
+            if fn is not None:
+                part = flat[at: at + n * P].view(n, P, -1)
+                res = fn(part, None)
+                if res is not part:
+                    flat[at: at + n * P] = res.reshape(n * P, -1)
+            at += n * P
+        return flat
+
+
+def _untap(entries: list, values: Sequence[torch.Tensor], groups: list, rows: int, width: int) -> torch.Tensor:
+    """``[rows, width, ...]`` from tapped tensors (or their gradients, ``values``, one per
+    entry): each group's rows at its positions ``lo + pos``, zeros elsewhere."""
+    out = None
+    for (_, layout), val in zip(entries, values):
+        for gi, at, n, P, pos in layout:
+            g = groups[gi]
+            part = val if val.ndim == 3 else val[at: at + n * P].reshape(n, P, -1)
+            if out is None:
+                out = part.new_zeros((rows, width, part.shape[-1]))
+            out[g.rows[:n], g.lo + pos: g.lo + pos + P] = part
+    return out
+
+def _point(points: dict, layer: int, name: str, act: torch.Tensor) -> torch.Tensor:
+    fn = points.get(f"blocks.{layer}.{name}")
+    return act if fn is None else fn(act, None)
+
+
+class _Group:
+    """Rows of one packed call sharing their span ``lo:hi`` (all end at ``hi - 1``): base rows,
+    the block each enters at, the setter hooks by name and the window they read."""
+
+    def __init__(self, rows: torch.Tensor, starts: list[int], lo: int, hi: int, points: dict, win: list[int]):
+        self.rows, self.starts, self.lo, self.hi = rows, starts, lo, hi
+        self.points, self.win = points, win
+        self.x: torch.Tensor | None = None
+        self.joined, self.prefix = 0, None
+
+
+# a pass of a token through the final block's attention alone, as a fraction of a whole block
+# (GPT-2: q, k, v and output projections 4 d² of 12 d² MACs): the planner's estimate
+_ATTN_FRACTION = 1 / 3
+
+
 class PatchEngine:
     """Exact activation patching of many variants over one base run (see module docstring).
 
     ``sources``: name → :class:`ActSource`; the base run's own activations of ``cache_hooks`` are
     added as source ``"base"`` (used to *freeze* a path, e.g. ROME's severed MLP).
+    ``sources`` values may be :class:`SourceRun` s (computed in the base forward). ``max_tokens``:
+    positions per block call; ``merge_tokens``: what one more bridge block call costs, in positions
+    computed (the planner merges groups while that saves work; 0: never); ``fused``: use
+    :class:`_FusedGPT2` where it applies and passes the check (False: the bridge's blocks always).
+    After construction ``early_start``, ``skip_prefix``, ``split_final``, ``mix_lengths`` and
+    ``fused`` say which shortcuts passed their checks.
     """
 
     def __init__(
@@ -261,21 +666,32 @@ class PatchEngine:
         max_tokens: int = 8192,
         merge_tokens: int | None = None,
         progress: bool = True,
+        fused: bool = True,
     ):
         self.model, self.base, self.metric = model, base, metric
+        self._use_fused = fused
         self.sources = dict(sources)
         self.max_tokens, self.progress = max_tokens, progress
-        # recomputing a few unchanged positions is cheaper than another chunk (a bridge call per
-        # block): merge while the extra positions stay under ~2^24 / d_model^2 (28 for d = 768)
-        self.merge_tokens = (max(8, 2**24 // model.d_model**2) if merge_tokens is None
+        # a block call reads all its weights whatever the batch, and small models pay Python
+        # overhead per call: both are worth ~32 positions of work for d = 768, more below
+        self.merge_tokens = (max(32, 2**24 // model.d_model**2) if merge_tokens is None
                              else merge_tokens)
         self.n_layers = model.n_layers
-        # work done by run(): chunks, block-token passes (rows × positions × blocks), unembedded rows
-        self.stats = {"chunks": 0, "block_tokens": 0, "unembed_rows": 0, "noop_rows": 0}
+        # fused calls: positions per call such that the MLP's hidden activations stay ~24 MB
+        # (larger calls run slower per position on a CPU: they spill out of its caches)
+        self.pack_tokens = min(max_tokens, max(256, 6 * 2**20 // max(1, int(getattr(model, "d_mlp", 0) or 4 * model.d_model))))
+        # work done by run(): chunks, block calls, block-token passes (whole blocks), final-block
+        # positions run through attention only, unembedded rows, (variant, row) no-ops
+        self.stats = {"chunks": 0, "block_calls": 0, "block_tokens": 0, "attn_tokens": 0,
+                      "unembed_rows": 0, "noop_rows": 0}
         self.skip_noops = skip_noops
         self._eq: dict[tuple[str, str], torch.Tensor] = {}
+        self._derived: dict[str, ActSource] = {}  # sources computed from others (see _folded)
+        self.source_logits: dict[str, torch.Tensor] = {}  # last-token logits of each SourceRun
+        self.checks = 0  # re-entry checks run (see _settle)
         # base activations of every hook a source can patch (to recognise no-op patches)
-        patchable = set().union(*(s.acts for s in self.sources.values())) if skip_noops else set()
+        patchable = set().union(*(s.acts if isinstance(s, ActSource) else set(s.hooks)
+                                  for s in self.sources.values())) if skip_noops else set()
         self._run_base(set(cache_hooks), patchable, early_start, reentry_check)
 
     # ------------------------------------------------------------ base run
@@ -287,32 +703,42 @@ class PatchEngine:
 
     def _run_base(self, cache_hooks: set[str], patchable: set[str], early_start: bool,
                   reentry_check: tuple[int, int] | None = None) -> None:
-        """Run the base rows once (in row chunks that bound the ``[rows, pos, vocab]`` logits),
-        keeping the residual entering every block, ``cache_hooks``, each block's call arguments
-        and its keys and values (from the KV cache), all merged over chunks. Re-entry is checked
-        at block 0 with 0 and 1 cached positions, or only at ``reentry_check = (block, cached
-        positions)`` when the caller will only ever re-enter there (a cheaper check)."""
+        """Run the base rows once (in row chunks), keeping the residual entering every block,
+        ``cache_hooks``, each block's call arguments and its keys and values (from the KV cache),
+        all merged over chunks, and the last-token logits. Then check the shortcuts (see
+        :meth:`_settle`)."""
         b = self.base
-        width, vocab = int(b.input_ids.shape[1]), int(self.model.bridge.cfg.d_vocab)
-        step = max(1, min(self.max_tokens // max(1, width), 2**26 // max(1, width * vocab)))
+        width = int(b.input_ids.shape[1])
+        step = max(1, self.max_tokens // max(1, width))
         chunks = [torch.arange(s, min(len(b), s + step), device=b.input_ids.device)
                   for s in range(0, len(b), step)]
-        names = cache_hooks | patchable
-        self._alias: list[int] = []  # blocks whose attention takes the cache as past_key_values
-        first = self._run_base_rows(chunks[0], names)
-        empty = [l for l, kv in enumerate(_cache_kv(_find_cache(first[2].get(0)))) if kv is None]
-        if empty:  # their attention ignored the cache under the name the block passed it: again
+        names = cache_hooks | patchable | self._fold_hooks()
+        # sources to compute in the base forward itself (rows of the same width: one run)
+        runs = {k: v for k, v in self.sources.items() if isinstance(v, SourceRun)}
+        ride = [(k, r) for k, r in runs.items() if int(r.batch.input_ids.shape[1]) == width]
+        for k, r in runs.items():
+            if (k, r) not in ride:
+                self.sources[k], self.source_logits[k] = clean_source(self.model, r.batch, r.hooks, r.rows)
+        # blocks whose attention takes the cache as past_key_values: all of them where block 0's
+        # attention ignores the cache under the name the block passes it (one block run to see)
+        self._alias: list[int] = list(range(self.n_layers)) if self._ignores_cache(chunks[0][:1]) else []
+        first = self._run_base_rows(chunks[0], names, ride)
+        empty = [l for l, kv in enumerate(first[4]) if kv is None]
+        if empty and not self._alias:  # some attention ignored the cache: again, aliasing those
             del first
             self._alias = empty
-            first = self._run_base_rows(chunks[0], names)
-            if any(kv is None for kv in _cache_kv(_find_cache(first[2].get(0)))):
+            first = self._run_base_rows(chunks[0], names, ride)
+            if any(kv is None for kv in first[4]):
                 self._alias = []
+        for k, r in ride:
+            acts, last_k = first[5][k]
+            self.sources[k], self.source_logits[k] = ActSource(acts, r.rows), last_k
         parts = [first] + [self._run_base_rows(r, names) for r in chunks[1:]]
         cache = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
         last = torch.cat([p[1] for p in parts])
         captured = {l: _merge([p[2][l] for p in parts], [p[3] for p in parts])
                     for l in parts[0][2] if all(l in p[2] for p in parts)}
-        kvs = [_cache_kv(_find_cache(p[2].get(0))) for p in parts]
+        kvs = [p[4] for p in parts]
         self._kv = None  # per block: the base rows' (keys, values)
         if all(len(kv) == self.n_layers and all(t is not None for t in kv) for kv in kvs):
             self._kv = kvs[0] if len(kvs) == 1 else [
@@ -325,22 +751,214 @@ class PatchEngine:
         self._block_args = captured
         self.sources["base"] = ActSource({k: v for k, v in cache.items() if k in cache_hooks}, rows)
         self._cols = self._column_head()
-        start, skip = reentry_check or (0, 0)
-        able = early_start and len(captured) == self.n_layers and (self._kv is not None or skip == 0)
-        ok = able and self._check_reentry(skip, start)
-        if able and not ok and self._cols is not None:  # retry with every logit column
-            self._cols = None
-            ok = self._check_reentry(skip, start)
-        self.early_start = ok
-        # skipping an unchanged prefix needs the base run's KV cache, checked like re-entry
-        # (already, when the caller named the only place it will re-enter)
-        self.skip_prefix = ok if reentry_check else (
-            ok and self._kv is not None and self._check_reentry(1))
+        self._fold = self._fold_layers()
+        self._settle(early_start and len(captured) == self.n_layers, reentry_check)
 
-    def _run_base_rows(self, rows: torch.Tensor, cache_hooks: set[str]):
-        """One base forward over ``rows``: (cache, last-token logits, block arguments, n rows)."""
+    def _ignores_cache(self, rows: torch.Tensor) -> bool:
+        """Block 0 run alone (the forward stopped after it): True when its attention left the KV
+        cache the block was handed empty."""
+        bridge, b = self.model.bridge, self.base
+        captured: dict[int, tuple] = {}
+
+        def pre(mod, args, kwargs):
+            captured[0] = (args[1:], kwargs)
+
+        handles = [bridge.blocks[0].register_forward_pre_hook(pre, with_kwargs=True),
+                   bridge.blocks[0].register_forward_hook(_stop_after_attention)]
+        try:
+            with torch.no_grad():
+                bridge(b.input_ids[rows], attention_mask=b.attention_mask[rows])
+        except _AttentionDone:
+            pass
+        except Exception:  # no block 0 to stop after: the base run will tell
+            return False
+        finally:
+            for h in handles:
+                h.remove()
+        kv = _cache_kv(_find_cache(captured.get(0)))
+        return bool(kv) and kv[0] is None
+
+    # ------------------------------------------------- MLP outputs folded forward
+    def _mlp_layers(self) -> list[int]:
+        """Layers whose MLP output some source can patch."""
+        have = set().union(*(s.acts if isinstance(s, ActSource) else set(s.hooks) for s in self.sources.values()))
+        return [l for l in range(self.n_layers) if act_name("mlp_out", l) in have]
+
+    def _fold_hooks(self) -> set[str]:
+        """Base-run hooks that show whether a block's output is its ``resid_mid`` plus its MLP
+        output (then a patch of the MLP output is a patch of the next block's input)."""
+        layers = self._mlp_layers()
+        have = getattr(self.model.bridge, "hook_dict", {})
+        names = {act_name(c, l) for l in layers for c in ("resid_mid", "mlp_out")}
+        names = names | {act_name("resid_post", self.n_layers - 1)} if layers else set()
+        return names if all(n in have for n in names) else set()  # some models have no resid_mid
+
+    def _fold_layers(self) -> set[int]:
+        """Layers ``l`` where the base run's block output equals ``resid_mid + mlp_out``
+        bitwise (the residual sum is the block's last operation): there, setting the MLP output
+        at some positions is setting the next block's input (or the final residual) there to
+        ``resid_mid + source``, and block ``l`` need not run."""
+        c, L, out = self.base_cache, self.n_layers, set()
+        for l in self._mlp_layers():
+            nxt = act_name("resid_pre", l + 1) if l + 1 < L else act_name("resid_post", L - 1)
+            mid, mlp = c.get(act_name("resid_mid", l)), c.get(act_name("mlp_out", l))
+            if mid is not None and mlp is not None and nxt in c and mid.shape == c[nxt].shape \
+                    and torch.equal(mid + mlp, c[nxt]):
+                out.add(l)
+        return out
+
+    def _folded(self, var: Variant) -> Variant:
+        """A one-patch variant setting an MLP output where that folds: the same values set at the
+        next block's input (layer ``L`` for the final residual) from a derived source."""
+        if len(var) != 1:
+            return var
+        p = var[0]
+        if p.unit is not None or p.layer not in self._fold or p.hook != act_name("mlp_out", p.layer):
+            return var
+        L, nxt = self.n_layers, p.layer + 1
+        hook = act_name("resid_pre", nxt) if nxt < L else act_name("resid_post", L - 1)
+        name = f"{p.source}:{p.hook}->{hook}"
+        if name not in self._derived:
+            rows = torch.arange(len(self.base), device=self.base.input_ids.device)
+            mid = self.base_cache[act_name("resid_mid", p.layer)]
+            self._derived[name] = ActSource({hook: mid + self._source(p.source, p.hook, rows).to(mid.dtype)}, rows)
+        return (Patch(hook, nxt, p.positions, name),)
+
+    def _settle(self, able: bool, reentry_check: tuple[int, int] | None) -> None:
+        """Which shortcuts this model allows, each checked against the base run's own logits:
+        ``fused`` (the :class:`_FusedGPT2` blocks, whose calls split the final block and never mix
+        lengths), else through the bridge's blocks ``early_start`` (re-entry at a block),
+        ``skip_prefix`` (a cached prefix), ``split_final`` (the final block's attention alone at
+        positions before the last) and ``mix_lengths`` (rows of different lengths in one call),
+        tried together first, then fewer; the whole again with every logit column where the
+        metric declared fewer. Where the fused blocks pass, the bridge's are checked on first
+        need (:meth:`_bridge_ok`)."""
+        L = self.n_layers
+        self.early_start = self.skip_prefix = self.split_final = self.mix_lengths = self.fused = False
+        self._metric_width = int(self.model.bridge.cfg.d_vocab)
+        self._fused = _FusedGPT2.build(self.model.bridge) if self._use_fused else None
+        if reentry_check is not None:
+            start, skip = reentry_check
+        else:
+            start, skip = 0, 1 if self._kv is not None else 0
+        if not able or (skip and self._kv is None):
+            return
+        # blocks of one class handed the same arguments behave alike: checking the last three
+        # (a block's output into the next, a cached prefix at each, the split) stands for all
+        if self._same_blocks():
+            start = max(start, L - 3)
+        self._entry = (start, skip, reentry_check is not None)
+        self._bridge: bool | None = None  # the bridge's blocks re-enter (None: not checked yet)
+        for cols in ((self._cols, None) if self._cols is not None else (None,)):
+            self._cols = cols
+            if self._fused is not None and self._kv is not None:
+                self.fused = True
+                if self._check(start, skip, True, False) and (
+                        reentry_check is not None or not skip or self._check(max(0, L - 2), 0, True, False)):
+                    self.early_start = True  # split_final, mix_lengths: the bridge's, once checked
+                    self.skip_prefix = bool(skip) or reentry_check is not None
+                    self._metric_width = self._column_width()
+                    return
+                self.fused = False
+            if self._settle_bridge():
+                self._metric_width = self._column_width()
+                return
+        self._cols, self.fused, self._bridge = None, False, False
+
+    def _settle_bridge(self) -> bool:
+        """Check re-entry through the bridge's own blocks (needed by patches the fused blocks
+        cannot set, and by :meth:`forward_from`): the split and mixed lengths together first,
+        then fewer. Sets the flags; False where none passes."""
+        start, skip, named = self._entry
+        fused, self.fused = self.fused, False
+        try:
+            for split, mixed in ((True, True), (False, True), (True, False), (False, False)):
+                if not self._check(start, skip, split, mixed):
+                    continue
+                # a caller naming its only re-entry point is checked there; else re-entry
+                # without a prefix (positions from 0) is checked too, where it is cheap
+                if not named and skip and not self._check(max(0, self.n_layers - 2), 0, split, mixed):
+                    continue
+                self._bridge, self.early_start, self.split_final, self.mix_lengths = True, True, split, mixed
+                self.skip_prefix = bool(skip) or named
+                return True
+            self._bridge = False
+            return False
+        finally:
+            self.fused = fused
+
+    def _bridge_ok(self) -> bool:
+        """The bridge's blocks re-enter (checked on first need where the fused blocks passed)."""
+        if self._bridge is None:
+            early, prefix = self.early_start, self.skip_prefix
+            if not self._settle_bridge():
+                self.early_start, self.skip_prefix = early, prefix  # the fused blocks still re-enter
+        return bool(self._bridge)
+
+    def _same_blocks(self) -> bool:
+        """Every block is of one class (its attention and MLP too) and was handed arguments equal
+        to the last block's (tensors equal, the KV cache aside)."""
+        blocks = self.model.bridge.blocks
+
+        def kind(bl):
+            return tuple(type(getattr(bl, n, None)) for n in ("original_component", "attn", "mlp"))
+
+        ref_kind, ref_args = kind(blocks[-1]), _take(self._block_args[self.n_layers - 1], None, -1)
+        return all(kind(bl) == ref_kind and _same(_take(self._block_args[l], None, -1), ref_args)
+                   for l, bl in enumerate(blocks))
+
+    def _check(self, start: int, skip: int, split: bool, mixed: bool) -> bool:
+        """Re-entering at block ``start`` after ``skip`` cached positions reproduces the full
+        forward's last-token logits: a few rows of the commonest length computing only their own
+        positions (the final block split if ``split``) and, if ``mixed``, two rows of different
+        lengths in one padded call (from block ``L - 2``: the same arguments every block)."""
+        self.checks += 1
+        lengths = self.base.lengths
+        ok = (lengths > skip).nonzero().squeeze(1)
+        if not len(ok):
+            return skip == 0
+        ls = lengths[ok]
+        vals, counts = ls.unique(return_counts=True)
+        uniform = ok[ls == vals[counts.argmax()]][:2]
+        runs = [(uniform, start, split)]
+        if mixed and len(vals) > 1 and not self.fused:  # fused calls never mix lengths
+            other = ok[ls != lengths[uniform[0]]][:1]
+            runs.append((torch.cat([uniform[:1], other]), max(start, self.n_layers - 2), False))
+        saved = dict(self.stats)
+        try:
+            for rows, s, sp in runs:
+                hi = int(lengths[rows].max())
+                with torch.no_grad():
+                    again = self._forward_rows(rows, [s] * len(rows), skip, hi, [], split=sp,
+                                               fused=self.fused)
+                ref = self.base_logits[rows]
+                if self._cols is not None:
+                    again, ref = again[:, self._cols[0]], ref[:, self._cols[0]]
+                scale = float(ref.abs().max()) + 1.0
+                if not bool((again - ref).abs().max() <= 1e-4 * scale):
+                    return False
+        except Exception:  # an architecture whose blocks cannot be called on their own so
+            return False
+        finally:
+            self.stats = saved
+        return True
+
+    def _run_base_rows(self, rows: torch.Tensor, cache_hooks: set[str], ride: Sequence = ()):
+        """One base forward over ``rows``, with the rows of the :class:`SourceRun` s ``ride``
+        appended: (cache, last-token logits, block arguments, n rows, each block's (keys, values)
+        or None, {source: (its activations, its last-token logits)}), all but the last of the
+        base rows alone."""
         b, bridge = self.base, self.model.bridge
-        names = {act_name("resid_pre", l) for l in range(self.n_layers)} | cache_hooks
+        own = {act_name("resid_pre", l) for l in range(self.n_layers)} | cache_hooks
+        names = set(own)
+        ids, mask, lengths = b.input_ids[rows], b.attention_mask[rows], b.lengths[rows]
+        n, spans = len(rows), []
+        for k, r in ride:
+            spans.append((k, r, len(ids), len(ids) + len(r.batch)))
+            ids = torch.cat([ids, r.batch.input_ids.to(ids.device)])
+            mask = torch.cat([mask, r.batch.attention_mask.to(mask.device)])
+            lengths = torch.cat([lengths, r.batch.lengths.to(lengths.device)])
+            names = names | set(r.hooks)
         captured: dict[int, tuple] = {}
         handles = []
         for l, block in enumerate(bridge.blocks):
@@ -348,37 +966,27 @@ class PatchEngine:
                 captured[l] = (args[1:], kwargs)
             handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         cache: dict[str, torch.Tensor] = {}
-        hooks = self._embed_hook(rows) + [(n, partial(_keep, cache=cache, name=n)) for n in names]
-        width = int(b.input_ids.shape[1])
-        # rows without padding: their last token is the last position, the only one to unembed
-        kw = {"logits_to_keep": 1} if bool((b.lengths[rows] == width).all()) else {}
+        hooks = [(h, partial(_keep, cache=cache, name=h)) for h in names]
+        d = b.embed_delta
+        if d is not None:
+            d = d[rows]
+            if len(ids) > n:  # source rows get no perturbation
+                d = torch.cat([d, d.new_zeros((len(ids) - n,) + d.shape[1:])])
+            hooks.insert(0, (act_name("embed"), partial(_add, delta=d)))
         try:
-            with (torch.no_grad(), bridge.hooks(fwd_hooks=hooks),
-                  _cache_as_past_key_values(bridge, self._alias)):
-                logits = bridge(b.input_ids[rows], attention_mask=b.attention_mask[rows], **kw)
+            with torch.no_grad(), _cache_as_past_key_values(bridge, self._alias):
+                last = _last_logits(bridge, ids, mask, lengths, hooks)
         finally:
             for h in handles:
                 h.remove()
-        pos = b.lengths[rows] - 1 - (width - logits.shape[1])
-        last = logits[torch.arange(len(rows), device=logits.device), pos]
-        return cache, last, captured, len(rows)
-
-    def _check_reentry(self, skip: int, start: int = 0) -> bool:
-        """Re-entering at block ``start`` (after ``skip`` cached positions) must reproduce the
-        full forward's last-token logits."""
-        rows = (self.base.lengths > skip).nonzero().squeeze(1)
-        if not len(rows):
-            return skip == 0
-        try:
-            with torch.no_grad():
-                again = self._forward_from(start, rows, [], skip)
-        except Exception:  # an architecture whose blocks cannot be called on their own
-            return False
-        ref = self.base_logits[rows]
-        if self._cols is not None:
-            again, ref = again[:, self._cols[0]], ref[:, self._cols[0]]
-        scale = float(ref.abs().max()) + 1.0
-        return bool((again - ref).abs().max() <= 1e-4 * scale)
+        kv = [None if t is None else (t[0][:n], t[1][:n]) for t in _cache_kv(_find_cache(captured.get(0)))]
+        rode = {k: ({h: cache[h][a:z] for h in r.hooks}, last[a:z]) for k, r, a, z in spans}
+        if spans:
+            idx = torch.arange(n, device=ids.device)
+            captured = {l: _rows_of(c, idx, len(ids)) for l, c in captured.items()}
+            cache = {h: cache[h][:n] for h in own}
+            last = last[:n]
+        return cache, last, captured, n, kv, rode
 
     def _column_head(self):
         """``(columns, output embedding)`` when the metric declares the columns it reads and the
@@ -387,161 +995,405 @@ class PatchEngine:
         head = self.model.hf.get_output_embeddings() if cols is not None else None
         if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
             return None
-        return cols.to(head.weight.device), head
+        dev = head.weight.device  # meta: offloaded by accelerate (runs on the model's device)
+        return cols.to(self.model.device if dev.type == "meta" else dev), head
+
+    def _column_width(self) -> int:
+        """Width of the logits handed to the metric: up to its last declared column (it reads no
+        other, and every other is ``-inf``), where that gives the base run's values; the
+        vocabulary otherwise. A log-softmax over 50k mostly ``-inf`` columns per row would cost
+        more than the two columns' unembedding."""
+        vocab = int(self.model.bridge.cfg.d_vocab)
+        if self._cols is None:
+            return vocab
+        cols = self._cols[0]
+        width = int(cols.max()) + 1
+        full = torch.full_like(self.base_logits, float("-inf"))
+        full[:, cols] = self.base_logits[:, cols]
+        try:
+            a = metric_rows(self.metric, full, self.base.prompt_idx)
+            b = metric_rows(self.metric, full[:, :width].contiguous(), self.base.prompt_idx)
+        except Exception:
+            return vocab
+        same = a.shape == b.shape and bool(((a - b).abs() <= 1e-6 * (1 + a.abs())).all())
+        return width if same else vocab
 
     def _unembed(self, resid: torch.Tensor, full: bool = False) -> torch.Tensor:
-        """Logits of final residuals: full, or only the metric's columns (``-inf`` elsewhere)."""
+        """Logits of final residuals: full, or only the metric's columns (``-inf`` elsewhere, up
+        to the last of them)."""
         bridge = self.model.bridge
         if self._cols is None or full:
             return bridge.unembed(bridge.ln_final(resid))
         cols, head = self._cols
         h = bridge.ln_final(resid)
-        bias = getattr(head, "bias", None)
-        out = torch.full((h.shape[0], int(bridge.cfg.d_vocab)), float("-inf"), dtype=h.dtype, device=h.device)
-        out[:, cols] = torch.nn.functional.linear(  # sliced per call: the weights may change
-            h, head.weight[cols].to(h.dtype), None if bias is None else bias[cols].to(h.dtype))
+        out = torch.full((h.shape[0], self._metric_width), float("-inf"), dtype=h.dtype, device=h.device)
+        from accelerate.utils import align_module_device  # an offloaded head: real weights inside
+
+        with align_module_device(getattr(head, "original_component", None) or head):
+            bias = getattr(head, "bias", None)
+            out[:, cols] = torch.nn.functional.linear(  # sliced per call: the weights may change
+                h, head.weight[cols].to(h.dtype), None if bias is None else bias[cols].to(h.dtype))
         return out
 
     # ------------------------------------------------------------- forwards
-    def _forward_from(self, start: int, rows: torch.Tensor, hooks: list, skip: int = 0,
-                      full: bool = False) -> torch.Tensor:
-        """Last-token logits of base ``rows`` run from block ``start`` with ``hooks``; the first
-        ``skip`` positions (unchanged by the hooks) come from the base run's KV cache. ``full``:
-        every vocabulary column even when the metric declares fewer. Differentiable (no
-        ``no_grad`` here): gradients reach tensors the hooks add."""
-        bridge, n = self.model.bridge, len(self.base)
-        x = self.base_cache[act_name("resid_pre", start)][rows, skip:]
+    def _forward_rows(self, rows: torch.Tensor, starts: Sequence[int], lo: int, hi: int,
+                      hooks: list, win: list[int] | None = None, full: bool = False,
+                      split: bool = False, fused: bool = False) -> torch.Tensor:
+        """Last-token logits of base ``rows``, each re-run from its block ``starts[i]`` (a
+        non-decreasing list: the rows entering at block ``j`` join the batch there, from the base
+        residual), computing positions ``lo:hi`` only: earlier ones cannot change and come from
+        the base run's KV cache; later ones are padding for every row. ``split``: every row ends
+        at ``hi - 1``, and the final block runs its attention alone at positions ``lo:hi-1`` (all
+        that later positions read of them) and the whole block at ``hi - 1`` only. ``win``: the
+        position window the setter hooks read, moved for the split. Differentiable (no
+        ``no_grad`` here): gradients reach tensors the hooks add. ``fused``: the blocks run as
+        :class:`_FusedGPT2` (the hooks must be setters at its points)."""
+        bridge, b, L = self.model.bridge, self.base, self.n_layers
+        n_base, width, n = len(b), int(b.input_ids.shape[1]), len(rows)
+        split = split and hi - lo > 1
+        if fused:
+            return self._forward_fused(rows, starts, lo, hi, dict(hooks), win, full, split)
         kv = None
-        if skip:  # a fresh cache holding the prefix of these rows
+        if lo or split:
             from transformers import DynamicCache
 
             kv = DynamicCache()
-            for l, (keys, values) in enumerate(self._kv):
-                kv.update(keys[rows, :, :skip], values[rows, :, :skip], l)
-        width = int(self.base.input_ids.shape[1])
+        win = [0, hi - lo] if win is None else win
+        x, joined = None, 0
         with bridge.hooks(fwd_hooks=hooks), _cache_as_past_key_values(bridge, self._alias):
-            for l in range(start, self.n_layers):
-                args, kwargs = self._block_args[l]
-                args, kwargs = _take(args, rows, n), _take(kwargs, rows, n)
-                args, kwargs = _skip(args, skip, width, kv), _skip(kwargs, skip, width, kv)
-                out = bridge.blocks[l](x, *args, **kwargs)
+            for j in range(starts[0], L):
+                k = bisect_right(starts, j)
+                if k > joined:  # rows entering here start from the base run's residual
+                    new = self.base_cache[act_name("resid_pre", j)][rows[joined:k], lo:hi]
+                    x, joined = (new if x is None else torch.cat([x, new])), k
+                active = rows if k == n else rows[:k]
+                if lo:
+                    keys, values = self._kv[j]
+                    kv.update(keys[active, :, :lo], values[active, :, :lo], j)
+                kv_j = kv if lo or (split and j == L - 1) else None
+                args, kwargs = self._block_args[j]
+                args, kwargs = _take(args, active, n_base), _take(kwargs, active, n_base)
+                block = bridge.blocks[j]
+                if split and j == L - 1:
+                    m = hi - lo - 1
+                    win[:] = [0, m]
+                    handle = block.attn.register_forward_hook(_stop_after_attention)
+                    try:
+                        block(x[:, :m], *_window(args, lo, hi - 1, width, kv_j),
+                              **_window(kwargs, lo, hi - 1, width, kv_j))
+                    except _AttentionDone:
+                        pass
+                    finally:
+                        handle.remove()
+                    win[:] = [m, m + 1]
+                    x, a_lo = x[:, m:], hi - 1
+                    self.stats["attn_tokens"] += k * m
+                    self.stats["block_calls"] += 1
+                else:
+                    a_lo = lo
+                out = block(x, *_window(args, a_lo, hi, width, kv_j), **_window(kwargs, a_lo, hi, width, kv_j))
                 x = out[0] if isinstance(out, tuple) else out
-            last = x[torch.arange(len(rows), device=x.device), self.base.lengths[rows] - 1 - skip]
-            return self._unembed(last, full)
+                self.stats["block_calls"] += 1
+                self.stats["block_tokens"] += k * (hi - a_lo)
+        if split:
+            last = x[:, -1]
+        else:
+            last = x[torch.arange(n, device=x.device), b.lengths[rows] - 1 - lo]
+        self.stats["unembed_rows"] += n
+        return self._unembed(last, full)
+
+    def _forward_fused(self, rows: torch.Tensor, starts: Sequence[int], lo: int, hi: int,
+                       points: dict, win: list[int] | None, full: bool, split: bool) -> torch.Tensor:
+        """:meth:`_forward_rows` through :class:`_FusedGPT2` (rows of one length)."""
+        g = _Group(rows, list(starts), lo, hi, points, [0, hi - lo] if win is None else win)
+        return self._unembed(self._run_groups([g])[0], full)
+
+    def _run_groups(self, groups: list[_Group]) -> list[torch.Tensor]:
+        """Final residuals ``[n, d]`` at the last position of every group, all groups through
+        :class:`_FusedGPT2` together: one call per block, rows joining at their start block
+        from the base residual, the cached prefix from the base run's keys and values."""
+        L, fused = self.n_layers, self._fused
+        for j in range(min(g.starts[0] for g in groups), L):
+            live = []
+            for g in groups:
+                k = bisect_right(g.starts, j)
+                if k > g.joined:
+                    new = self.base_cache[act_name("resid_pre", j)][g.rows[g.joined:k], g.lo:g.hi]
+                    g.x, g.joined = (new if g.x is None else torch.cat([g.x, new])), k
+                if not k:
+                    continue
+                g.prefix = None
+                if g.lo:
+                    keys, values = self._kv[j]
+                    act = g.rows[:k]
+                    g.prefix = (keys[act, :, :g.lo], values[act, :, :g.lo])
+                live.append(g)
+            tokens = sum(g.x.shape[0] * g.x.shape[1] for g in live)
+            self.stats["block_calls"] += 1
+            if j < L - 1:
+                fused.packed(j, live)
+                self.stats["block_tokens"] += tokens
+            else:
+                outs = fused.packed_last(j, live)
+                self.stats["block_tokens"] += sum(g.x.shape[0] for g in live)
+                self.stats["attn_tokens"] += tokens - sum(g.x.shape[0] for g in live)
+        self.stats["unembed_rows"] += sum(len(g.rows) for g in groups)
+        return outs
 
     def forward_from(self, start: int, hooks: Sequence = (), skip: int = 0,
                      rows: torch.Tensor | None = None, full: bool = False) -> torch.Tensor:
         """Last-token logits of the base ``rows`` (default all) re-run from block ``start`` with
-        ``hooks``, recomputing only positions ``skip:`` (the hooks must leave earlier positions
-        unchanged); differentiable in whatever the hooks add. Needs a passed re-entry check."""
-        if not self.early_start or (skip and not self.skip_prefix):
+        ``hooks``, recomputing only positions ``skip:`` up to the longest row (the hooks must
+        leave earlier positions unchanged; they see positions ``skip:`` of every row, in one
+        call per block); differentiable in whatever the hooks add. Needs a passed re-entry
+        check."""
+        if not self.early_start or (skip and not self.skip_prefix) or not self._bridge_ok():
             raise RuntimeError("this engine cannot re-enter blocks (its re-entry check failed)")
         rows = torch.arange(len(self.base), device=self.base.input_ids.device) if rows is None else rows
-        return self._forward_from(start, rows, list(hooks), skip, full)
+        hooks = list(hooks)
+        lengths = self.base.lengths[rows]
+        hi = int(lengths.max())
+        final = f"blocks.{self.n_layers - 1}."
+        # the split runs the final block twice: only for hooks that never fire there
+        split = (self.split_final and bool((lengths == hi).all())
+                 and not any(str(h[0]).startswith(final) or not str(h[0]).startswith("blocks.") for h in hooks))
+        return self._forward_rows(rows, [start] * len(rows), skip, hi, hooks, full=full, split=split)
 
     def _forward_full(self, rows: torch.Tensor, hooks: list) -> torch.Tensor:
-        b, bridge = self.base, self.model.bridge
-        with bridge.hooks(fwd_hooks=self._embed_hook(rows) + hooks):
-            logits = bridge(b.input_ids[rows], attention_mask=b.attention_mask[rows])
-        return logits[torch.arange(len(rows), device=logits.device), b.lengths[rows] - 1]
+        b = self.base
+        self.stats["block_calls"] += self.n_layers
+        self.stats["block_tokens"] += len(rows) * int(b.input_ids.shape[1]) * self.n_layers
+        self.stats["unembed_rows"] += len(rows)
+        return _last_logits(self.model.bridge, b.input_ids[rows], b.attention_mask[rows], b.lengths[rows],
+                            self._embed_hook(rows) + hooks)
 
     # ------------------------------------------------------------ variants
     def run(self, variants: Sequence[Variant], desc: str = "patching") -> Float[torch.Tensor, "variant rows"]:
         """The metric for every (variant, base row); rows a variant does not touch get the base
         value. Returns ``[n_variants, n_rows]``."""
         out = self.base_metric.unsqueeze(0).repeat(len(variants), 1)
-        groups: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
-        width = int(self.base.input_ids.shape[1])
+        b = self.base
+        width = int(b.input_ids.shape[1])
+        lengths = b.lengths.to(out.device)
+        groups: dict[tuple[int, int], list[tuple[int, int, torch.Tensor]]] = {}
+        full: list[tuple[int, int, torch.Tensor]] = []  # variants run as whole forwards
+        final: list[tuple[int, torch.Tensor]] = []  # variants setting only the final residual
+        todo = list(variants)  # what each variant runs as (an MLP output folded forward)
         for v, var in enumerate(variants):
             if not var:
                 continue
-            first = torch.full((len(self.base),), width, dtype=torch.long, device=out.device)
+            first = torch.full((len(b),), width, dtype=torch.long, device=out.device)
             for p in var:  # first patched position of each row (width: untouched)
                 pos = torch.where(p.positions.any(1), p.positions.int().argmax(1), width)
-                first = torch.minimum(first, pos)
+                first = torch.minimum(first, pos.to(out.device))
             if self.skip_noops:
-                live = torch.zeros(len(self.base), dtype=torch.bool, device=out.device)
+                live = torch.zeros(len(b), dtype=torch.bool, device=out.device)
                 for p in var:
-                    live |= ~self._noop(p)
-                self.stats["noop_rows"] += int((~live & (first < width)).sum())
+                    live |= ~self._noop(p).to(out.device)
+                self.stats["noop_rows"] += int((~live & (first < lengths)).sum())
                 first = torch.where(live, first, width)
-            start = min(p.layer for p in var) if self.early_start else 0
-            for skip in first[first < width].unique().tolist():
-                rows = (first == skip).nonzero().squeeze(1)
-                groups.setdefault(start, []).append((skip if self.skip_prefix else 0, v, rows))
-        chunks = list(self._chunks(groups))
+            # a patch at padding only changes no real position (causal attention)
+            first = torch.where(first < lengths, first, width)
+            touched = (first < width).nonzero().squeeze(1)
+            if not len(touched):
+                continue
+            if not (self.early_start and all(_in_block(p) for p in var)):
+                full.append((0, v, touched))
+                continue
+            todo[v] = var = self._folded(var)
+            start = min(p.layer for p in var)
+            if start == self.n_layers:
+                final.append((v, touched))
+                continue
+            skip = first[touched] if self.skip_prefix else torch.zeros_like(touched)
+            key = skip * (width + 1) + lengths[touched]
+            for k in key.unique().tolist():
+                end, s = k % (width + 1), k // (width + 1)
+                groups.setdefault((end, s), []).append((start, v, touched[key == k]))
+        packs = []
+        if self.fused:  # groups whose patches the fused blocks can set: packed calls
+            ok = {key for key, items in groups.items()
+                  if self._fused.supports(p.hook for _, v, _ in items for p in todo[v])}
+            packs = list(self._packs({key: groups.pop(key) for key in sorted(ok)}))
+        if groups and not self._bridge_ok():  # the bridge's blocks cannot re-enter: whole forwards
+            full += [(0, v, r) for items in groups.values() for _, v, r in items]
+            groups = {}
+        chunks = [("pack", p) for p in packs] + [("chunk", c) for c in self._plan(groups)]
+        chunks += [("chunk", (0, width, items, None))
+                   for items in _cut(full, max(1, self.max_tokens // max(1, width)))]
         bar = tqdm(chunks, desc=desc, disable=not self.progress or len(chunks) < 4, leave=False)
         with torch.no_grad():
-            for start, skip, items in bar:
-                v_idx, rows, values = self._run_chunk(start, skip, items, variants)
+            for kind, task in bar:
+                runs = self._run_pack(task, todo) if kind == "pack" else [self._run_chunk(*task[:3], todo, task[3])]
+                for v_idx, rows, values in runs:
+                    out[v_idx, rows] = values
+            if final:
+                v_idx, rows, values = self._run_final(final, todo)
                 out[v_idx, rows] = values
         return out
 
-    def _chunks(self, groups: dict[int, list[tuple[int, int, torch.Tensor]]]):
-        """``(start, skip, items)`` chunks of at most ``max_tokens`` tokens. Within a start layer
-        the (variant, rows) items are sorted by how many leading positions they leave unchanged;
-        a chunk skips the smallest of them, and a new chunk starts once the positions recomputed
-        needlessly by the rows merged into it would exceed ``merge_tokens``."""
-        width = int(self.base.input_ids.shape[1])
-        for start in sorted(groups):
-            items = sorted(groups[start], key=lambda t: t[0])
-            chunk: list[tuple[int, torch.Tensor]] = []
-            n, skip, waste = 0, items[0][0], 0
-            for s, v, rows in items:
-                if chunk and s > skip:
-                    waste += len(rows) * (s - skip)
-                    if waste > self.merge_tokens:
-                        yield start, skip, chunk
-                        chunk, n, skip, waste = [], 0, s, 0
-                while len(rows):
-                    budget = max(1, self.max_tokens // max(1, width - skip))
-                    take = rows[: max(0, budget - n)] if n < budget else rows[:0]
-                    if len(take):
-                        chunk.append((v, take))
-                        n += len(take)
-                        rows = rows[len(take):]
-                    if n >= budget:
-                        yield start, skip, chunk
-                        chunk, n, skip, waste = [], 0, s, 0
-            if chunk:
-                yield start, skip, chunk
+    def _packs(self, groups: dict[tuple[int, int], list[tuple[int, int, torch.Tensor]]]):
+        """Packs of ``(lo, hi, items)`` groups for :meth:`_run_groups`: each ``(end, skip)``
+        group exactly (its own span, no padding, no merging), cut to ``pack_tokens`` positions,
+        groups put together until a pack holds ``pack_tokens``."""
+        pack, size = [], 0
+        for (end, skip), items in groups.items():
+            P = end - skip
+            items = sorted(items, key=lambda t: t[0])
+            for part in _cut(items, max(1, self.pack_tokens // P)):
+                n = sum(len(r) for *_, r in part) * P
+                if pack and size + n > self.pack_tokens:
+                    yield pack
+                    pack, size = [], 0
+                pack.append((skip, end, part))
+                size += n
+        if pack:
+            yield pack
 
-    def _run_chunk(self, start: int, skip: int, items: list[tuple[int, torch.Tensor]],
-                   variants: Sequence[Variant]):
+    def _run_pack(self, pack: list[tuple[int, int, list]], todo: Sequence[Variant]):
+        """``(v_idx, rows, values)`` of every group of a pack, run together."""
+        groups, meta = [], []
+        for lo, hi, items in pack:
+            rows = torch.cat([r for *_, r in items])
+            win = [0, hi - lo]
+            points = {h: partial(_setter, parts=ps, win=win) for h, ps in self._parts(items, lo, hi, todo).items()}
+            groups.append(_Group(rows, [s for s, _, r in items for _ in range(len(r))], lo, hi, points, win))
+            meta.append((torch.cat([torch.full_like(r, v) for _, v, r in items]), rows))
+        outs = self._run_groups(groups)
+        logits = self._unembed(torch.cat(outs))
+        rows = torch.cat([r for _, r in meta])
+        values = metric_rows(self.metric, logits, self.base.prompt_idx[rows])
+        self.stats["chunks"] += 1
+        res, at = [], 0
+        for v_idx, r in meta:
+            res.append((v_idx, r, values[at: at + len(r)]))
+            at += len(r)
+        return res
+
+    def _run_final(self, items: list[tuple[int, torch.Tensor]], todo: Sequence[Variant]):
+        """Variants that set only the final residual (the final block's MLP output, folded): the
+        metric of that residual at each row's last token, where the patch sets it (elsewhere it
+        is the base run's)."""
+        b, L = self.base, self.n_layers
         rows = torch.cat([r for _, r in items])
         v_idx = torch.cat([torch.full_like(r, v) for v, r in items])
-        n, width = len(rows), self.base.input_ids.shape[1]
-        # one mask per (hook, source): [n, pos], or [n, pos, unit] when a patch picks units
-        unit_keys = {(p.hook, p.source) for v, _ in items for p in variants[v] if p.unit is not None}
-        masks: dict[tuple[str, str], torch.Tensor] = {}
-        offset = 0
+        last = b.lengths[rows] - 1
+        at = torch.arange(len(rows), device=rows.device)
+        x = self.base_cache[act_name("resid_post", L - 1)][rows, last]
         for v, r in items:
+            p = todo[v][0]
+            sel = (v_idx == v).nonzero().squeeze(1)
+            m = p.positions[r, last[sel]]
+            src = self._source(p.source, p.hook, r)[at[: len(r)], last[sel]]
+            x[sel] = torch.where(m[:, None], src.to(x.dtype), x[sel])
+        self.stats["unembed_rows"] += len(rows)
+        return v_idx, rows, metric_rows(self.metric, self._unembed(x), b.prompt_idx[rows])
+
+    def _plan(self, groups: dict[tuple[int, int], list[tuple[int, int, torch.Tensor]]]):
+        """``(lo, hi, items, split)`` chunks. Groups of (variant, rows) items sharing a last
+        position ``end`` and a first changed position ``skip`` are merged, in ``(end, skip)``
+        order, where one call computing positions ``min skip : max end`` for all of them costs
+        less than separate calls (cost = positions computed + ``merge_tokens`` per block call,
+        block by block as rows join at their start layer); then cut to ``max_tokens``. Items are
+        sorted by start layer, so the rows active in a block are a prefix of the chunk."""
+        if not groups:
+            return
+        L, C = self.n_layers, self.merge_tokens
+        keys = sorted(groups)
+        hist = []
+        for key in keys:
+            h = np.zeros(L)
+            for start, _, r in groups[key]:
+                h[start] += len(r)
+            hist.append(h)
+
+        def cost(a: int, z: int) -> float:
+            seg = keys[a:z]
+            ends = {e for e, _ in seg}
+            if len(ends) > 1 and not self.mix_lengths:
+                return float("inf")
+            lo, hi = min(s for _, s in seg), max(ends)
+            P = hi - lo
+            active = np.cumsum(np.sum(hist[a:z], axis=0))
+            active = active[active > 0]
+            calls = np.ceil(active / max(1, self.max_tokens // P))
+            tokens = active * P
+            if self.split_final and len(ends) == 1 and P > 1:
+                tokens[-1] = active[-1] * (1 + (P - 1) * _ATTN_FRACTION)
+                calls[-1] *= 2
+            return float((C * calls + tokens).sum())
+
+        window = 48  # longest run of groups one chunk may merge
+        best, cut = [0.0] + [float("inf")] * len(keys), [0] * (len(keys) + 1)
+        for z in range(1, len(keys) + 1):
+            for a in range(max(0, z - window), z):
+                c = best[a] + cost(a, z)
+                if c < best[z]:
+                    best[z], cut[z] = c, a
+        segs, z = [], len(keys)
+        while z:
+            segs.append((cut[z], z))
+            z = cut[z]
+        for a, z in reversed(segs):
+            seg = keys[a:z]
+            lo, hi = min(s for _, s in seg), max(e for e, _ in seg)
+            split = self.split_final and len({e for e, _ in seg}) == 1
+            items = sorted((it for key in seg for it in groups[key]), key=lambda t: t[0])
+            for part in _cut(items, max(1, self.max_tokens // (hi - lo))):
+                yield lo, hi, part, split
+
+    def _parts(self, items: list[tuple[int, int, torch.Tensor]], lo: int, hi: int,
+               variants: Sequence[Variant]) -> dict[str, list]:
+        """Setter parts of a chunk, per hook: ``(idx, mask, src)`` with ``idx`` the chunk rows a
+        (hook, source) patches (None: all), ``mask`` ``[k, hi - lo]`` (``[k, hi - lo, unit]``
+        where a patch picks units) and ``src`` the source's values there."""
+        entries: dict[tuple[str, str], dict[int, list]] = {}
+        off = 0
+        for _, v, r in items:
             for p in variants[v]:
-                key = (p.hook, p.source)
-                if key not in masks:
-                    units = (self._n_units(p.source, p.hook),) if key in unit_keys else ()
-                    masks[key] = torch.zeros((n, width) + units, dtype=torch.bool, device=rows.device)
-                m = masks[key]
-                sel = p.positions[r]
-                if m.ndim == 2:
-                    m[offset: offset + len(r)] |= sel
-                elif p.unit is None:
-                    m[offset: offset + len(r)] |= sel[..., None]
+                sel = p.positions[r][:, lo:hi]
+                if p.unit is not None:
+                    u = torch.zeros(sel.shape + (self._n_units(p.source, p.hook),), dtype=torch.bool,
+                                    device=sel.device)
+                    u[..., p.unit] = sel
+                    sel = u
+                d = entries.setdefault((p.hook, p.source), {})
+                if off in d:  # two patches of one variant on one (hook, source): one mask
+                    prev = d[off][1]
+                    if prev.ndim < sel.ndim:
+                        prev = prev[..., None].expand_as(sel)
+                    elif sel.ndim < prev.ndim:
+                        sel = sel[..., None].expand_as(prev)
+                    d[off][1] = prev | sel
                 else:
-                    m[offset: offset + len(r), :, p.unit] |= sel
-            offset += len(r)
-        parts: dict[str, list] = {}
-        for (hook, source), mask in masks.items():
-            src = self._source(source, hook, rows)
-            parts.setdefault(hook, []).append((mask[:, skip:], src[:, skip:]))
-        hooks = [(hook, partial(_setter, parts=ps)) for hook, ps in parts.items()]
-        if self.early_start:
-            logits = self._forward_from(start, rows, hooks, skip)
-        else:
+                    d[off] = [r, sel]
+            off += len(r)
+        hooks: dict[str, list] = {}
+        for (hook, source), d in entries.items():
+            masks = [m for _, m in d.values()]
+            units = max(m.shape[2] if m.ndim == 3 else 0 for m in masks)
+            if units:
+                masks = [m if m.ndim == 3 else m[..., None].expand(-1, -1, units) for m in masks]
+            idx = torch.cat([torch.arange(o, o + len(e[0])) for o, e in d.items()])
+            src_rows = torch.cat([e[0] for e in d.values()])
+            idx = None if len(idx) == off else idx.to(src_rows.device)
+            hooks.setdefault(hook, []).append(
+                (idx, torch.cat(masks), self._source(source, hook, src_rows, lo, hi)))
+        return hooks
+
+    def _run_chunk(self, lo: int, hi: int, items: list[tuple[int, int, torch.Tensor]],
+                   variants: Sequence[Variant], split: bool | None):
+        rows = torch.cat([r for *_, r in items])
+        v_idx = torch.cat([torch.full_like(r, v) for _, v, r in items])
+        win = [0, hi - lo]
+        hooks = [(h, partial(_setter, parts=ps, win=win))
+                 for h, ps in self._parts(items, lo, hi, variants).items()]
+        if split is None:  # whole forwards
             logits = self._forward_full(rows, hooks)
+        else:
+            starts = [s for s, _, r in items for _ in range(len(r))]  # the bridge's blocks
+            logits = self._forward_rows(rows, starts, lo, hi, hooks, win, split=split)
         self.stats["chunks"] += 1
-        self.stats["block_tokens"] += n * (width - skip) * (self.n_layers - start)
-        self.stats["unembed_rows"] += n if self.early_start else n * width
         return v_idx, rows, metric_rows(self.metric, logits, self.base.prompt_idx[rows])
 
     def _noop(self, p: Patch) -> torch.Tensor:
@@ -566,13 +1418,33 @@ class PatchEngine:
     def _n_units(self, name: str, hook: str) -> int:
         return int(self._source(name, hook, self.base.prompt_idx[:1]).shape[2])
 
-    def _source(self, name: str, hook: str, rows: torch.Tensor) -> torch.Tensor:
-        if name not in self.sources:
+    def _source(self, name: str, hook: str, rows: torch.Tensor, lo: int = 0,
+                hi: int | None = None) -> torch.Tensor:
+        """Source ``name``'s ``hook`` for base ``rows`` at positions ``lo:hi``."""
+        s = self.sources.get(name) or self._derived.get(name)
+        if s is None:
             raise KeyError(f"no source run named {name!r} (have: {', '.join(self.sources)})")
-        s = self.sources[name]
         if hook not in s.acts:
             raise KeyError(f"source {name!r} did not cache {hook!r}")
-        return s.acts[hook][s.rows[rows]]
+        acts = s.acts[hook]
+        return (acts if lo == 0 and hi is None else acts[:, lo:hi])[s.rows[rows]]
+
+
+def _cut(items: list[tuple[int, int, torch.Tensor]], size: int):
+    """Items ``(start, v, rows)`` in order, cut into lists of at most ``size`` rows."""
+    out: list[tuple[int, int, torch.Tensor]] = []
+    n = 0
+    for start, v, rows in items:
+        while len(rows):
+            take = rows[: size - n]
+            out.append((start, v, take))
+            n += len(take)
+            rows = rows[len(take):]
+            if n >= size:
+                yield out
+                out, n = [], 0
+    if out:
+        yield out
 
 
 # ---------------------------------------------------------------- variant builders
@@ -635,12 +1507,26 @@ patch_mlp_out_by_pos = partial(_by_pos, component="mlp")
 patch_attn_out_by_pos = partial(_by_pos, component="attn")
 
 
+def patch_by_pos(engine: PatchEngine, components: Sequence[str] = ("resid", "mlp", "attn"),
+                 source: str = "clean") -> dict[str, Float[torch.Tensor, "layer pos rows"]]:
+    """The named sweeps of several components in one :meth:`PatchEngine.run` (their variants
+    share block calls): ``{component: [layer, pos, rows]}``, the numbers each sweep gives alone."""
+    masks, L = position_masks(engine.base), engine.n_layers
+    variants = [layer_variants(c, range(L), masks, L, 1, source) for c in components]
+    vals = engine.run([v for vs in variants for v in vs], desc="patch " + "+".join(components))
+    out, at = {}, 0
+    for c, vs in zip(components, variants):
+        out[c] = vals[at: at + len(vs)].reshape(L, len(masks), -1)
+        at += len(vs)
+    return out
+
+
 def clean_source(model: "BiasModel", batch: "TokenBatch", hooks: Iterable[str], rows: torch.Tensor,
                  fwd_hooks: Sequence = ()) -> tuple[ActSource, torch.Tensor]:
     """Cache ``hooks`` on ``batch`` (one forward) as a source; also return last-token logits."""
     cache: dict[str, torch.Tensor] = {}
     keep = [(h, partial(_keep, cache=cache, name=h)) for h in set(hooks)]
     with torch.no_grad():
-        logits = model.forward(batch, list(fwd_hooks) + keep)
-    last = logits[torch.arange(len(batch), device=logits.device), batch.lengths - 1]
+        last = _last_logits(model.bridge, batch.input_ids, batch.attention_mask, batch.lengths,
+                            list(fwd_hooks) + keep)
     return ActSource(cache, rows), last

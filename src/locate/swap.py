@@ -1,4 +1,4 @@
-"""Counterfactual swaps (Vig et al. 2020, causal mediation analysis of gender bias; METHODS.md §1).
+"""Counterfactual swaps (Vig et al. 2020, causal mediation analysis of gender bias; docs/methods/tracing.md).
 
 The subject is replaced ("The nurse said that" → "The man said that"). Token positions are aligned
 by role (subject_last ↔ subject_last, last ↔ last, …), so the swap may change the number of
