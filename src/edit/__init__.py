@@ -1,7 +1,8 @@
 """biaslens.edit: remove a located bias from the MLP weights (LSDM) and the baselines.
 
 ``lsdm(model, ...)`` (Cai et al. 2024; METHODS.md §2), ``counterfactual_finetune(model, layers)``,
-``rome_rank_one(model, layer)`` and ``key_covariance(model, layer, corpus_path)``. Each edit
+``rome_rank_one(model, layer)``, ``key_covariance(model, layer, corpus_path)``, and the projection
+peers ``dama(model, ...)`` (Limisiewicz et al. 2024) and ``leace(model, ...)`` (Belrose et al. 2023). Each edit
 leaves the model edited and returns a reversible :class:`~biaslens.delta.WeightDelta`.
 Importing this package does not import torch.
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 from biaslens._lazy import lazy_getattr
 
 __all__ = ["lsdm", "counterfactual_finetune", "rome_rank_one", "key_covariance",
-           "key_covariances", "LSDMHparams", "ROMEHparams", "CDAHparams", "least_squares_update"]
+           "key_covariances", "LSDMHparams", "ROMEHparams", "CDAHparams", "least_squares_update",
+           "dama", "DAMAHparams", "leace", "LEACEHparams"]
 
 _WHERE = {
     "lsdm": "biaslens.edit.least_squares",
@@ -23,6 +25,10 @@ _WHERE = {
     "LSDMHparams": "biaslens.edit.hparams",
     "ROMEHparams": "biaslens.edit.hparams",
     "CDAHparams": "biaslens.edit.hparams",
+    "dama": "biaslens.edit.dama",
+    "DAMAHparams": "biaslens.edit.dama",
+    "leace": "biaslens.edit.leace",
+    "LEACEHparams": "biaslens.edit.leace",
 }
 
 

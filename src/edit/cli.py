@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-METHODS = ("lsdm", "cda", "rome")
+METHODS = ("lsdm", "cda", "rome", "dama", "leace")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--method", choices=METHODS, default="lsdm",
                    help="lsdm (default), cda (counterfactual fine-tune), rome (rank-one, one layer)")
-    p.add_argument("--model", required=True, help="'organism', a local Hugging Face folder, or a hub name")
+    p.add_argument("--model", required=True, help="'organism', 'organism-llama', a local Hugging Face folder, or a hub name")
     p.add_argument("--layers", default="auto",
                    help="'auto' (from --effects, else tracing) or comma-separated layers, e.g. 3,4")
     p.add_argument("--role", default="auto",
@@ -36,7 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=positive_int, default=None,
                    help="evaluate a seeded subset of this many items per prompt set (quick runs)")
     p.add_argument("--hparams", type=check_file,
-                   help="JSON file of hyperparameters (LSDMHparams / CDAHparams fields)")
+                   help="JSON file of hyperparameters (LSDMHparams / CDAHparams fields); for lsdm "
+                        "the mom2_weight / keep_weight it gives are used as they are, not tuned")
+    p.add_argument("--tune", choices=("auto", "off"), default="auto",
+                   help="lsdm: choose mom2_weight, keep_weight and the layers (those not given by "
+                        "--hparams / --layers) on validation templates under retention bounds "
+                        "(auto, default), or use the given/default values (off)")
     p.add_argument("--cache-dir", help="key-statistics cache (default $BIASLENS_CACHE or "
                                        "~/.cache/biaslens/cov)")
     p.add_argument("--out", required=True, help="output folder (new or empty; biaslens never writes into a folder of yours)")
@@ -92,13 +97,28 @@ def occupation_prompts(model, rows: list[tuple[str, float, str]]) -> list:
 
 
 def measure(model, prompts=None, corpus=None, limit: int | None = None) -> dict:
-    """The model's default suite (:func:`biaslens.evaluate.suite`); with user ``prompts`` their
-    gap replaces ``occupations_train``, with a user ``corpus`` its perplexity is added."""
+    """The model's default suite (:func:`biaslens.evaluate.suite`, the stereotype contrast on
+    held-out templates first); with the edit ``prompts`` (``--occupations``, ``--max-prompts``)
+    their gap replaces ``occupations_train`` and their contrast ``contrast_edit`` (one scoring
+    pass; when fewer than two of their templates have both a female- and a male-stereotyped
+    occupation, ``contrast_edit`` stays the default prompts' and says so in ``note``), with a
+    user ``corpus`` its perplexity is added."""
     from biaslens import evaluate
+    from biaslens.evaluate.suite import bias_and_contrast
 
     out = evaluate.suite(model, limit=limit)
     if prompts is not None:
-        out["occupations_train"] = evaluate.occupational_bias(model, prompts)
+        try:
+            out["occupations_train"], con = bias_and_contrast(model, prompts)
+        except ValueError:  # no template with both stereotype sides: the gap alone
+            out["occupations_train"], con = evaluate.occupational_bias(model, prompts), None
+        if con is not None and con["n"] >= 2:
+            out["contrast_edit"] = {**con, "split": "the edit prompts x edit templates"}
+        else:
+            out["contrast_edit"]["note"] = ("fewer than two templates of the edit prompts have both "
+                                            "a female- and a male-stereotyped occupation; this "
+                                            "contrast is on the default edit prompts")
+        out["occupations_train"]["split"] = "the edit prompts"
     if corpus:
         out["perplexity_corpus"] = evaluate.perplexity(model, corpus, max_tokens=20_000, per_line=True)
     return out
@@ -143,12 +163,18 @@ def run(args) -> int:
     if args.method == "lsdm":
         delta = lsdm(model, prompts, layers=layers, role=args.role, effect_map=effects,
                      corpus=args.corpus, hparams=args.hparams, keep_prompts=keep,
-                     cache_dir=args.cache_dir, progress=progress)
+                     cache_dir=args.cache_dir, progress=progress, tune=args.tune)
     elif args.method == "rome":
         layer = layers if layers == "auto" else layers[-1]
         delta = rome_rank_one(model, layer, prompts, role=args.role, corpus=args.corpus,
                               hparams=args.hparams, effect_map=effects,
                               cache_dir=args.cache_dir, progress=progress)
+    elif args.method in ("dama", "leace"):  # projection peers (biaslens.edit.dama / .leace)
+        from biaslens.edit import dama, leace
+
+        delta = {"dama": dama, "leace": leace}[args.method](
+            model, prompts, layers=layers, role=args.role, effect_map=effects,
+            hparams=args.hparams, keep_prompts=keep, progress=progress)
     else:
         delta = counterfactual_finetune(model, layers, prompts, keep_prompts=keep, hparams=args.hparams,
                                         effect_map=effects, progress=progress)
@@ -165,17 +191,52 @@ def run(args) -> int:
                manifest={"edit": {"method": args.method, "site": delta.info.get("site")}})
         jsonio.write(tmp / "report.json", report)
     for k, v in report["summary"].items():
-        print(f"{k:<28} {v['before']:>10.4f} -> {v['after']:>10.4f}")
+        print(summary_line(k, v))
     print(f"wrote {out / 'model'} and {out / 'report.json'}")
     return 0
 
 
 def summary(before: dict, after: dict) -> dict:
-    """Headline numbers: gap, definitional and fact accuracy, perplexity, before and after."""
-    keys = [("occupations", "mean_abs_gap"), ("occupations_train", "mean_abs_gap"),
-            ("definitional", "accuracy"), ("facts", "accuracy"), ("perplexity", "perplexity")]
-    return {f"{a}.{b}": {"before": float(before[a][b]), "after": float(after[a][b])}
-            for a, b in keys if a in before and a in after}
+    """Headline numbers before and after, the headline first: the stereotype contrast on
+    held-out templates (src/evaluate/contrast.py) with its relative ``cut``, CIs (the cut's a
+    paired bootstrap over templates) and ``per_template`` rows; then the contrast on edit (and
+    validation) templates, the gaps, definitional and fact accuracy, perplexity."""
+    import math
+
+    from biaslens.evaluate.contrast import contrast_change
+
+    out: dict = {}
+    for name in ("contrast_test", "contrast_edit", "contrast_validation"):
+        if name in before and name in after:
+            ch = contrast_change(before[name], after[name])
+            row = {"before": ch["before"], "after": ch["after"], "cut": ch["cut"], "ci": ch["ci"],
+                   "n": ch["n"]}
+            if name == "contrast_test":
+                row["per_template"] = ch["per_template"]
+            out[f"{name}.mean_abs_contrast"] = row
+    keys = [("occupations_heldout_templates", "mean_abs_gap"), ("occupations", "mean_abs_gap"),
+            ("occupations_train", "mean_abs_gap"), ("definitional", "accuracy"),
+            ("facts", "accuracy"), ("perplexity", "perplexity")]
+    for a, b in keys:
+        if a in before and a in after:
+            vb, va = float(before[a][b]), float(after[a][b])
+            out[f"{a}.{b}"] = {"before": vb, "after": va}
+            if vb and math.isfinite(vb) and math.isfinite(va):
+                out[f"{a}.{b}"]["change"] = (va - vb) / abs(vb)
+    return out
+
+
+def summary_line(key: str, row: dict) -> str:
+    """One printed line of :func:`summary`: before -> after, and for a contrast the cut with its
+    CI."""
+    line = f"{key:<40} {row['before']:>10.4f} -> {row['after']:>10.4f}"
+    if "cut" in row:
+        lo, hi = row["ci"]["cut"]
+        pct = lambda x: "  n/a" if x is None or x != x else f"{100 * x:+.0f}%"  # noqa: E731
+        line += f"   cut {pct(row['cut'])} [CI {pct(lo)}, {pct(hi)}] over {row['n']} templates"
+    elif "change" in row:
+        line += f"   ({100 * row['change']:+.1f}%)"
+    return line
 
 
 COMMANDS = {
