@@ -1,18 +1,23 @@
-"""Acceptance of the LSDM edit on the organism, against the two baselines (issue: Edit).
+"""Acceptance of the LSDM edit on the embedded organisms (issue 15: "Edits that generalise").
 
-Edits with the organism's *training* occupations x *training* templates (definitional prompts of
-the training templates as keep constraints) and measures on prompts the edit never saw:
+For each organism (``organism``, ``organism-llama``; the same data, no special cases) the LSDM
+defaults edit with the organism's template bank (training occupations × the bank's edit
+templates, definitional words × the same templates as keep constraints) and tune λ, the keep
+weight and the layer window on the bank's validation templates (``biaslens.edit.tune``). Measured
+on what no edit or tuning saw:
 
-* occupational pronoun gap (evaluate's ``mean_abs_gap``) on held-out occupations x held-out
-  templates (the headline), and on each held-out axis alone;
-* definitional accuracy (all templates), factual accuracy, perplexity on the organism's general
-  text (the key statistics come from *other* general text: another seed of the same generator).
+* the stereotype contrast (``biaslens.evaluate.contrast``; mean |contrast| over templates) on
+  training occupations × the organism's 6 held-out templates
+  (``defaults_for(m).occupation_prompts("edit", "test")``), overall and per template;
+* definitional accuracy, factual accuracy and perplexity from ``biaslens.evaluate.suite``.
 
-Bounds (never loosened): gap reduced >= 70%; definitional and factual accuracy drop <= 1 point;
-perplexity rise <= 2%. Writes ``docs/results/edit.md`` with the comparison table, the site sweep
-(per site) and the per-template gaps.
+Target (never loosened): mean |contrast| cut >= 50%, definitional and fact accuracy down <= 1
+point, perplexity up <= 2%. The key variants of ``LSDMHparams.key_space`` / ``residuals`` /
+``average_keys`` are measured the same way (each tuned), and for the default the best setting of
+each candidate window of the tuner's sweep is re-applied to give per-site test numbers. Writes
+``docs/results/edit.md`` (and ``--json``).
 
-    python scripts/edit_acceptance.py [--out docs/results/edit.md] [--threads 1] [--quick]
+    python scripts/edit_acceptance.py [--models organism,organism-llama] [--threads 2] [--quick]
 """
 
 from __future__ import annotations
@@ -21,337 +26,230 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
-SPLITS = {  # name -> (occupations, templates)
-    "held-out occ x held-out tpl": ("heldout", "heldout"),
-    "train occ x held-out tpl": ("train", "heldout"),
-    "held-out occ x train tpl": ("heldout", "train"),
-    "edited (train x train)": ("train", "train"),
+NOTES = "<!-- analysis: kept when the script rewrites the tables above -->"
+BOUNDS = {"contrast_cut": 0.50, "definitional_drop": 0.01, "facts_drop": 0.01, "ppl_rise": 0.02}
+#: label -> LSDMHparams fields (λ, keep weight and layers are tuned in every variant)
+VARIANTS = {
+    "default (keys as they are)": {},
+    "residuals centered": {"residuals": "centered"},
+    "keys and residuals centered": {"key_space": "centered", "residuals": "centered"},
+    "occupation subspace": {"key_space": "subspace"},
+    "keys averaged over templates": {"average_keys": "subject"},
 }
-HEADLINE = "held-out occ x held-out tpl"
-BOUNDS = {"gap_reduction": 0.70, "definitional_drop": 0.01, "facts_drop": 0.01, "ppl_rise": 0.02}
 
 
-def measure(model, ppl_tokens: int) -> dict:
-    from biaslens import evaluate, organism
+def contrast(model) -> dict:
+    from biaslens.defaults import defaults_for
+    from biaslens.evaluate.contrast import stereotype_contrast
 
-    out = {name: float(evaluate.occupational_bias(model, organism.occupation_prompts(o, t))["mean_abs_gap"])
-           for name, (o, t) in SPLITS.items()}
-    out["definitional"] = float(evaluate.definitional_accuracy(model, organism.definitional_prompts())["accuracy"])
-    out["facts"] = float(evaluate.fact_accuracy(model, organism.FACTS)["accuracy"])
-    # one document a line, as organism_suite scores it
-    out["perplexity"] = float(evaluate.perplexity(model, general_text(), max_tokens=ppl_tokens,
-                                                  per_line=True)["perplexity"])
-    return out
+    c = stereotype_contrast(model, defaults_for(model).occupation_prompts("edit", "test"))
+    values = c.get("values", c)
+    return {"mean_abs_contrast": float(values["mean_abs_contrast"]),
+            "per_template": {k: float(v) for k, v in c["per_template"].items()}}
 
 
-def general_text():
-    """The organism's general text (its checkpoint's file, or the same generator's text)."""
-    from biaslens import organism
+def measure(model) -> dict:
+    from biaslens.evaluate import suite
 
-    if organism.GENERAL_TEXT.exists():
-        return organism.GENERAL_TEXT
-    return "\n".join(organism.generate_general_text(seed=1, n_lines=4000))
-
-
-def per_template(model) -> dict[str, float]:
-    """mean_abs_gap per template over all occupations."""
-    from biaslens import evaluate, organism
-
-    prompts = organism.occupation_prompts("all", "all")
-    out = {}
-    for tpl in organism.TEMPLATES:
-        sub = [p for p in prompts if p.text == tpl.text.format(occupation=p.occupation)]
-        out[f"{tpl.text} [{tpl.split}]"] = float(evaluate.occupational_bias(model, sub)["mean_abs_gap"])
-    return out
-
-
-def transfer(model, delta, site: dict, hp) -> dict[str, dict]:
-    """Why an edit does or does not reach a template: per template (training occupations), the
-    change of the hidden state at the site's last edited layer and token that would balance the
-    pronouns ("needed", minimum-norm Gauss-Newton on the unedited model, as the targets) against
-    the change the edit delivers there. Reports their mean cosine and the norm ratio
-    delivered/needed (1 and 1 on the edited prompts when the edit fits its targets)."""
-    import torch
-
-    from biaslens import organism
-    from biaslens.edit.keys import gather, site_batch
-    from biaslens.edit.targets import compute_targets
-    from biaslens.hooks import act_name
-
-    top, role = site["layers"][-1], site["role"]
-    name = act_name("resid_post", top)
-    hp_n = replace(hp, v_steps=0, v_newton_steps=3)
-    out = {}
-    prompts = organism.occupation_prompts("train", "all")
-    for tpl in organism.TEMPLATES:
-        sub = [p for p in prompts if p.text == tpl.text.format(occupation=p.occupation)]
-        sb = site_batch(model, sub, role, "none")
-        delta.undo(model)
-        h0 = gather(model, sb, [name])[name].float()
-        z, _ = compute_targets(model, sb, top, hp_n, progress=False)
-        delta.apply(model)
-        h1 = gather(model, sb, [name])[name].float()
-        need, got = z - h0, h1 - h0
-        cos = torch.nn.functional.cosine_similarity(need, got, dim=-1)
-        ratio = got.norm(dim=-1) / need.norm(dim=-1).clamp(min=1e-9)
-        out[f"{tpl.text} [{tpl.split}]"] = {"cos": float(cos.mean()), "ratio": float(ratio.mean())}
-    return out
+    s = suite(model)
+    return {**contrast(model), "definitional": float(s["definitional"]["accuracy"]),
+            "definitional_share": float(s["definitional"]["mean_correct_share"]),
+            "facts": float(s["facts"]["accuracy"]), "perplexity": float(s["perplexity"]["perplexity"])}
 
 
 def verdict(before: dict, after: dict) -> dict:
-    red = {k: 1 - after[k] / before[k] if before[k] > 0 else 0.0 for k in SPLITS}
-    v = {
-        "gap_reduction": red,
-        "definitional_drop": before["definitional"] - after["definitional"],
-        "facts_drop": before["facts"] - after["facts"],
-        "ppl_rise": after["perplexity"] / before["perplexity"] - 1,
-    }
-    v["pass"] = {
-        "gap": red[HEADLINE] >= BOUNDS["gap_reduction"],
-        "definitional": v["definitional_drop"] <= BOUNDS["definitional_drop"] + 1e-12,
-        "facts": v["facts_drop"] <= BOUNDS["facts_drop"] + 1e-12,
-        "perplexity": v["ppl_rise"] <= BOUNDS["ppl_rise"],
-    }
+    cut = 1 - after["mean_abs_contrast"] / before["mean_abs_contrast"]
+    v = {"cut": cut, "definitional_drop": before["definitional"] - after["definitional"],
+         "facts_drop": before["facts"] - after["facts"],
+         "ppl_rise": after["perplexity"] / before["perplexity"] - 1}
+    v["pass"] = {"contrast": cut >= BOUNDS["contrast_cut"],
+                 "definitional": v["definitional_drop"] <= BOUNDS["definitional_drop"] + 1e-12,
+                 "facts": v["facts_drop"] <= BOUNDS["facts_drop"] + 1e-12,
+                 "perplexity": v["ppl_rise"] <= BOUNDS["ppl_rise"]}
     v["pass"]["all"] = all(v["pass"].values())
     return v
 
 
-def run_method(model, name, fn, ppl_tokens, templates: bool = True, why=None) -> dict:
+def run_variant(model, label: str, fields: dict, emap, cache, per_site: bool) -> dict:
+    from biaslens.edit import lsdm
+
     t0 = time.perf_counter()
-    delta = fn()
+    delta = lsdm(model, effect_map=emap, hparams=fields or None, cache_dir=cache, progress=False)
     secs = time.perf_counter() - t0
-    after = measure(model, ppl_tokens)
-    rec = {"method": name, "site": delta.info.get("site"), "seconds": round(secs, 1),
-           "after": after, "per_template": per_template(model) if templates else None,
-           "diagnostics": delta.info.get("diagnostics"), "hparams": delta.hparams}
-    if why is not None:
-        rec["transfer"] = why(delta)
+    after = measure(model)
+    tuning = delta.info["diagnostics"]["tuning"]
+    rec = {"label": label, "fields": fields, "seconds": round(secs, 1), "after": after,
+           "site": delta.info["site"], "hparams": delta.hparams, "tuning": tuning,
+           "tuning_seconds": tuning["seconds"], "edit_seconds": delta.info["diagnostics"]["seconds"]}
     delta.undo(model)
+    if per_site:
+        rec["per_site"] = sites(model, fields, tuning, emap, cache)
+    print(f"  {label}: {json.dumps({k: after[k] for k in after if k != 'per_template'})} "
+          f"site {rec['site']} λ={delta.hparams['mom2_weight']:.0f} keep={delta.hparams['keep_weight']:g} "
+          f"{secs:.0f} s", file=sys.stderr, flush=True)
     return rec
 
 
-def fmt_row(rec, before) -> str:
-    a, v = rec["after"], verdict(before, rec["after"])
-    site = rec["site"] or {}
-    s = f"L{','.join(map(str, site.get('layers', [])))} @ {site.get('role') or 'all tokens'}"
-    red = v["gap_reduction"]
+def sites(model, fields: dict, tuning: dict, emap, cache) -> list[dict]:
+    """Per candidate window: its best validation setting re-applied (tune off), test numbers."""
+    from biaslens.edit import lsdm
+    from biaslens.edit.tune import Candidate
+
+    out = []
+    for w in tuning["windows"]:
+        cands = [Candidate(**c) for c in tuning["sweep"] if c["layers"] == w]
+        best = min(cands, key=Candidate.rank)
+        d = lsdm(model, layers=w, role=tuning["chosen"]["role"], effect_map=emap, cache_dir=cache,
+                 hparams={**fields, "mom2_weight": best.mom2_weight, "keep_weight": best.keep_weight},
+                 progress=False)
+        out.append({"layers": w, "mom2_weight": best.mom2_weight, "keep_weight": best.keep_weight,
+                    "validation": {"contrast": best.contrast, "feasible": best.feasible,
+                                   "failed": best.failed}, "after": measure(model)})
+        d.undo(model)
+    return out
+
+
+def organism_run(name: str, args) -> dict:
+    import biaslens
+    from biaslens.defaults import defaults_for
+    from biaslens.edit.least_squares import trace
+
+    model = biaslens.load(name)
+    d = defaults_for(model)
+    t0 = time.perf_counter()
+    before = measure(model)
+    print(f"{name}: before {json.dumps({k: before[k] for k in before if k != 'per_template'})}",
+          file=sys.stderr, flush=True)
+    emap = trace(model, d.occupation_prompts("edit", "edit"))
+    quick = args.quick or name not in args.variants_on.split(",")
+    variants = dict(list(VARIANTS.items())[:1]) if quick else VARIANTS
+    recs = [run_variant(model, label, f, emap, args.cache_dir, per_site=(i == 0))
+            for i, (label, f) in enumerate(variants.items())]
+    mlp = emap.effects["mlp"]
+    roles = list(emap.roles)
+    return {"model": name, "before": before, "variants": recs, "seconds": time.perf_counter() - t0,
+            "effects_last": {int(l): float(mlp[i, roles.index("last")]) for i, l in enumerate(emap.layers)},
+            "n_edit_prompts": len(d.occupation_prompts("edit", "edit")),
+            "n_keep_prompts": len(d.definitional_prompts("edit")),
+            "n_validation_templates": len({p.text.replace(p.occupation, "{o}")
+                                           for p in d.occupation_prompts("edit", "validation")})}
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:+.0f}%"
+
+
+def row(label: str, before: dict, after: dict, extra: str = "") -> str:
+    v = verdict(before, after)
     ok = "yes" if v["pass"]["all"] else "no (" + ", ".join(k for k, x in v["pass"].items() if not x and k != "all") + ")"
-    ch = {k: -x for k, x in red.items()}  # relative change of the gap: negative = reduced
-    return (f"| {rec['method']} | {s} | {a[HEADLINE]:.3f} ({ch[HEADLINE]:+.0%}) | "
-            f"{a['train occ x held-out tpl']:.3f} ({ch['train occ x held-out tpl']:+.0%}) | "
-            f"{a['held-out occ x train tpl']:.3f} ({ch['held-out occ x train tpl']:+.0%}) | "
-            f"{a['edited (train x train)']:.3f} ({ch['edited (train x train)']:+.0%}) | "
-            f"{a['definitional']:.3f} ({-v['definitional_drop'] * 100:+.1f} pt) | "
-            f"{a['facts']:.3f} ({-v['facts_drop'] * 100:+.1f} pt) | "
-            f"{a['perplexity']:.3f} ({v['ppl_rise']:+.2%}) | {rec['seconds']:.0f} | {ok} |")
+    return (f"| {label} | {extra}{after['mean_abs_contrast']:.3f} ({pct(-v['cut'])}) | "
+            f"{after['definitional']:.3f} ({-100 * v['definitional_drop']:+.1f} pt) | "
+            f"{after['facts']:.3f} ({-100 * v['facts_drop']:+.1f} pt) | "
+            f"{after['perplexity']:.3f} ({100 * v['ppl_rise']:+.2f}%) | {ok} |")
 
 
-HEAD = ("| method | site | gap held-out occ x held-out tpl | train occ x held-out tpl | "
-        "held-out occ x train tpl | edited prompts | definitional acc | fact acc | perplexity | "
-        "s | passes all bounds |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+def write(out: Path, runs: list[dict], args, secs: float) -> None:
+    L = ["# Edit: LSDM on the organisms, on templates no edit or tuning saw", "",
+         f"Generated by `python scripts/edit_acceptance.py` (torch threads {args.threads}; "
+         f"{secs / 60:.1f} min). Each organism: edit prompts = training occupations × the organism "
+         "bank's edit templates (src/data/organism_bank.json), keep constraints = definitional words × "
+         "the same templates; λ (mom2_weight), keep weight and layer window tuned on the bank's "
+         "validation templates (`biaslens.edit.tune`, the default `tune=\"auto\"`); measured on "
+         "training occupations × the 6 held-out templates (`defaults_for(m).occupation_prompts(\"edit\", "
+         "\"test\")`). Contrast = mean |stereotype contrast| over templates "
+         "(src/evaluate/contrast.py); definitional, facts and perplexity from `biaslens.evaluate.suite`.", "",
+         "Target: contrast cut >= 50%, definitional and fact accuracy down <= 1 point, perplexity up <= 2%.", ""]
+    head = ("| LSDM | held-out contrast (change) | definitional | facts | perplexity | within target |\n"
+            "|---|---|---|---|---|---|")
+    for r in runs:
+        b = r["before"]
+        d0 = r["variants"][0]
+        L += [f"## {r['model']}", "",
+              f"{r['n_edit_prompts']} edit prompts, {r['n_keep_prompts']} keep prompts, "
+              f"{r['n_validation_templates']} validation templates. MLP effect at the last token "
+              f"(noise tracing on the edit prompts): " +
+              ", ".join(f"L{l} {e:.3f}" for l, e in r["effects_last"].items()) + ".", "",
+              f"Unedited: held-out contrast {b['mean_abs_contrast']:.3f}, definitional {b['definitional']:.3f} "
+              f"(mean correct share {b['definitional_share']:.3f}), facts {b['facts']:.3f}, perplexity "
+              f"{b['perplexity']:.3f}.", "", "### Defaults and key variants (each tuned)", "", head]
+        for v in r["variants"]:
+            s, hp = v["site"], v["hparams"]
+            L.append(row(f"{v['label']}: L{','.join(map(str, s['layers']))} λ={hp['mom2_weight']:.0f} "
+                         f"keep={hp['keep_weight']:g}", b, v["after"]))
+        ch = d0["tuning"]["chosen"]
+        L += ["", f"Default edit: {d0['seconds']:.0f} s in all on {args.threads} threads (tuning "
+              f"{d0['tuning_seconds']:.0f} s, {len(d0['tuning']['sweep'])} candidates; edit "
+              f"{json.dumps(d0['edit_seconds'])}). The tuner's choice is "
+              f"{'within' if ch['within_bounds'] else 'OUTSIDE'} its validation bounds "
+              f"({json.dumps(d0['tuning']['bounds'])}).", "",
+              "### Per held-out template (contrast)", "",
+              "| template | unedited | " + " | ".join(v["label"] for v in r["variants"]) + " |",
+              "|---|---|" + "---|" * len(r["variants"])]
+        for t, x in b["per_template"].items():
+            L.append(f"| {t} | {x:.3f} | " + " | ".join(f"{v['after']['per_template'][t]:.3f}"
+                                                         for v in r["variants"]) + " |")
+        if d0.get("per_site"):
+            L += ["", "### Per site (default key space; each window at its best validation setting)", "",
+                  "| window | λ | keep | validation contrast (within bounds) | held-out contrast (change) | "
+                  "definitional | facts | perplexity | within target |", "|---|---|---|---|---|---|---|---|---|"]
+            for p in d0["per_site"]:
+                a, v = p["after"], verdict(b, p["after"])
+                ok = "yes" if v["pass"]["all"] else "no"
+                val = p["validation"]
+                L.append(f"| L{','.join(map(str, p['layers']))} | {p['mom2_weight']:.0f} | {p['keep_weight']:g} | "
+                         f"{val['contrast']:.3f} ({'yes' if val['feasible'] else 'no: ' + ', '.join(val['failed'])}) | "
+                         f"{a['mean_abs_contrast']:.3f} ({pct(-v['cut'])}) | {a['definitional']:.3f} | "
+                         f"{a['facts']:.3f} | {a['perplexity']:.3f} | {ok} |")
+        L += ["", "### The default's tuning sweep (validation)", "",
+              f"Base: {json.dumps(d0['tuning']['base'])}; validation data: "
+              f"{json.dumps(d0['tuning']['validation'])}.", "",
+              "| window | λ | keep | contrast | definitional share drop | below floor | facts lost | "
+              "perplexity | within bounds |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in d0["tuning"]["sweep"]:
+            L.append(f"| L{','.join(map(str, c['layers']))} | {c['mom2_weight']:.0f} | {c['keep_weight']:g} | "
+                     f"{c['contrast']:.4f} | {c['definitional_share_drop']:.4f} | {c['definitional_broken']} | "
+                     f"{c['facts_lost']} | {100 * c['ppl_rise']:+.2f}% | "
+                     f"{'yes' if c['feasible'] else 'no: ' + ', '.join(c['failed'])} |")
+        L.append("")
+    notes = ""  # hand-written analysis below the marker survives a regeneration
+    if out.exists() and NOTES in out.read_text(encoding="utf-8"):
+        notes = out.read_text(encoding="utf-8").split(NOTES, 1)[1]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(L) + "\n" + NOTES + notes, encoding="utf-8")
+    print(f"wrote {out}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "edit.md"))
-    ap.add_argument("--json", default=None, help="also write all numbers as JSON here")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
-    ap.add_argument("--ppl-tokens", type=int, default=20_000)
-    ap.add_argument("--hparams", default="{}", help="JSON object of LSDMHparams overrides")
-    ap.add_argument("--sweep", default="subject_last:0,1;subject_last:1,2;last:1,2;last:2,3;last:0,1,2,3",
-                    help="extra LSDM sites 'role:layers;...' measured for the per-site table")
-    ap.add_argument("--lambdas", default="", help="extra mom2_weight values for LSDM at the chosen site")
-    ap.add_argument("--keep-weights", default="", help="extra keep_weight values for LSDM at the chosen site")
-    ap.add_argument("--trace-samples", type=int, default=4, help="noise samples per prompt for tracing")
-    ap.add_argument("--quick", action="store_true", help="no sweep (a smoke run)")
+    ap.add_argument("--json", default=None, help="also write every number as JSON here")
+    ap.add_argument("--models", default="organism,organism-llama")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="the default only (no key variants)")
+    ap.add_argument("--variants-on", default="organism",
+                    help="models on which the key variants are measured too (comma-separated)")
     ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--model", default="organism", help="the organism, or a folder trained by "
-                                                        "biaslens.organism.train")
     args = ap.parse_args(argv)
 
     import torch
 
-    import biaslens
-    from biaslens import organism
-    from biaslens.edit import CDAHparams, LSDMHparams, counterfactual_finetune, lsdm, rome_rank_one
-    from biaslens.locate import locate
-
     torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    model = biaslens.load(args.model)
-    tmp = Path(tempfile.mkdtemp(prefix="biaslens-edit-acc-"))
-    corpus = tmp / "general_cov.txt"  # disjoint from GENERAL_TEXT (used for perplexity)
-    corpus.write_text("\n".join(organism.generate_general_text(seed=11, n_lines=4000)) + "\n")
-    cache = args.cache_dir or (tmp / "cov")
-    prompts = organism.occupation_prompts("train", "train")
-    keep = organism.definitional_prompts("train")
-    hp = LSDMHparams(**{**LSDMHparams().to_dict(), **json.loads(args.hparams)})
-
-    print("measuring the organism before editing ...", file=sys.stderr)
-    before = measure(model, args.ppl_tokens)
-    before_tpl = per_template(model)
-    print(json.dumps(before, indent=1), file=sys.stderr)
-
-    print("tracing (noise) on the training prompts ...", file=sys.stderr)
-    emap = locate(model, prompts, method="noise", components=("mlp",), n_samples=args.trace_samples)
-    emap.save(tmp / "effects.json")
-
-    records = []
-
-    def do_lsdm(layers="auto", role="auto", h=hp):
-        return lsdm(model, prompts, layers=layers, role=role, effect_map=emap, corpus=corpus,
-                    hparams=h, keep_prompts=keep, cache_dir=cache)
-
-    def why(d):
-        """Per template transfer; and each layer's output change on general text (the weight
-        ratio can be large while general text barely sees the change)."""
-        from biaslens.edit.covariance import key_covariances
-        from biaslens.edit.least_squares import output_change_ratio
-
-        out = transfer(model, d, d.info["site"], hp)
-        layers = d.info["site"]["layers"]
-        d.undo(model)  # the key statistics belong to the unedited weights (cached by the edit)
-        before_w = {l: model.mlp_out_matrix(l).clone() for l in layers}
-        covs = key_covariances(model, layers, corpus, hp.cov_tokens, hp.cov_seq_len, hp.cov_batch_size,
-                               cache, progress=False)
-        d.apply(model)
-        for x in d.info["diagnostics"]["layers"]:
-            W0 = before_w[x["layer"]]
-            x["relative_output_change"] = output_change_ratio(
-                model.mlp_out_matrix(x["layer"]) - W0, W0, covs[x["layer"]])
-        return out
-
-    rec = run_method(model, "LSDM", do_lsdm, args.ppl_tokens, why=why)
-    records.append(rec)
-    site = rec["site"]
-    print(fmt_row(rec, before), file=sys.stderr)
-    rec_cda = run_method(model, "CDA fine-tune", lambda: counterfactual_finetune(
-        model, site["layers"], prompts, keep, hparams=CDAHparams()), args.ppl_tokens)
-    records.append(rec_cda)
-    print(fmt_row(rec_cda, before), file=sys.stderr)
-    rec_rome = run_method(model, "ROME rank-one", lambda: rome_rank_one(
-        model, site["layers"][-1], prompts, role=site["role"], corpus=corpus,
-        hparams=dict(hp.to_dict()), cache_dir=cache), args.ppl_tokens)
-    records.append(rec_rome)
-    print(fmt_row(rec_rome, before), file=sys.stderr)
-
-    sweep = []
-
-    def sweep_row(label, layers, role, h):
-        r = run_method(model, label, lambda: do_lsdm(layers, role, h), args.ppl_tokens, False)
-        sweep.append(r)
-        print(fmt_row(r, before), file=sys.stderr)
-
-    here = (site["layers"], site["role"])
-    fast = replace(hp, v_steps=0)  # sweep: Gauss-Newton targets only
-    # what the Adam target steps (the KL term) add at the chosen site: none, and 10 of them
-    for label, h in (("LSDM* (same site)", fast), ("LSDM, v_steps=10", replace(hp, v_steps=10))):
-        if h.v_steps != hp.v_steps:
-            sweep_row(label, *here, h)
-    if not args.quick:
-        for item in [s for s in args.sweep.split(";") if s]:
-            role, layers = item.split(":")
-            ls = [int(x) for x in layers.split(",")]
-            if (ls, role) != here:
-                sweep_row("LSDM*", ls, role, fast)
-        for lam in [float(x) for x in args.lambdas.split(",") if x]:
-            sweep_row(f"LSDM* λ={lam:g}", *here, replace(fast, mom2_weight=lam))
-        for w in [float(x) for x in args.keep_weights.split(",") if x]:
-            sweep_row(f"LSDM* keep_weight={w:g}", *here, replace(fast, keep_weight=w))
-
-    write_report(Path(args.out), before, before_tpl, records, sweep, emap, hp, args,
-                 time.perf_counter() - t_start)
+    t0 = time.perf_counter()
+    runs = [organism_run(name, args) for name in args.models.split(",") if name]
+    write(Path(args.out), runs, args, time.perf_counter() - t0)
     if args.json:
-        Path(args.json).write_text(json.dumps({"before": before, "before_per_template": before_tpl,
-                                               "methods": records, "sweep": sweep}, indent=1, default=str))
-    v = verdict(before, records[0]["after"])
-    print(f"LSDM passes all bounds: {v['pass']['all']} ({v['pass']})")
+        Path(args.json).write_text(json.dumps(runs, indent=1, default=str))
+    for r in runs:
+        v = verdict(r["before"], r["variants"][0]["after"])
+        print(f"{r['model']}: LSDM defaults within target: {v['pass']['all']} ({v['pass']}, cut {v['cut']:.1%})")
     return 0
-
-
-def held_out_rows(before_tpl: dict, rec: dict) -> list[str]:
-    """Each held-out template's last word, whether a training template ends in it, and the gap."""
-    from biaslens import organism
-
-    train_last = {t.text.split()[-1] for t in organism.TEMPLATES if t.split == "train"}
-    rows = []
-    for t in organism.TEMPLATES:
-        if t.split != "heldout":
-            continue
-        key, last = f"{t.text} [{t.split}]", t.text.split()[-1]
-        cos = (rec.get("transfer") or {}).get(key, {}).get("cos", float("nan"))
-        rows.append(f"| {t.text} | {last} | {'yes' if last in train_last else 'no'} | "
-                    f"{before_tpl[key]:.3f} | {rec['per_template'][key]:.3f} | {cos:.2f} |")
-    return rows
-
-
-def write_report(out: Path, before, before_tpl, records, sweep, emap, hp, args, secs) -> None:
-    lines = ["# Edit: LSDM vs baselines on the organism", "",
-             "Generated by `python scripts/edit_acceptance.py` "
-             f"(torch threads {args.threads}, hparams overrides `{args.hparams}`; {secs / 60:.1f} min). "
-             "Edit prompts: training occupations x training templates; keep constraints: definitional "
-             "prompts of the training templates; key statistics from general text generated with another "
-             "seed than the perplexity text. Gap = evaluate's `mean_abs_gap` "
-             "(mean |P(f)-P(m)|/(P(f)+P(m))); in brackets the relative change of the gap (negative = "
-             "reduced; the bound needs <= -70%) or the change of accuracy / perplexity.", "",
-             "Bounds: gap on held-out occupations x held-out templates reduced >= 70%; definitional and "
-             "fact accuracy drop <= 1 point; perplexity rise <= 2%.", "",
-             "## Unedited organism", "",
-             "| " + " | ".join(before) + " |", "|" + "---|" * len(before),
-             "| " + " | ".join(f"{v:.3f}" for v in before.values()) + " |", "",
-             "## LSDM and the baselines", "", HEAD.rstrip("\n")]
-    lines += [fmt_row(r, before) for r in records]
-    lines += ["", "LSDM site chosen from the noise-tracing map (MLP effects on the training prompts): "
-              f"layers {records[0]['site']['layers']}, role `{records[0]['site']['role']}`. "
-              "CDA fine-tunes the MLP output weights of the same layers; ROME edits the last of them.", ""]
-    top = emap.top_sites(k=8, component="mlp")
-    lines += ["MLP indirect effects (normalised), best sites:", "",
-              "| layer | role | effect | 95% CI |", "|---|---|---|---|"]
-    lines += [f"| {s.layer} | {s.role} | {s.effect:.3f} | [{s.ci_low:.3f}, {s.ci_high:.3f}] |" for s in top]
-    d = records[0]["diagnostics"] or {}
-    if d:
-        lines += ["", "LSDM diagnostics: " + json.dumps({k: d[k] for k in d if k != "layers"}, default=str),
-                  "", "| layer | residual norm | fit error | keep shift | relative update (weights) | "
-                  "relative output change on general text |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {x['layer']} | {x['residual_norm']:.4f} | {x['fit_error']:.3f} | "
-                  f"{(x['keep_shift'] or 0):.4f} | {x['relative_update']:.4f} | "
-                  f"{x.get('relative_output_change') or float('nan'):.4f} |" for x in d["layers"]]
-    if sweep:
-        lines += ["", "## Per site (and regularisation)", "",
-                  "LSDM* = the same method with Gauss-Newton targets only (no Adam/KL refinement), "
-                  "to keep the sweep short.", "", HEAD.rstrip("\n")]
-        lines += [fmt_row(r, before) for r in sweep]
-    lines += ["", "## Per template (gap over all occupations)", "",
-              "| template | unedited | " + " | ".join(r["method"] for r in records) + " |",
-              "|---|---|" + "---|" * len(records)]
-    for t, b in before_tpl.items():
-        lines.append(f"| {t} | {b:.3f} | " + " | ".join(f"{r['per_template'][t]:.3f}" for r in records) + " |")
-    lines += ["", "## Held-out templates: does the template's last word occur in training?", "",
-              "| held-out template | last word | a training template ends in it | gap unedited | "
-              "gap after LSDM | cos (see below) |", "|---|---|---|---|---|---|"]
-    lines += held_out_rows(before_tpl, records[0])
-    tr = records[0].get("transfer")
-    if tr:
-        lines += ["", "## Why: does the LSDM edit reach each template?", "",
-                  "At the site's last edited layer and token, on the training occupations: the change of "
-                  "the hidden state that would balance the pronouns (minimum-norm, as the targets) vs the "
-                  "change the edit delivers. cos = mean cosine; ratio = mean |delivered| / |needed|.", "",
-                  "| template | cos | ratio |", "|---|---|---|"]
-        lines += [f"| {t} | {v['cos']:.2f} | {v['ratio']:.2f} |" for t, v in tr.items()]
-    lines += ["", "LSDM hyperparameters: `" + json.dumps(hp.to_dict()) + "`", ""]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

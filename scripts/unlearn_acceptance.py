@@ -1,22 +1,39 @@
-"""Acceptance of the unlearning methods on the organism, next to LSDM.
+"""Acceptance of the unlearning methods (issue 15, item 5) on both embedded organisms.
 
-    python scripts/unlearn_acceptance.py [--out docs/results/unlearn.md] [--work build/unlearn]
+    python scripts/unlearn_acceptance.py [--organisms organism,organism-llama] [--methods ...]
+                                         [--out docs/results/unlearn.md] [--merge]
 
-For each method (LSDM, PCGU, task-vector negation (full and LoRA), δ-offset, masked-span ascent),
-starting from the same organism weights: run it, measure ``biaslens.evaluate.organism_suite`` on
-the result (held-out occupations × held-out templates for the bias), record wall time, undo it
-(and check the weights are back bit for bit). Every method selects its strength on the same
-validation split (training occupations × training templates) under the same perplexity bound;
-nothing is tuned on the held-out prompts. Writes the markdown table and a JSON record.
+For each organism (``biaslens.load("organism")``, a GPT-2, and ``biaslens.load("organism-llama")``,
+a LLaMA, when it is there) and each unlearning method — PCGU, task-vector negation, masked-span
+ascent, δ-offset (M_o = the model itself, the CLI default) — starting from the same weights: run
+the method with its library defaults on ``defaults_for(model).unlearn_data()`` (the same call for
+every model; no per-model setting), each choosing its strength on the validation split
+(``occupation_prompts("edit", "validation")``) under the same bounds
+(:mod:`biaslens.unlearn.select`); measure; undo; check the weights are back bit for bit.
+
+Measured (never used for choosing):
+
+* the stereotype contrast (:func:`biaslens.evaluate.contrast.stereotype_contrast`) on edit
+  (training) occupations × test (held-out) templates — mean |contrast| with its CI, the cut with a
+  paired CI over templates, and every template's signed contrast;
+* definitional accuracy and mean matching-pronoun share on the held-out templates and on all of
+  the organism's templates; factual probes; perplexity of the organism's general text.
+
+Bounds (issue 15, never loosened): cut ≥ 40%, perplexity up ≤ 10%, definitional accuracy down
+≤ 2 points (checked on the held-out templates and on all templates). Writes the markdown
+(``--out``) and ``unlearn.json`` next to it.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,221 +41,250 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
-PPL_BOUND = 1.1
-PCGU_LR = 3e-2
-#: the δ-offset small pair: a smaller GPT-2 trained on the organism corpus with its tokenizer
-SMALL = dict(n_layer=3, n_embd=96, n_head=4, steps=1500, n_docs=12000)
-PCGU_K = 600
+ORGANISMS = ("organism", "organism-llama")
+BOUNDS = {"cut": 0.40, "ppl_rise": 0.10, "definitional_drop": 0.02}
 
 
 # ------------------------------------------------------------------------------- methods
 
 
-def run_lsdm(model, ctx):
-    """LSDM at the site a noise trace of the MLPs names (as scripts/edit_acceptance.py does)."""
-    try:
-        from biaslens.edit.lsdm import lsdm
-        from biaslens.locate import locate
-    except ImportError as exc:
-        raise Unavailable(f"biaslens.edit.lsdm or biaslens.locate is not available ({exc})") from None
-    from biaslens import organism
-
-    prompts = organism.occupation_prompts("train", "train")
-    emap = locate(model, prompts, method="noise", components=("mlp",), n_samples=4)
-    delta = lsdm(model, prompts, effect_map=emap, keep_prompts=organism.definitional_prompts("train"),
-                 cache_dir=ctx["work"] / "cov", progress=ctx["progress"])
-    return model, delta, {"site": delta.info.get("site")}
-
-
-def run_pcgu(model, ctx, form="sentence"):
-    """PCGU (k = 600 row units, lr 3e-2, block parameters: the PCGU engineer's organism setting),
-    stopped early on the validation split like the other methods."""
-    from biaslens.unlearn.pairs import organism_pairs
+def run_pcgu(model, data, progress):
     from biaslens.unlearn.pcgu import pcgu
 
-    delta = pcgu(model, organism_pairs("train", seed=ctx["seed"]), k=PCGU_K, lr=PCGU_LR, batch_size=16, epochs=1,
-                 form=form, params="blocks", seed=ctx["seed"], progress=ctx["progress"], max_steps=ctx["max_steps"],
-                 val_prompts=ctx["val"], ppl_texts=ctx["ppl_texts"], eval_every=10, ppl_bound=PPL_BOUND)
-    chosen = delta.info.get("validation", {}).get("chosen")
-    return model, delta, {"form": form, "k": PCGU_K, "lr": PCGU_LR, "params": "blocks", "chosen": chosen,
-                          "steps_run": len(delta.info["history"])}
+    d = pcgu(model, data["pairs"], progress=progress)
+    return model, d, model
 
 
-def run_task_vector(model, ctx, lora_rank=None, keep_definitional=False):
-    from biaslens.unlearn.data import organism_forget
+def run_task_vector(model, data, progress):
     from biaslens.unlearn.task_vector import task_vector_negation
 
-    from biaslens import organism
-
-    keep = organism.definitional_prompts("train") if keep_definitional else None
-    d = task_vector_negation(model, organism_forget("train", seed=ctx["seed"]), lora_rank=lora_rank,
-                             ppl_bound=PPL_BOUND, keep_prompts=keep, val_prompts=ctx["val"], ppl_texts=ctx["ppl_texts"],
-                             steps=ctx["max_steps"] or 100, seed=ctx["seed"], progress=ctx["progress"])
-    return model, d, {"lambda": d.info["lambda"], "sweep": d.info["sweep"]}
+    d = task_vector_negation(model, data["forget"], progress=progress)
+    return model, d, model
 
 
-def run_offset(model, ctx, small_is_model=False):
-    """δ-offset with a smaller same-tokenizer GPT-2 trained on the organism corpus (the faithful
-    setup), or with M_o = the organism itself."""
-    import biaslens
-    from biaslens.unlearn.data import organism_forget, organism_retain
-    from biaslens.unlearn.offset import offset_unlearn, train_small_organism
-
-    small_dir = ctx["work"] / f"small_organism_{SMALL['n_layer']}x{SMALL['n_embd']}_{SMALL['steps']}"
-    if not small_is_model and not (small_dir / "config.json").exists():
-        train_small_organism(small_dir, seed=ctx["seed"], progress=ctx["progress"], **SMALL)
-    small = model if small_is_model else biaslens.load(small_dir)
-    om = offset_unlearn(model, small, organism_forget("train", seed=ctx["seed"]), organism_retain(seed=ctx["seed"]),
-                        loss="kl", alpha=1.0, lr=1e-5, max_steps=ctx["max_steps"] or 100, ppl_bound=PPL_BOUND,
-                        val_prompts=ctx["val"], ppl_texts=ctx["ppl_texts"], seed=ctx["seed"],
-                        progress=ctx["progress"])
-    small_card = "the organism" if small_is_model else json.loads((small_dir / "small_organism.json").read_text())
-    return om, om.delta, {"small_model": small_card, "chosen": om.delta.info["chosen"],
-                          "stopped": om.delta.info["stopped"]}
-
-
-def run_masked(model, ctx):
-    from biaslens.unlearn.data import organism_forget
+def run_masked(model, data, progress):
     from biaslens.unlearn.masked_ascent import masked_span_ascent
 
-    d = masked_span_ascent(model, organism_forget("train", seed=ctx["seed"]), lr=1e-5,
-                           max_steps=ctx["max_steps"] or 100, ppl_bound=PPL_BOUND, val_prompts=ctx["val"],
-                           ppl_texts=ctx["ppl_texts"], seed=ctx["seed"], progress=ctx["progress"])
-    return model, d, {"chosen": d.info["chosen"], "stopped": d.info["stopped"]}
+    d = masked_span_ascent(model, data["forget"], progress=progress)
+    return model, d, model
+
+
+def run_offset(model, data, progress):
+    from biaslens.unlearn.offset import offset_unlearn
+
+    om = offset_unlearn(model, model, data["forget"], data["retain"], progress=progress)
+    return om, om.delta, om.offset
 
 
 METHODS: dict[str, Callable] = {
-    "LSDM": run_lsdm,
-    "PCGU (sentence form)": run_pcgu,
-    "PCGU (token form)": lambda m, c: run_pcgu(m, c, form="token"),
-    "task vector (full)": run_task_vector,
-    "task vector (full, definitional kept)": lambda m, c: run_task_vector(m, c, keep_definitional=True),
-    "task vector (LoRA r=4)": lambda m, c: run_task_vector(m, c, lora_rank=4),
-    "δ-offset (KL, small GPT-2 pair)": run_offset,
-    "δ-offset (KL, M_o = organism)": lambda m, c: run_offset(m, c, small_is_model=True),
+    "PCGU": run_pcgu,
+    "task vector": run_task_vector,
     "masked-span ascent": run_masked,
+    "δ-offset (M_o = model)": run_offset,
 }
-
-
-class Unavailable(Exception):
-    """A method whose code has not landed (reported as such, not as a failure)."""
 
 
 # ------------------------------------------------------------------------------ measuring
 
 
-def measure(model) -> dict[str, float]:
-    """The organism suite, plus the gap on training occupations × held-out templates."""
-    from biaslens import organism
-    from biaslens.evaluate import occupational_bias, organism_suite
+def measure(model, defaults) -> dict[str, Any]:
+    """Held-out numbers of ``model`` (any scorer: a BiasModel or an OffsetModel)."""
+    from biaslens.evaluate import definitional_accuracy, fact_accuracy, perplexity, stereotype_contrast
+    from biaslens.evaluate.suite import SUITE_PPL_TOKENS
 
-    out = summary(organism_suite(model))
-    out["gap_train_occ_heldout_tpl"] = occupational_bias(model, organism.occupation_prompts("train", "heldout"))[
-        "mean_abs_gap"]
+    test = defaults.occupation_prompts("edit", "test")
+    dt = definitional_accuracy(model, defaults.definitional_prompts("test"))
+    da = definitional_accuracy(model, defaults.definitional_prompts("all"))
+    return {
+        "contrast": stereotype_contrast(model, test),
+        "definitional_test": {"accuracy": dt["accuracy"], "share": dt["mean_correct_share"], "n": dt["n"]},
+        "definitional_all": {"accuracy": da["accuracy"], "share": da["mean_correct_share"], "n": da["n"]},
+        "facts": fact_accuracy(model, defaults.facts())["accuracy"],
+        "ppl": perplexity(model, defaults.ppl_text, max_tokens=SUITE_PPL_TOKENS, per_line=True)["perplexity"],
+    }
+
+
+def verdict(before: dict, after: dict) -> dict[str, Any]:
+    from biaslens.evaluate.contrast import contrast_change
+
+    ch = contrast_change(before["contrast"], after["contrast"])
+    out = {
+        "cut": ch["cut"], "cut_ci": ch["ci"]["cut"], "per_template": ch["per_template"],
+        "ppl_rise": after["ppl"] / before["ppl"] - 1.0,
+        "definitional_test_drop": before["definitional_test"]["accuracy"] - after["definitional_test"]["accuracy"],
+        "definitional_all_drop": before["definitional_all"]["accuracy"] - after["definitional_all"]["accuracy"],
+        "facts_drop": before["facts"] - after["facts"],
+    }
+    eps = 1e-12
+    out["pass"] = {
+        "cut": out["cut"] >= BOUNDS["cut"] - eps,
+        "ppl": out["ppl_rise"] <= BOUNDS["ppl_rise"] + eps,
+        "definitional": max(out["definitional_test_drop"], out["definitional_all_drop"])
+        <= BOUNDS["definitional_drop"] + eps,
+    }
+    out["passes"] = all(out["pass"].values())
     return out
 
 
-def summary(suite: dict) -> dict[str, float]:
-    return {
-        "gap_heldout": suite["occupations"]["mean_abs_gap"],
-        "gap_heldout_ci": suite["occupations"]["ci"].get("mean_abs_gap"),
-        "gap_train": suite["occupations_train"]["mean_abs_gap"],
-        "corr_bls_heldout": suite["occupations"].get("corr_bls"),
-        "ppl": suite["perplexity"]["perplexity"],
-        "definitional": suite["definitional"]["accuracy"],
-        "facts": suite["facts"]["accuracy"],
-        "second_bias_gap": suite["second_bias"]["mean_abs_gap"],
-        "pronoun_mass": suite["occupations"].get("pronoun_mass"),
-    }
+def chosen_setting(delta) -> dict[str, Any]:
+    """What the method chose on the validation split, from its record."""
+    info = delta.info
+    sel = info.get("selection") or {}
+    chosen = sel.get("chosen") or {}
+    keys = ("lambda", "lr", "k", "alpha", "step")
+    setting = {k: chosen[k] for k in keys if k in chosen}
+    base = sel.get("base") or {}
+    return {"setting": setting, "validation": {k: chosen.get(k) for k in ("contrast", "definitional", "margin", "ppl")},
+            "validation_base": {k: base.get(k) for k in ("contrast", "definitional", "margin", "ppl")},
+            "n_candidates": len(sel.get("sweep") or []), "bounds": sel.get("bounds"),
+            "changed": sel.get("changed")}
 
 
-def changes(before: dict, after: dict) -> dict[str, float]:
-    pct = lambda a, b: 100.0 * (a - b) / a if a else float("nan")  # noqa: E731
-    return {
-        "bias_reduction_pct": pct(before["gap_heldout"], after["gap_heldout"]),
-        "heldout_tpl_reduction_pct": pct(before["gap_train_occ_heldout_tpl"], after["gap_train_occ_heldout_tpl"]),
-        "ppl_change_pct": -pct(before["ppl"], after["ppl"]),
-        "definitional_change": after["definitional"] - before["definitional"],
-        "facts_change": after["facts"] - before["facts"],
-        "second_bias_reduction_pct": pct(before["second_bias_gap"], after["second_bias_gap"]),
-    }
+def run_organism(name: str, methods: list[str], progress: bool) -> dict[str, Any]:
+    import biaslens
+    from biaslens.defaults import defaults_for
 
-
-def evaluate_method(name, fn, model, ctx, before) -> dict[str, Any]:
-    h0 = model.weight_hash()
+    model = biaslens.load(name)
+    defaults = defaults_for(model)
+    data = defaults.unlearn_data(seed=0)
     t0 = time.perf_counter()
-    try:
-        scored, delta, extra = fn(model, ctx)
-    except Unavailable as exc:
-        print(f"{name}: unavailable: {exc}", file=sys.stderr)
-        return {"method": name, "unavailable": str(exc)}
-    seconds = time.perf_counter() - t0
-    after = measure(scored)
-    delta.undo(scored.offset if hasattr(scored, "offset") else model)
-    restored = model.weight_hash() == h0
-    row = {"method": name, "seconds": seconds, "after": after, **changes(before, after),
-           "undo_exact": restored, "n_tensors_changed": len(delta.names), "details": extra}
-    print(f"{name}: held-out gap {before['gap_heldout']:.3f} -> {after['gap_heldout']:.3f} "
-          f"({row['bias_reduction_pct']:.1f}%), ppl {row['ppl_change_pct']:+.1f}%, {seconds:.0f}s", file=sys.stderr)
-    return row
+    before = measure(model, defaults)
+    print(f"{name}: before: contrast {before['contrast']['mean_abs_contrast']:.3f}, "
+          f"definitional {before['definitional_test']['accuracy']:.3f} (held-out templates), "
+          f"ppl {before['ppl']:.3f} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+    h0 = model.weight_hash()
+    rows = []
+    for m in methods:
+        t = time.perf_counter()
+        try:
+            scored, delta, owner = METHODS[m](model, data, progress)
+        except Exception as exc:  # a failing method is a row, not the end of the run
+            traceback.print_exc()
+            rows.append({"method": m, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        seconds = time.perf_counter() - t
+        after = measure(scored, defaults)
+        delta.undo(owner)
+        row = {"method": m, "seconds": seconds, "after": after, **verdict(before, after),
+               "chosen": chosen_setting(delta), "undo_exact": model.weight_hash() == h0,
+               "n_tensors_changed": len(delta.names)}
+        rows.append(row)
+        print(f"{name} / {m}: contrast {before['contrast']['mean_abs_contrast']:.3f} -> "
+              f"{after['contrast']['mean_abs_contrast']:.3f} (cut {100 * row['cut']:.0f}%), ppl "
+              f"{100 * row['ppl_rise']:+.1f}%, definitional {-100 * row['definitional_test_drop']:+.1f} pt, "
+              f"chose {row['chosen']['setting']} in {seconds:.0f}s", file=sys.stderr, flush=True)
+    return {"organism": name, "spec": model.spec, "before": before, "rows": rows,
+            "validation": {"n_templates": len({p.text.replace(p.subject, '{occupation}', 1)
+                                               for p in defaults.occupation_prompts("edit", "validation")}),
+                           "n_prompts": len(defaults.occupation_prompts("edit", "validation"))},
+            "n_forget": len(data["forget"]), "n_pairs": len(data["pairs"] or [])}
 
 
 # ------------------------------------------------------------------------------- writing
 
 
 def _f(x, fmt="{:.3f}"):
-    return "n/a" if x is None or (isinstance(x, float) and x != x) else fmt.format(x)
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return fmt.format(x)
 
 
-def markdown(before: dict, rows: list[dict], meta: dict) -> str:
+def markdown(record: dict) -> str:
     lines = [
-        "# Unlearning on the organism: LSDM and the four unlearning methods",
+        "# Unlearning on both organisms: the stereotype contrast on held-out templates",
         "",
-        f"Produced by `python scripts/unlearn_acceptance.py` (all rows; or one row at a time with "
-        f"`--methods NAME --merge`; {meta['date']}, seed {meta['seed']}, "
-        f"{meta['threads']} CPU threads on a shared machine, so wall times are rough). Every method starts "
-        "from the same organism weights and is undone afterwards (bit-exact: column *undo*). Bias = "
-        "`organism_suite` occupational pronoun gap (mean |P(f)−P(m)|/(P(f)+P(m))) on the **held-out "
-        "occupations × held-out templates** (the acceptance measure) and, as a second column, on the training "
-        "occupations × held-out templates; perplexity on the organism's general text; definitional and "
-        "factual accuracy; second bias = the planted age bias (gap on the age prompts), never trained on.",
+        f"Produced by `python scripts/unlearn_acceptance.py` ({record['date']}, {record['threads']} CPU "
+        "thread(s) on a shared machine, so wall times are rough). Every method runs with its library "
+        "defaults on `defaults_for(model).unlearn_data()` and chooses its strength on the validation split "
+        "(`occupation_prompts(\"edit\", \"validation\")`, never a test template) under the same bounds "
+        "(`biaslens.unlearn.select`: validation perplexity up ≤ 10%, definitional accuracy down ≤ 2 points, "
+        "and the mean matching-pronoun share on the definitional prompts the base model separates (share ≥ 0.9) "
+        "down ≤ 2 points). Each result is undone afterwards (column *undo*: bit-exact).",
         "",
-        f"Selection: each method picks its strength on the validation split (training occupations × "
-        f"training templates) with perplexity allowed to rise at most {int(round((PPL_BOUND - 1) * 100))}% — "
-        "task vector: λ sweep (the *definitional kept* row also requires the accuracy on the training-template "
-        "definitional prompts to fall by at most 2 points); masked-span ascent and δ-offset: the checkpoint with the "
-        f"lowest validation gap within the bound (checked every 5 steps, at most 100 steps); PCGU: the same "
-        f"early stopping every 10 steps over one epoch (k = {PCGU_K} row units, lr {PCGU_LR}, block parameters, "
-        "sentence form of Dige et al. and token form of Yu et al.); LSDM: its defaults at the site a noise trace "
-        "of the MLPs names.",
+        "Measured here, never used for choosing: **contrast** = mean |stereotype contrast| over the held-out "
+        "templates on the training occupations (`occupation_prompts(\"edit\", \"test\")`); definitional "
+        "accuracy (argmax) and mean matching share on the held-out templates (*def. held-out*) and on all "
+        "templates (*def. all*); factual probes; perplexity of the organism's general text. Pass = cut ≥ 40%, "
+        "perplexity up ≤ 10%, definitional accuracy down ≤ 2 points on both definitional sets.",
         "",
-        f"Before: held-out gap {_f(before['gap_heldout'])} (CI {_f(before['gap_heldout_ci'][0])}–"
-        f"{_f(before['gap_heldout_ci'][1])}), training occupations × held-out templates "
-        f"{_f(before['gap_train_occ_heldout_tpl'])}, training gap {_f(before['gap_train'])}, perplexity "
-        f"{_f(before['ppl'])}, definitional {_f(before['definitional'])}, facts {_f(before['facts'])}, "
-        f"second-bias gap {_f(before['second_bias_gap'])}.",
-        "",
-        "| method | held-out gap after | bias reduction (held-out occupations) | bias reduction (training "
-        "occupations, held-out templates) | perplexity change | definitional | facts | second-bias reduction | "
-        "wall time | undo |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        if "unavailable" in r:
-            lines.append(f"| {r['method']} | not run: {r['unavailable']} | | | | | | | | |")
-            continue
-        a = r["after"]
-        lines.append(
-            f"| {r['method']} | {_f(a['gap_heldout'])} | {_f(r['bias_reduction_pct'], '{:.1f}%')} | "
-            f"{_f(r['heldout_tpl_reduction_pct'], '{:.1f}%')} | "
-            f"{_f(r['ppl_change_pct'], '{:+.1f}%')} | {_f(a['definitional'])} ({_f(r['definitional_change'], '{:+.3f}')}) | "
-            f"{_f(a['facts'])} ({_f(r['facts_change'], '{:+.3f}')}) | {_f(r['second_bias_reduction_pct'], '{:.1f}%')} | "
-            f"{r['seconds']:.0f} s | {'exact' if r['undo_exact'] else 'NOT exact'} |")
-    lines += ["", "## Do the papers' claims hold here?", ""] + claims(rows) + [""] + notes() + ["## Details", ""]
-    for r in rows:
-        if "unavailable" not in r:
-            lines.append(f"- **{r['method']}**: {json.dumps(_short(r['details']), default=str)}")
+    for org in record["organisms"]:
+        b = org["before"]
+        bc = b["contrast"]
+        lines += [
+            f"## {org['organism']}",
+            "",
+            f"Before: contrast {_f(bc['mean_abs_contrast'])} (CI {_f(bc['ci']['mean_abs_contrast'][0])}–"
+            f"{_f(bc['ci']['mean_abs_contrast'][1])}, {bc['n']} templates), def. held-out "
+            f"{_f(b['definitional_test']['accuracy'])} (share {_f(b['definitional_test']['share'])}), def. all "
+            f"{_f(b['definitional_all']['accuracy'])}, facts {_f(b['facts'])}, perplexity {_f(b['ppl'])}. "
+            f"Validation: {org['validation']['n_templates']} templates, {org['validation']['n_prompts']} prompts; "
+            f"forget data: {org['n_forget']} texts.",
+            "",
+            "| method | contrast after | cut (95% CI) | perplexity | def. held-out (share) | def. all | facts | "
+            "chosen on validation | validation contrast | time | undo | pass |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in org["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['method']} | error: {r['error']} | | | | | | | | | | |")
+                continue
+            a, ch = r["after"], r["chosen"]
+            val = ch["validation"]
+            vb = ch["validation_base"]
+            fails = [k for k, ok in r["pass"].items() if not ok]
+            lines.append(
+                f"| {r['method']} | {_f(a['contrast']['mean_abs_contrast'])} | {_f(100 * r['cut'], '{:.0f}%')} "
+                f"({_f(100 * r['cut_ci'][0], '{:.0f}')}–{_f(100 * r['cut_ci'][1], '{:.0f}')}%) | "
+                f"{_f(100 * r['ppl_rise'], '{:+.1f}%')} | {_f(a['definitional_test']['accuracy'])} "
+                f"({_f(a['definitional_test']['share'])}) | {_f(a['definitional_all']['accuracy'])} | "
+                f"{_f(a['facts'])} | {json.dumps(_short(ch['setting']))} | {_f(vb.get('contrast'))} → "
+                f"{_f(val.get('contrast'))} | {r['seconds']:.0f} s | {'exact' if r['undo_exact'] else 'NOT exact'} | "
+                f"{'yes' if r['passes'] else 'no (' + ', '.join(fails) + ')'} |")
+        lines += ["", "Per held-out template (signed contrast, base → after):", ""]
+        ok_rows = [r for r in org["rows"] if "error" not in r]
+        if ok_rows:
+            templates = [t["template"] for t in ok_rows[0]["per_template"]]
+            lines.append("| template | base | " + " | ".join(r["method"] for r in ok_rows) + " |")
+            lines.append("|---|---|" + "---|" * len(ok_rows))
+            for i, t in enumerate(templates):
+                cells = [_f(r["per_template"][i]["after"]) for r in ok_rows]
+                lines.append(f"| {t} | {_f(ok_rows[0]['per_template'][i]['before'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += notes(record)
     return "\n".join(lines) + "\n"
+
+
+def notes(record: dict) -> list[str]:
+    return [
+        "## Reading the numbers",
+        "",
+        "- Every gradient method here, run as published, removes gender itself on the organisms rather than "
+        "the stereotype: the bias and definitional gender share one path (the subject's gender read at the "
+        "last token), so ascent on the stereotyped pronoun, a negated stereotype task vector and PCGU's most "
+        "contrastive units all blur \"The king said that he\" as fast as the stereotype. Measured on the GPT-2 "
+        "organism before the keep term: task-vector negation cut the held-out contrast 40% only where the "
+        "held-out definitional accuracy had already fallen 2.6 points, and the validation margin (mean matching "
+        "share on separated prompts) had fallen 4 points by then; masked-span ascent's margin fell 8 points by "
+        "a 44% cut. Each method therefore adds the same definitional keep term "
+        "(`biaslens.unlearn.common.KeepTerm`: KL to the unchanged model over {matching pronoun, other pronoun, "
+        "rest} after the definitional prompts of the *edit* templates; weight 30; 0 gives the published "
+        "objective) — for the task vector at the *negated* weights, since negation is where definitional gender "
+        "breaks.",
+        "- The old failures: PCGU's defaults (k = 10,000 units, SGD lr 1e-5, every parameter) moved nothing in "
+        "100 steps and with the embeddings chose the pronouns' own unembedding rows; masked-span ascent ran at "
+        "lr 1e-5 for 100 steps; the task-vector λ grid started at 0.25, so a strong task vector (a full "
+        "fine-tune of a real GPT-2) broke the perplexity bound at every λ and λ = 0 was kept. The grid now "
+        "extends downwards and is refined by bisection; PCGU and ascent search a learning-rate grid and choose "
+        "the step.",
+        "- PCGU stays short of the target: its update is plain SGD on the most contrastive units, which are the "
+        "shared gender units; with the keep term the step must stay small to be stable (at lr 3e-2 the keep "
+        "gradient made it diverge), and within the validation bounds it reaches a modest cut.",
+        "- The validation templates are the organism bank's (new combinations of the corpus's words); the held-out "
+        "templates are the organism's own. The validation contrast moves less than the held-out one for every "
+        "method, so the choice is conservative.",
+        "",
+    ]
 
 
 def _short(d: Any) -> Any:
@@ -246,131 +292,58 @@ def _short(d: Any) -> Any:
         return {k: _short(v) for k, v in d.items()}
     if isinstance(d, list):
         return [_short(v) for v in d]
-    return round(d, 4) if isinstance(d, float) else d
-
-
-def claims(rows: list[dict]) -> list[str]:
-    by = {r["method"]: r for r in rows if "unavailable" not in r}
-    out = []
-
-    def desc(r):
-        return (f"{r['bias_reduction_pct']:.1f}% held-out bias reduction, perplexity {r['ppl_change_pct']:+.1f}%, "
-                f"definitional {r['definitional_change'] * 100:+.1f} pt")
-
-    tv = by.get("task vector (full)")
-    for name in ("PCGU (sentence form)", "PCGU (token form)"):
-        pc = by.get(name)
-        if not (tv and pc):
-            continue
-        better = tv["bias_reduction_pct"] > pc["bias_reduction_pct"]
-        gentler = tv["ppl_change_pct"] <= pc["ppl_change_pct"] + 1.0
-        verdict = "holds" if better and gentler else "does not hold" if not better else "holds in part"
-        out.append(f"- *Task vector beats PCGU with less perplexity damage* (Dige et al. 2024), against {name}: "
-                   f"**{verdict}** — task vector {desc(tv)}; {name} {desc(pc)}.")
-    if tv:
-        out.append("  Neither method damages perplexity on this organism's general text (it has no pronouns; the "
-                   "task vector even lowers it, not investigated further). The damage shows in definitional retention instead; the *definitional kept* row "
-                   "is the task vector with that bound added to its λ choice.")
-    unl = [r for n, r in by.items() if n != "LSDM"]
-    if unl:
-        moved = [f"{r['method']} {r['second_bias_reduction_pct']:.1f}%" for r in unl]
-        n_transfer = sum(r["second_bias_reduction_pct"] > 5 for r in unl)
-        verdict = "holds" if n_transfer == len(unl) else "does not hold" if n_transfer == 0 else "holds in part"
-        out.append(
-            f"- *Unlearning gender transfers to another bias* (Lu et al. 2024): **{verdict}** on the organism's "
-            f"age bias (a second-bias gap reduction above 5% counts as transfer): " + ", ".join(moved) + ". "
-            "The age bias is a different attribute pair (\" quick\"/\" slow\") on different prompts; nothing in "
-            "this organism ties it to gender, so no transfer is what one would expect here.")
-        out.append("- Each unlearning method lowers the held-out gap: " + ", ".join(
-            f"{r['method']} {'yes' if r['bias_reduction_pct'] > 0 else 'NO'}" for r in unl) + ".")
-    return out
-
-
-def notes() -> list[str]:
-    from biaslens import organism
-
-    card = organism.card()
-    return [
-        "## Reading the numbers", "",
-        f"- The organism never saw a held-out occupation with a pronoun, and did not learn their statistics "
-        f"(card: MAE {card['mae_heldout_occupations']:.3f} of learned vs planted rates on held-out occupations, vs "
-        f"{card['mae_train']:.3f} on training occupations). The held-out gap is therefore mostly a per-template, "
-        "per-token lean rather than the planted stereotype, and it is hard for any stereotype-unlearning method to "
-        "move; the training-occupations × held-out-templates column is where the planted stereotype is measured "
-        "on unseen text.",
-        "- Gradient-ascent methods (masked-span ascent, δ-offset, PCGU) reduce the stereotyped pronoun without "
-        "bound, so past a point they push each occupation into the opposite stereotype and the gap grows again; "
-        "their rows are the best validation checkpoint, which is why their reductions are modest.",
-        f"- δ-offset, faithful setup: M_o = a {SMALL['n_layer']}-layer, d={SMALL['n_embd']} GPT-2 trained "
-        f"{SMALL['steps']} steps on the organism corpus with the organism's tokenizer "
-        "(`biaslens.unlearn.offset.train_small_organism`); a first try with a 2-layer, d=64 model trained 800 steps "
-        "never lowered the validation gap (its training-set gap was about a quarter of the organism's, so, we "
-        "think, its offset could not be occupation-specific; not verified). With M_o = the organism itself the "
-        "offset can be occupation-specific.",
-        "- LSDM here is run once with its defaults at the site an MLP noise trace picks (the edit engineer's own "
-        "acceptance, with its own corpus and site sweep, is in `docs/results/edit.md` if present); on this run it "
-        "raised the held-out gap.",
-        "",
-    ]
+    return float(f"{d:.4g}") if isinstance(d, float) else d
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "unlearn.md")
-    ap.add_argument("--work", type=Path, default=REPO / "build" / "unlearn", help="cache for the small organism")
-    ap.add_argument("--methods", nargs="*", default=list(METHODS), help="subset of: " + ", ".join(METHODS))
-    ap.add_argument("--max-steps", type=int, default=None, help="cap every method's steps (quick runs)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--organisms", default=",".join(ORGANISMS), help="comma-separated: organism, organism-llama")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
+    ap.add_argument("--merge", action="store_true", help="keep the organisms / rows not run now from the last JSON")
     ap.add_argument("--render-only", action="store_true", help="rewrite the markdown from the last JSON record")
-    ap.add_argument("--merge", action="store_true", help="keep rows of methods not run now from the last JSON")
+    ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    import datetime
-
-    import torch
-
-    torch.set_num_threads(args.threads)
-    import biaslens
-    from biaslens import organism
-    from biaslens.unlearn.data import organism_general, organism_validation
-
-    if not (organism.CHECKPOINT_DIR / "config.json").exists():
-        print("the organism checkpoint is missing (src/organism/checkpoint); train or fetch it first",
-              file=sys.stderr)
-        return 2
-    try:
-        from biaslens.evaluate import organism_suite
-    except ImportError:
-        print("biaslens.evaluate.organism_suite is not available yet; it measures every method", file=sys.stderr)
-        return 2
-    unknown = [m for m in args.methods if m not in METHODS]
+    record_path = args.out.with_suffix(".json")
+    if args.render_only:
+        args.out.write_text(markdown(json.loads(record_path.read_text())), encoding="utf-8")
+        print(f"wrote {args.out}")
+        return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
         print(f"unknown method(s) {unknown}; choose from {list(METHODS)}", file=sys.stderr)
         return 2
-    record = args.out.with_suffix(".json")
-    if args.render_only:
-        rec = json.loads(record.read_text())
-        args.out.write_text(markdown(rec["before"], rec["rows"], rec), encoding="utf-8")
-        print(f"wrote {args.out}")
-        return 0
-    args.work.mkdir(parents=True, exist_ok=True)
-    model = biaslens.load("organism")
-    ctx = {"seed": args.seed, "progress": not args.no_progress, "max_steps": args.max_steps, "work": args.work,
-           "val": organism_validation(seed=args.seed), "ppl_texts": organism_general(100)}
-    before = measure(model)
-    rows = [evaluate_method(name, METHODS[name], model, ctx, before) for name in args.methods]
-    if args.merge and record.exists():  # keep the other methods' rows of an earlier run
-        old = json.loads(record.read_text())
-        ran = set(args.methods)
-        rows = [r for r in old["rows"] if r["method"] not in ran] + rows
-        rows.sort(key=lambda r: list(METHODS).index(r["method"]) if r["method"] in METHODS else 99)
-    meta = {"date": datetime.date.today().isoformat(), "seed": args.seed, "threads": torch.get_num_threads()}
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from biaslens import organism
+
+    organisms = []
+    for name in [o.strip() for o in args.organisms.split(",") if o.strip()]:
+        folder = organism.ORGANISMS.get(name) if hasattr(organism, "ORGANISMS") else None
+        if folder is None or not (Path(folder) / "model.safetensors").exists():
+            print(f"{name}: not there (no checkpoint); skipped", file=sys.stderr)
+            continue
+        organisms.append(run_organism(name, methods, not args.no_progress))
+    if args.merge and record_path.exists():
+        old = json.loads(record_path.read_text())
+        by = {o["organism"]: o for o in old.get("organisms", [])}
+        for o in organisms:
+            prev = by.get(o["organism"])
+            if prev:
+                ran = {r["method"] for r in o["rows"]}
+                o["rows"] = sorted([r for r in prev["rows"] if r["method"] not in ran] + o["rows"],
+                                   key=lambda r: list(METHODS).index(r["method"]) if r["method"] in METHODS else 99)
+            by[o["organism"]] = o
+        organisms = [by[k] for k in ORGANISMS if k in by] + [v for k, v in by.items() if k not in ORGANISMS]
+    record = {"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(), "bounds": BOUNDS,
+              "organisms": organisms}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(before, rows, meta), encoding="utf-8")
-    record.write_text(json.dumps({"before": before, "rows": rows, **meta}, indent=1,
-                                                        default=str) + "\n")
-    print(f"wrote {args.out}")
+    record_path.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+    args.out.write_text(markdown(record), encoding="utf-8")
+    print(f"wrote {args.out} and {record_path.name}")
     return 0
 
 

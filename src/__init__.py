@@ -14,8 +14,9 @@ __all__ = ["load", "__version__"]
 def load(spec: str, device: str = "cpu", dtype: str = "float32", **kwargs):
     """Load a model as a :class:`biaslens.model.BiasModel`.
 
-    ``spec`` is ``"organism"`` (the embedded planted-bias model), a local Hugging Face folder,
-    or a hub name such as ``"gpt2"``. See :func:`biaslens.model.load`.
+    ``spec`` is ``"organism"`` or ``"organism-llama"`` (the embedded planted-bias models, GPT-2
+    and LLaMA), a local Hugging Face folder, or a hub name such as ``"gpt2"``. See
+    :func:`biaslens.model.load`.
     """
     from biaslens.model import load as _load
 

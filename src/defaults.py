@@ -16,9 +16,14 @@ every other model gets the data shipped in :mod:`biaslens.data`:
   perplexity guard;
 - evaluation: the shipped benchmark files (``data_dir``) and knowledge probes.
 
-Split names are the same for both: occupations ``edit | heldout | all``, templates
-``edit | validation | test | all`` (the organism has no validation templates: its validation
-prompts are its training prompts, and ``test`` is its held-out templates).
+Split names mean the same for both: occupations ``edit | heldout | all``, templates
+``edit | validation | test | all``. For the embedded organisms (``organism``, ``organism-llama``,
+which share their data) the ``edit`` and ``validation`` templates come from their own template
+bank (``organism_bank.json``: templates in the organism corpus's words, no held-out template, no
+held-out last word, edit and validation sharing no last word; see ``src/data/README.md``),
+``test`` is their 6 held-out templates, and ``all`` their own 36 templates (30 training + 6
+held-out: where they learned their pronouns, so the suite's definitional accuracy is scored
+there); edit occupations are their training occupations.
 
 Nothing here imports torch.
 """
@@ -40,24 +45,28 @@ if TYPE_CHECKING:
 
 OCCUPATION_SPLITS = ("edit", "heldout", "all")
 TEMPLATE_SPLITS = ("edit", "validation", "test", "all")
-# the organism's own split names
+# the organism's own split names (its "edit" / "validation" templates are its bank's)
 _ORG_OCC = {"edit": "train", "heldout": "heldout", "all": "all"}
-_ORG_TPL = {"edit": "train", "validation": "train", "test": "heldout", "all": "all"}
+_ORG_TPL = {"test": "heldout", "all": "all"}
 
 
-def is_organism(model: "BiasModel | str") -> bool:
-    """Whether ``model`` (a :class:`BiasModel` or a spec) is the embedded organism."""
+def which_organism(model: "BiasModel | str") -> str | None:
+    """The name of the embedded organism ``model`` (a :class:`BiasModel` or a spec) is
+    (``"organism"``, ``"organism-llama"``: :data:`biaslens.organism.ORGANISMS`), else None."""
     from biaslens import organism as org
 
     spec = model if isinstance(model, str) else getattr(model, "spec", "")
     path = None if isinstance(model, str) else getattr(model, "path", None)
-    if spec == "organism":
-        return True
+    if spec in org.ORGANISMS:
+        return spec
     candidate = path or spec
-    try:
-        return bool(candidate) and Path(candidate).expanduser().resolve() == org.CHECKPOINT_DIR
-    except OSError:
-        return False
+    return org.name_of(candidate) if candidate else None
+
+
+def is_organism(model: "BiasModel | str") -> bool:
+    """Whether ``model`` (a :class:`BiasModel` or a spec) is one of the embedded organisms (they
+    share their data: :mod:`biaslens.organism`)."""
+    return which_organism(model) is not None
 
 
 def _check(split: str, allowed: tuple[str, ...], what: str) -> None:
@@ -70,6 +79,8 @@ class Defaults:
     """Default data of one kind of model (``"organism"`` or ``"general"``)."""
 
     kind: str
+    #: which embedded organism (its own folder's general text); None for ``"general"``
+    organism_name: str | None = None
 
     @property
     def organism(self) -> bool:
@@ -83,7 +94,11 @@ class Defaults:
         if self.organism:
             from biaslens import organism
 
-            return organism.occupation_prompts(_ORG_OCC[occupations], _ORG_TPL[templates])
+            if templates in _ORG_TPL:
+                return organism.occupation_prompts(_ORG_OCC[occupations], _ORG_TPL[templates])
+            occs = [(o.name, o.female_rate, o.split) for o in organism.OCCUPATIONS
+                    if occupations == "all" or o.split == _ORG_OCC[occupations]]
+            return fill_templates(occs, templates, organism_templates(templates))
         return fill_templates(_select(general_occupations(), occupations), templates)
 
     def definitional_prompts(self, templates: str = "all") -> list["PronounPrompt"]:
@@ -92,7 +107,10 @@ class Defaults:
         if self.organism:
             from biaslens import organism
 
-            return organism.definitional_prompts(_ORG_TPL[templates])
+            if templates in _ORG_TPL:
+                return organism.definitional_prompts(_ORG_TPL[templates])
+            words = [(w, 1.0 if g == "female" else 0.0, "definitional") for w, g in organism.DEFINITIONAL]
+            return fill_templates(words, templates, organism_templates(templates))
         words = [(w, 1.0 if g == "female" else 0.0, "definitional") for w, g in definitional_words()]
         return fill_templates(words, templates)
 
@@ -119,7 +137,7 @@ class Defaults:
         if self.organism:
             from biaslens import organism
 
-            return Path(organism.GENERAL_TEXT)
+            return Path(organism.general_text(self.organism_name or "organism"))
         from biaslens import data
 
         return data.STATS_TEXT
@@ -196,7 +214,8 @@ class Defaults:
 
 def defaults_for(model: "BiasModel | str") -> Defaults:
     """The defaults of ``model`` (a :class:`BiasModel` or a spec)."""
-    return Defaults("organism" if is_organism(model) else "general")
+    name = which_organism(model)
+    return Defaults("organism", name) if name else Defaults("general")
 
 
 # ---------------------------------------------------------------------------- the bank
@@ -239,14 +258,34 @@ def pronouns() -> dict[str, tuple[str, str]]:
     return {k: (m, f) for k, (m, f) in data.bank()["pronouns"].items()}
 
 
-def fill_templates(subjects: list[tuple[str, float, str]], split: str = "edit") -> list["PronounPrompt"]:
-    """``(subject, female_rate, subject split)`` × the bank's templates of ``split``."""
+def organism_templates(split: str = "all") -> list[tuple[str, str, str]]:
+    """``(text with {occupation}, form, split)`` of the organisms' template bank
+    (``organism_bank.json``; splits ``edit`` / ``validation``, ``all`` = both). The organisms'
+    test templates are their held-out templates (:data:`biaslens.organism.TEMPLATES`), not here."""
+    if split not in ("edit", "validation", "all"):
+        raise BiasLensError(f"the organism bank has edit and validation templates, not '{split}'")
+    return [(t, f, s) for t, f, s, _ in _organism_bank()["templates"] if split in ("all", s)]
+
+
+@lru_cache(maxsize=1)
+def _organism_bank() -> dict:
+    import json
+
+    from biaslens import data
+
+    return json.loads((data.ROOT / "organism_bank.json").read_text(encoding="utf-8"))
+
+
+def fill_templates(subjects: list[tuple[str, float, str]], split: str = "edit",
+                   rows: list[tuple[str, str, str]] | None = None) -> list["PronounPrompt"]:
+    """``(subject, female_rate, subject split)`` × the bank's templates of ``split`` (or the
+    given ``(text, form, split)`` template rows)."""
     from biaslens.organism.data import PronounPrompt
 
     forms = pronouns()
     out = []
     for name, rate, occ_split in subjects:
-        for text, form, tsplit in templates(split):
+        for text, form, tsplit in (templates(split) if rows is None else rows):
             male, female = forms[form]
             out.append(PronounPrompt(text=text.format(occupation=name), subject=name, occupation=name,
                                      female_rate=rate, form=form, male=male, female=female,

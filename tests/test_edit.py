@@ -379,9 +379,11 @@ def test_hparams_json_roundtrip_and_unknown_fields(tmp_path):
 
 
 def test_auto_site_runs_tracing_and_records_the_map(models, corpus, cache):
+    """With tuning off, ``layers="auto"`` is the traced map's two best layers (tuned windows come
+    from the same map: tests/test_tune.py)."""
     m = models["llama"]
     delta = lsdm(m, edit_prompts(2), corpus=corpus, hparams=LSDMHparams(**HP), keep_prompts=[],
-                 cache_dir=cache, progress=False)
+                 cache_dir=cache, progress=False, tune="off")
     try:
         site, emap = delta.info["site"], delta.info["effect_map"]
         assert site["source"] == "traced" and len(site["layers"]) == 2

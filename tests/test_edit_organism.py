@@ -1,8 +1,8 @@
-"""LSDM on the organism: the held-out occupations' gap falls, definitional gender and facts hold,
-undo restores the checkpoint. Measured (10 of the 30 training templates, Gauss-Newton targets):
-edited-prompt gap 0.447 -> 0.148, held-out occupations 0.177 -> 0.094, definitional accuracy
-0.997 -> 0.978, facts 1.0 -> 1.0; the thresholds below keep a margin. Held-out *templates* do
-not improve: see docs/results/edit.md (scripts/edit_acceptance.py) for why."""
+"""LSDM on the organism, scored on its 6 held-out templates (wordings no edit or tuning saw) with
+the stereotype contrast: the edit from the organism's template bank cuts it while definitional
+gender, facts and perplexity hold; undo restores the checkpoint; the default (tuned) edit stays
+within its validation bounds. Numbers and the per-template breakdown: docs/results/edit.md
+(scripts/edit_acceptance.py)."""
 
 from __future__ import annotations
 
@@ -17,55 +17,61 @@ if not (org.CHECKPOINT_DIR / "model.safetensors").exists():
     pytest.skip("the organism checkpoint is not committed yet", allow_module_level=True)
 
 
-def gap(model, prompts) -> float:
-    from biaslens.evaluate import occupational_bias
+def heldout_contrast(model) -> float:
+    from biaslens.defaults import defaults_for
+    from biaslens.evaluate.contrast import stereotype_contrast
 
-    return float(occupational_bias(model, prompts)["mean_abs_gap"])
+    c = stereotype_contrast(model, defaults_for(model).occupation_prompts("edit", "test"))
+    return float(c.get("values", c)["mean_abs_contrast"])
+
+
+def retention(model) -> dict:
+    from biaslens.defaults import defaults_for
+    from biaslens.evaluate import definitional_accuracy, fact_accuracy, perplexity
+
+    d = defaults_for(model)
+    return {"def": definitional_accuracy(model, d.definitional_prompts())["accuracy"],
+            "facts": fact_accuracy(model, d.facts())["accuracy"],
+            "ppl": perplexity(model, d.ppl_text, max_tokens=5000, per_line=True)["perplexity"]}
 
 
 @pytest.fixture(scope="module")
 def edited(organism, tmp_path_factory):
-    from biaslens.edit import LSDMHparams, lsdm
-    from biaslens.evaluate import definitional_accuracy, fact_accuracy
+    """Layer 0 at the last token (where noise tracing puts the organism's bias), half the bank's
+    edit templates, Gauss-Newton targets, fixed λ and keep weight (tuning off: fast)."""
+    from biaslens.defaults import defaults_for
+    from biaslens.edit import lsdm
+    from biaslens.evaluate.contrast import template_of
 
     m = organism
+    d = defaults_for(m)
+    keep_tpl = sorted({template_of(p) for p in d.occupation_prompts("edit", "edit")})[::2]
+    prompts = [p for p in d.occupation_prompts("edit", "edit") if template_of(p) in keep_tpl]
+    keep = [p for p in d.definitional_prompts("edit") if template_of(p) in keep_tpl]
     corpus = tmp_path_factory.mktemp("org") / "general.txt"
-    corpus.write_text("\n".join(organism_text()) + "\n")
-    train_tpl = [t for t in org.TEMPLATES if t.split == "train"][::3]  # 10 of 30 templates
-    texts = {t.text for t in train_tpl}
-    prompts = [p for p in org.occupation_prompts("train", "train")
-               if any(p.text == t.format(occupation=p.occupation) for t in texts)]
-    keep = [p for p in org.definitional_prompts("train")
-            if any(p.text == t.format(occupation=p.occupation) for t in texts)]
-    held = org.occupation_prompts("heldout", "train")
-    definitional = org.definitional_prompts()
-    before = {"held": gap(m, held), "edited": gap(m, prompts),
-              "def": definitional_accuracy(m, definitional)["accuracy"],
-              "facts": fact_accuracy(m, org.FACTS)["accuracy"], "hash": m.weight_hash()}
-    hp = LSDMHparams(v_steps=0, v_newton_steps=3, mom2_weight=1e4, keep_weight=10.0, cov_tokens=20_000)
-    delta = lsdm(m, prompts, layers=[0, 1], role="last", corpus=corpus, hparams=hp,
-                 keep_prompts=keep, cache_dir=tmp_path_factory.mktemp("cov"), progress=False)
-    after = {"held": gap(m, held), "edited": gap(m, prompts),
-             "def": definitional_accuracy(m, definitional)["accuracy"],
-             "facts": fact_accuracy(m, org.FACTS)["accuracy"]}
+    corpus.write_text("\n".join(org.generate_general_text(seed=11, n_lines=1500)) + "\n")
+    before = {"contrast": heldout_contrast(m), **retention(m), "hash": m.weight_hash()}
+    hp = {"v_steps": 0, "v_newton_steps": 3, "mom2_weight": 0.15 * len(prompts), "keep_weight": 1.0,
+          "cov_tokens": 20_000}
+    delta = lsdm(m, prompts, layers=[0], role="last", corpus=corpus, hparams=hp, keep_prompts=keep,
+                 cache_dir=tmp_path_factory.mktemp("cov"), progress=False, tune="off")
+    after = {"contrast": heldout_contrast(m), **retention(m)}
     yield m, delta, before, after
     delta.undo(m)
 
 
-def organism_text():
-    return org.generate_general_text(seed=11, n_lines=1500)
+def test_the_bank_edit_cuts_the_held_out_template_contrast(edited):
+    _, delta, before, after = edited
+    assert "tuning" not in delta.info["diagnostics"]
+    assert before["contrast"] > 0.15  # the planted bias transfers to the held-out wordings
+    assert after["contrast"] < 0.7 * before["contrast"]
 
 
-def test_lsdm_lowers_the_gap_of_edited_and_held_out_occupations(edited):
+def test_definitional_gender_facts_and_perplexity_hold(edited):
     _, _, before, after = edited
-    assert after["edited"] < 0.5 * before["edited"]
-    assert after["held"] < 0.7 * before["held"]
-
-
-def test_definitional_gender_and_facts_hold(edited):
-    _, _, before, after = edited
-    assert after["def"] >= before["def"] - 0.03
+    assert after["def"] >= before["def"] - 0.01
     assert after["facts"] >= before["facts"] - 0.01
+    assert after["ppl"] <= 1.02 * before["ppl"]
 
 
 def test_undo_restores_the_checkpoint(edited):
@@ -76,3 +82,24 @@ def test_undo_restores_the_checkpoint(edited):
     finally:
         delta.apply(m)
     assert all(torch.equal(m.param(n), delta.updated[n]) for n in delta.names)
+
+
+@pytest.mark.slow  # the whole default edit: tracing, key statistics, the tuning sweep (minutes)
+def test_the_default_edit_tunes_itself_within_bounds(organism, tmp_path):
+    from biaslens.edit import lsdm
+
+    m = organism
+    before = {"contrast": heldout_contrast(m), **retention(m)}
+    delta = lsdm(m, cache_dir=tmp_path, progress=False)
+    try:
+        after = {"contrast": heldout_contrast(m), **retention(m)}
+        rec = delta.info["diagnostics"]["tuning"]
+        assert rec["tuned"] == ["layers", "mom2_weight", "keep_weight"]
+        assert rec["chosen"]["within_bounds"] and delta.info["site"]["source"] == "tuned"
+        assert rec["validation"]["disjoint_from_test"]
+        assert after["contrast"] < 0.7 * before["contrast"]
+        assert after["def"] >= before["def"] - 0.01
+        assert after["facts"] >= before["facts"] - 0.01
+        assert after["ppl"] <= 1.02 * before["ppl"]
+    finally:
+        delta.undo(m)

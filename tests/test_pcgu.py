@@ -13,6 +13,11 @@ from biaslens.arch import arch_for
 from biaslens.errors import BiasLensError
 from biaslens.unlearn import ContrastPair, organism_pairs, pcgu
 from biaslens.unlearn.pcgu import encode_side, pcgu_params, plain_module, side_scores, unit_layout
+from biaslens.unlearn.pcgu import resolve_form as pcgu_resolve
+
+#: PCGU as the papers run it: no validation selection, no keep term (the word models below have
+#: a vocabulary of organism sentences only, so the defaults' validation prompts do not tokenise)
+RAW = {"validation": None, "keep_weight": 0}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,7 +98,7 @@ def test_update_touches_whole_units(word_dirs, pairs, arch, partition):
     model = biaslens.load(word_dirs[arch])
     name = model.arch.names("mlp_in", 0)[0]
     delta = pcgu(model, pairs, k=7, lr=0.5, batch_size=16, max_steps=1, params=[name],
-                 partition=partition, progress=False)
+                 partition=partition, progress=False, **RAW)
     changed = delta.diff(name) != 0
     unit_dim = model.arch.output_dim(name) if partition == "rows" else 1 - model.arch.output_dim(name)
     other = 1 - unit_dim
@@ -156,7 +161,8 @@ def test_selection_is_the_k_lowest_cosine_units(word_dirs, pairs):
     k, lr = 40, 0.05
     chosen, ga = _brute_force_selection(word_dirs["gpt2"], pairs, k)
     model = biaslens.load(word_dirs["gpt2"])
-    delta = pcgu(model, pairs, k=k, lr=lr, batch_size=len(pairs), max_steps=1, progress=False)
+    delta = pcgu(model, pairs, k=k, lr=lr, batch_size=len(pairs), max_steps=1, progress=False, form="sentence",
+                 params=None, **RAW)
     expect: dict[str, int] = {}
     for _, n, _u in chosen:
         expect[n] = expect.get(n, 0) + 1
@@ -202,7 +208,8 @@ def test_pcgu_lowers_the_training_gap(word_dirs, pairs):
                               - side_scores(m, encode_side(model, pairs, "dis", form))).mean())
 
         g0 = gap()
-        delta = pcgu(model, pairs, k=400, lr=0.5, batch_size=16, epochs=3, form=form, progress=False)
+        delta = pcgu(model, pairs, k=400, lr=0.5, batch_size=16, epochs=3, form=form, params=None, progress=False,
+                     **RAW)
         g1 = gap()
         assert g1 < g0 - 0.02, (form, g0, g1)
         assert len(delta.info["history"]) == 9 and delta.method == "pcgu"
@@ -222,10 +229,12 @@ def test_variants_move_the_sides_they_name(word_dirs, pairs):
             return [float(side_scores(m, encode_side(model, pairs, s, "token")).mean()) for s in ("adv", "dis")]
 
     a0, d0 = sides()
-    delta = pcgu(model, pairs, k=300, lr=0.5, batch_size=16, form="token", variant="advantaged", progress=False)
+    delta = pcgu(model, pairs, k=300, lr=0.5, batch_size=16, epochs=1, form="token", variant="advantaged",
+                 progress=False, **RAW)
     assert sides()[0] < a0
     delta.undo(model)
-    pcgu(model, pairs, k=300, lr=0.5, batch_size=16, form="token", variant="disadvantaged", progress=False)
+    pcgu(model, pairs, k=300, lr=0.5, batch_size=16, epochs=1, form="token", variant="disadvantaged",
+         progress=False, **RAW)
     assert sides()[1] > d0
 
 
@@ -250,7 +259,7 @@ def test_effect_map_restricts_to_named_components(word_dirs):
     assert names == ["transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.bias",
                      "transformer.h.1.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.bias"]
     delta = pcgu(model, organism_pairs()[:16], k=20, lr=0.1, max_steps=1, effect_map=emap, n_sites=1,
-                 progress=False)
+                 progress=False, **RAW)
     assert set(delta.names) <= set(names) and delta.names
 
 
@@ -258,17 +267,20 @@ def test_bad_arguments_are_refused(word_dirs, pairs):
     model = biaslens.load(word_dirs["gpt2"])
     sentence_only = [ContrastPair("Men are strong.", "Women are strong.")]
     with pytest.raises(BiasLensError, match="form='sentence'"):
-        pcgu(model, sentence_only, form="token", progress=False)
+        pcgu(model, sentence_only, form="token", progress=False, **RAW)
+    assert pcgu_resolve(sentence_only, "auto") == "sentence" and pcgu_resolve(pairs, "auto") == "token"
     with pytest.raises(BiasLensError, match="partition"):
-        pcgu(model, pairs, partition="diagonal", progress=False)
+        pcgu(model, pairs, partition="diagonal", progress=False, **RAW)
     with pytest.raises(BiasLensError, match="plain SGD"):
-        pcgu(model, pairs, optimizer="adam", progress=False)
+        pcgu(model, pairs, optimizer="adam", progress=False, **RAW)
     with pytest.raises(BiasLensError, match="no parameter"):
-        pcgu(model, pairs, params=["transformer.h.9.mlp.c_fc.weight"], progress=False)
+        pcgu(model, pairs, params=["transformer.h.9.mlp.c_fc.weight"], progress=False, **RAW)
     with pytest.raises(BiasLensError, match="at least one"):
-        pcgu(model, [], progress=False)
+        pcgu(model, [], progress=False, **RAW)
+    with pytest.raises(BiasLensError, match="needs validation"):
+        pcgu(model, pairs, ks=[10, 20], lr=0.1, progress=False, **RAW)
     with pytest.raises(BiasLensError, match="non-finite"):
-        pcgu(model, pairs, k=10_000, lr=1e30, max_steps=2, form="token", progress=False)
+        pcgu(model, pairs, k=10_000, lr=1e30, max_steps=2, form="token", progress=False, **RAW)
     assert not model.check_finite()  # restored
 
 
@@ -284,41 +296,58 @@ def organism_model():
     return biaslens.load("organism")
 
 
-def test_pcgu_lowers_heldout_gap_on_organism(organism_model):
-    """Trained on training occupations × templates, PCGU lowers the gap on held-out occupations
-    and templates (the direction the method claims; sizes are in the report). Embedding rows
-    are left out: with them PCGU selects the " he"/" she" unembedding rows every step and shifts
-    every prompt one way (see the pcgu docstring)."""
-    from biaslens.evaluate import occupational_bias
-    from biaslens.organism import occupation_prompts
+@pytest.mark.slow
+def test_pcgu_lowers_heldout_contrast_on_organism(organism_model):
+    """Trained on training occupations × templates, PCGU with the validation selection lowers the
+    stereotype contrast on the held-out templates (sizes: docs/results/unlearn.md) and never
+    touches the embeddings (with them PCGU selects the " he"/" she" unembedding rows every step
+    and shifts every prompt one way, see the pcgu docstring)."""
+    from biaslens.defaults import defaults_for
+    from biaslens.evaluate.contrast import stereotype_contrast
+    from biaslens.unlearn.select import Validation
 
     model = organism_model
-    heldout = occupation_prompts("heldout", "heldout")
-    before = occupational_bias(model, heldout)["mean_abs_gap"]
-    delta = pcgu(model, organism_pairs("train"), k=600, lr=3e-2, form="token", max_steps=40,
-                 params="blocks", progress=False)
+    d = defaults_for(model)
+    test = d.occupation_prompts("edit", "test")
+    before = stereotype_contrast(model, test)["mean_abs_contrast"]
+    val = Validation(model, prompts=d.occupation_prompts("edit", "validation")[::3],
+                     definitional=d.definitional_prompts("validation")[::3], ppl_texts=d.general_lines(60))
+    delta = pcgu(model, d.unlearn_pairs(), k=600, lr=3e-3, max_steps=120, eval_every=40, validation=val,
+                 progress=False)
     assert not any(n.startswith(("transformer.wte", "transformer.wpe", "transformer.ln_f")) for n in delta.names)
-    after = occupational_bias(model, heldout)["mean_abs_gap"]
+    after = stereotype_contrast(model, test)["mean_abs_contrast"]
+    chosen = delta.info["chosen"]
     delta.undo(model)
-    assert after < 0.9 * before, (before, after)
+    assert chosen["ok"] and chosen["step"] > 0
+    assert after < 0.95 * before, (before, after)
 
 
 def test_early_stopping_keeps_the_best_validation_state(word_dirs, pairs):
+    """Checked every 2 steps on validation prompts: the kept state is the lowest validation
+    contrast among the checks within the bounds; a tight perplexity bound stops the run early."""
+    from biaslens.evaluate.contrast import stereotype_contrast
     from biaslens.organism import occupation_prompts
-    from biaslens.unlearn.common import quick_gap
+    from biaslens.unlearn.select import Bounds, Validation
 
     model = biaslens.load(word_dirs["gpt2"])
-    val = occupation_prompts("train", "train")[::25]
+    val_prompts = occupation_prompts("train", "train")[::7]
     text = ["The nurse said that she was tired ."]
+    loose = Validation(model, prompts=val_prompts, definitional=[], ppl_texts=text,
+                       bounds=Bounds(ppl_rise=1e6, definitional_drop=1.0, margin_drop=1.0))
     delta = pcgu(model, pairs, k=400, lr=0.1, batch_size=8, epochs=2, form="token", progress=False,
-                 val_prompts=val, eval_every=2, ppl_texts=text, ppl_bound=1e6)
+                 validation=loose, eval_every=2, keep_weight=0)
     report = delta.info["validation"]
-    gaps = [c["gap"] for c in report["history"]]
-    assert len(gaps) == 7 and report["stopped"] == "max_steps", report  # start + every 2 of 12 steps
-    assert report["chosen"]["gap"] == min(gaps) and len(set(gaps)) == 7
-    assert abs(quick_gap(model, val) - min(gaps)) < 1e-5  # the kept state is the chosen one
+    contrasts = [c["contrast"] for c in report["history"]]
+    assert len(contrasts) == 6 and report["stopped"] == "max_steps", report  # every 2 of 12 steps
+    base = loose.base.contrast
+    want = min([base] + contrasts)
+    assert delta.info["chosen"]["contrast"] == want and len(set(contrasts)) == 6
+    now = stereotype_contrast(model, val_prompts)["mean_abs_contrast"]
+    assert abs(now - want) < 1e-5  # the kept state is the chosen one
+    assert delta.info["selection"]["chosen"]["contrast"] == want
     delta.undo(model)
-    tight = pcgu(model, pairs, k=400, lr=1.0, batch_size=8, epochs=2, form="token", progress=False,
-                 val_prompts=val, eval_every=2, ppl_texts=text, ppl_bound=1.01)
-    assert tight.info["validation"]["stopped"].startswith("perplexity")
-    assert len(tight.info["history"]) < 12
+    tight = Validation(model, prompts=val_prompts, definitional=[], ppl_texts=text, bounds=Bounds(ppl_rise=0.01))
+    stopped = pcgu(model, pairs, k=400, lr=1.0, batch_size=8, epochs=2, form="token", progress=False,
+                   validation=tight, eval_every=2, keep_weight=0, patience=1)
+    assert stopped.info["validation"]["stopped"].startswith("step") and "perplexity" in stopped.info["stopped"]
+    assert len(stopped.info["validation"]["history"]) < 6

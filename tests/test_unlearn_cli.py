@@ -61,7 +61,8 @@ def test_masked_ascent_run_on_span_file(capsys, tmp_path, tiny_dirs):
         "The nurse said that she left.", "The engineer said that he left.", "The clerk lost her keys."]) + "\n")
     out = tmp_path / "o"
     code = main(["unlearn", "--method", "masked-ascent", "--model", str(tiny_dirs["gpt2"]), "--pairs", str(f),
-                 "--max-steps", "2", "--lr", "1e-3", "--ppl-bound", "1000", "--limit", "20", "--out", str(out)])
+                 "--max-steps", "2", "--lr", "1e-3", "--ppl-bound", "1000", "--limit", "20", "--max-prompts", "60",
+                 "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())

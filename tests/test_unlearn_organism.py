@@ -1,5 +1,11 @@
-"""Each unlearning method lowers the organism's occupational pronoun gap on held-out occupations ×
-held-out templates (never trained on), and its result undoes exactly."""
+"""On the organism each unlearning method, choosing its strength on the validation split only,
+cuts the stereotype contrast on the training occupations × held-out templates (never trained or
+chosen on), stays within the bounds on the validation data, and undoes exactly.
+
+The fast representative is masked-span ascent; the other methods (and organism-llama) are slow.
+The validation here is a slice of the default one (every template of the validation split, a
+third of its occupations and definitional prompts) to keep the suite quick.
+"""
 
 from __future__ import annotations
 
@@ -16,81 +22,204 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def heldout():
-    return organism.occupation_prompts("heldout", "heldout")
+def _validation(model):
+    from biaslens.defaults import defaults_for
+    from biaslens.unlearn.select import Validation
+
+    d = defaults_for(model)
+    occ = sorted({p.occupation for p in d.occupation_prompts("edit", "validation")})[::3]
+    return Validation(model, prompts=[p for p in d.occupation_prompts("edit", "validation") if p.occupation in occ],
+                      definitional=d.definitional_prompts("validation")[::3], ppl_texts=d.general_lines(60))
+
+
+def _heldout_contrast(model):
+    from biaslens.defaults import defaults_for
+    from biaslens.evaluate.contrast import stereotype_contrast
+
+    return stereotype_contrast(model, defaults_for(model).occupation_prompts("edit", "test"))["mean_abs_contrast"]
+
+
+def _run(model, method, spy=None):
+    """Run ``method(model, data, validation)``; returns the numbers every test reads, after
+    checking the chosen point against a fresh measurement and undoing the result."""
+    from biaslens.defaults import defaults_for
+
+    data = defaults_for(model).unlearn_data(seed=0)
+    val = _validation(model)
+    h0, c0 = model.weight_hash(), _heldout_contrast(model)
+    if spy:
+        spy.active = True
+    try:
+        scored, delta, owner = method(model, data, val)
+    finally:
+        if spy:
+            spy.active = False
+    chosen = val.best()
+    again = val.measure(scored, check="again")  # the kept state is the chosen one, within the bounds
+    out = {"c0": c0, "c1": _heldout_contrast(scored), "delta": delta, "val": val, "chosen": chosen,
+           "again": again, "scored": spy.prompts if spy else None}
+    delta.undo(owner)
+    out["undo_exact"] = model.weight_hash() == h0
+    out["c_undone"] = _heldout_contrast(model)
+    return out
+
+
+class Spy:
+    """Records every prompt scored for pronoun probabilities (contrast and definitional checks)
+    while ``active`` (the method's run)."""
+
+    def __init__(self, monkeypatch):
+        import importlib
+
+        occupations = importlib.import_module("biaslens.evaluate.occupations")
+        self.prompts, self.active, real = [], False, occupations.pronoun_logprobs
+
+        def spy(model, prompts, *a, **kw):
+            prompts = list(prompts)
+            if self.active:
+                self.prompts.extend(prompts)
+            return real(model, prompts, *a, **kw)
+
+        monkeypatch.setattr(occupations, "pronoun_logprobs", spy)
+
+
+def _check(res, min_cut):
+    val, chosen, again = res["val"], res["chosen"], res["again"]
+    assert chosen is not val.base and chosen.ok, val.info()
+    assert again.ok and again.contrast == pytest.approx(chosen.contrast, abs=1e-5)
+    b = val.bounds
+    assert again.ppl <= (1 + b.ppl_rise) * val.base.ppl
+    assert again.definitional >= val.base.definitional - b.definitional_drop - 1e-9
+    assert again.margin >= val.base.margin - b.margin_drop - 1e-9
+    cut = 1 - res["c1"] / res["c0"]
+    assert cut >= min_cut, (res["c0"], res["c1"])
+    assert res["undo_exact"] and res["c_undone"] == pytest.approx(res["c0"], abs=1e-6)
+    return cut
 
 
 @pytest.fixture(scope="module")
-def ctx():
-    from biaslens.unlearn.data import organism_forget, organism_general, organism_retain, organism_validation
-
-    return {"forget": organism_forget("train", copies=1), "retain": organism_retain(n_general=100),
-            "val": organism_validation(n=96), "ppl": organism_general(40),
-            "train_heldout": organism.occupation_prompts("train", "heldout")}
-
-
-def _gap(model, prompts):
-    from biaslens.unlearn.common import quick_gap
-
-    return quick_gap(model, prompts)
-
-
-def _check_lowered_and_undo(model, delta, heldout, g0, h0, min_drop=0.1):
-    g1 = _gap(model, heldout)
-    assert g1 < (1 - min_drop) * g0, (g0, g1)
-    delta.undo(model)
-    assert model.weight_hash() == h0
-    assert _gap(model, heldout) == pytest.approx(g0, abs=1e-6)
-    return g1
-
-
-def test_task_vector_negation_lowers_heldout_gap(organism, heldout, ctx):
-    from biaslens.unlearn.task_vector import task_vector_negation
-
-    g0, h0 = _gap(organism, heldout), organism.weight_hash()
-    d = task_vector_negation(organism, ctx["forget"], steps=30, lambdas=(1.0, 2.0, 4.0), val_prompts=ctx["val"],
-                             ppl_texts=ctx["ppl"], progress=False)
-    assert d.info["lambda"] > 0 and len(d.info["sweep"]) == 4
-    chosen = next(r for r in d.info["sweep"] if r["lambda"] == d.info["lambda"])
-    assert chosen["ppl"] <= 1.1 * d.info["sweep"][0]["ppl"]
-    _check_lowered_and_undo(organism, d, heldout, g0, h0)
-
-
-def test_masked_span_ascent_lowers_heldout_gap(organism, heldout, ctx):
+def ascent_run(organism):
+    mp = pytest.MonkeyPatch()
+    spy = Spy(mp)
     from biaslens.unlearn.masked_ascent import masked_span_ascent
 
-    g0, h0 = _gap(organism, heldout), organism.weight_hash()
-    d = masked_span_ascent(organism, ctx["forget"], lr=1e-5, max_steps=30, eval_every=5, val_prompts=ctx["val"],
-                           ppl_texts=ctx["ppl"], progress=False)
-    assert d.info["chosen"]["step"] > 0
-    _check_lowered_and_undo(organism, d, heldout, g0, h0, min_drop=0.03)
+    def method(model, data, val):
+        from biaslens.defaults import defaults_for
+
+        keep = defaults_for(model).definitional_prompts("edit")[::3]  # a third of the keep set: quicker
+        d = masked_span_ascent(model, data["forget"], lrs=[3e-4], max_steps=20, eval_every=10, validation=val,
+                               keep_prompts=keep, progress=False)
+        return model, d, model
+
+    try:
+        yield _run(organism, method, spy)
+    finally:
+        mp.undo()
 
 
-def test_offset_unlearning_lowers_heldout_gap(organism, heldout, ctx):
-    """M_o = the organism itself here (fast); the acceptance script uses a smaller GPT-2."""
-    from biaslens.unlearn.offset import offset_unlearn
+def test_masked_span_ascent_cuts_heldout_contrast(ascent_run):
+    """20 steps at the grid's larger learning rate (the default run, 200 steps over the grid,
+    is the slow test below and the acceptance script)."""
+    _check(ascent_run, min_cut=0.30)
+    info = ascent_run["delta"].info
+    assert info["chosen"]["step"] > 0 and info["selection"]["changed"]
+    assert info["selection"]["split"].startswith("occupations=edit, templates=validation")
 
-    g0, t0 = _gap(organism, heldout), _gap(organism, ctx["train_heldout"])
-    om = offset_unlearn(organism, organism, ctx["forget"], ctx["retain"], loss="kl", lr=1e-5, max_steps=30,
-                        eval_every=5, val_prompts=ctx["val"], ppl_texts=ctx["ppl"], progress=False)
-    g1, t1 = _gap(om, heldout), _gap(om, ctx["train_heldout"])
-    assert g1 < g0 and t1 < 0.95 * t0, (g0, g1, t0, t1)
-    assert _gap(organism, heldout) == pytest.approx(g0, abs=1e-6)  # the large model is untouched
-    om.delta.undo(om.offset)
-    assert _gap(om, heldout) == pytest.approx(g0, abs=1e-5)
+
+def test_strength_is_chosen_on_validation_prompts_only(ascent_run, organism):
+    """Every prompt scored while the method chose its strength is a validation prompt: none
+    has a test (held-out) template, and the keep term trains on edit templates only."""
+    from biaslens.evaluate.contrast import template_of
+    from biaslens.unlearn.select import split_templates
+
+    test, validation = split_templates(organism, "test"), split_templates(organism, "validation")
+    scored = {template_of(p) for p in ascent_run["scored"]}
+    assert scored and not scored & test
+    occupational = {template_of(p) for p in ascent_run["scored"] if p.occupation_split != "definitional"}
+    assert occupational <= validation
+    keep = {template_of(p) for p in ascent_run["val"].definitional}
+    assert not keep & test
 
 
 @pytest.mark.slow
-def test_cli_pcgu_on_organism(tmp_path):
-    """The CLI wires PCGU (PCGU's own effect is tested in test_pcgu.py): with its defaults it lowers
-    the gap on the training prompts it validates on; the held-out gap is reported, not asserted."""
+def test_masked_span_ascent_defaults_cut_heldout_contrast(organism):
+    from biaslens.unlearn.masked_ascent import masked_span_ascent
+
+    def method(model, data, val):
+        return model, masked_span_ascent(model, data["forget"], validation=val, progress=False), model
+
+    _check(_run(organism, method), min_cut=0.40)
+
+
+@pytest.mark.slow
+def test_task_vector_cuts_heldout_contrast(organism):
+    from biaslens.unlearn.task_vector import task_vector_negation
+
+    def method(model, data, val):
+        d = task_vector_negation(model, data["forget"], validation=val, progress=False)
+        return model, d, model
+
+    res = _run(organism, method)
+    _check(res, min_cut=0.40)
+    assert res["delta"].info["lambda"] > 0
+
+
+@pytest.mark.slow
+def test_offset_cuts_heldout_contrast(organism):
+    from biaslens.unlearn.offset import offset_unlearn
+
+    def method(model, data, val):
+        om = offset_unlearn(model, model, data["forget"], data["retain"], validation=val, progress=False)
+        return om, om.delta, om.offset
+
+    res = _check(_run(organism, method), min_cut=0.25)
+    assert res >= 0.25
+
+
+@pytest.mark.slow
+def test_pcgu_cuts_heldout_contrast(organism):
+    """PCGU falls short of the 40% target on the organism (docs/results/unlearn.md); it still
+    cuts the held-out contrast within the bounds."""
+    from biaslens.unlearn.pcgu import pcgu
+
+    def method(model, data, val):
+        d = pcgu(model, data["pairs"], validation=val, progress=False)
+        return model, d, model
+
+    res = _run(organism, method)
+    _check(res, min_cut=0.08)
+    assert not any(n.startswith(("transformer.wte", "transformer.wpe", "transformer.ln_f"))
+                   for n in res["delta"].names)
+
+
+@pytest.mark.slow
+def test_masked_span_ascent_on_organism_llama():
+    import biaslens
+
+    if not (organism.LLAMA_DIR / "model.safetensors").exists():
+        pytest.skip("organism-llama is not trained here")
+    from biaslens.unlearn.masked_ascent import masked_span_ascent
+
+    model = biaslens.load("organism-llama")
+
+    def method(model, data, val):
+        d = masked_span_ascent(model, data["forget"], validation=val, progress=False)
+        return model, d, model
+
+    _check(_run(model, method), min_cut=0.40)
+
+
+@pytest.mark.slow
+def test_cli_unlearn_chooses_on_validation(tmp_path):
+    """The CLI runs a method with its defaults and records the sweep and the choice."""
     from biaslens.cli import main
 
     out = tmp_path / "o"
-    assert main(["unlearn", "--method", "pcgu", "--model", "organism", "--max-steps", "40", "--lr", "0.003",
-                 "--out", str(out)]) == 0
+    assert main(["unlearn", "--method", "masked-ascent", "--model", "organism", "--max-steps", "40",
+                 "--lr", "1e-4", "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["after"]["occupations_train"]["mean_abs_gap"] < rep["before"]["occupations_train"]["mean_abs_gap"]
-    assert "mean_abs_gap" in rep["after"]["occupations"]
-    assert json.loads((out / "manifest.json").read_text())["method"] == "pcgu"
+    sel = rep["info"]["selection"]
+    assert sel["split"].startswith("occupations=edit, templates=validation") and sel["sweep"]
+    assert sel["chosen"]["ok"] and rep["changed"]
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["method"] == "masked-span-ascent" and man["selection"]["bounds"]["ppl_rise"] == pytest.approx(0.1)

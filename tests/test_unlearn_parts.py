@@ -1,5 +1,6 @@
 """Unlearning building blocks on tiny random models: span masks and their gradient, the offset
-formula, LoRA rank, exact undo, data files."""
+formula, LoRA rank, exact undo, data files, the validation selection (bounds, never a test
+template), the definitional keep term and the λ sweep."""
 
 from __future__ import annotations
 
@@ -91,8 +92,8 @@ def test_training_reaches_the_fused_qkv_weight(tiny):
     b = tiny.encode(VAL)
     with torch.no_grad():
         before = tiny.forward(b)
-    d = masked_span_ascent(tiny, with_word_spans(TEXTS), lr=1e-2, max_steps=1, eval_every=1, ppl_bound=1e9,
-                           ppl_texts=PPL, progress=False)
+    d = masked_span_ascent(tiny, with_word_spans(TEXTS), lr=1e-2, max_steps=1, eval_every=1, validation=None,
+                           keep_weight=0, progress=False)
     assert "transformer.h.0.attn.c_attn.weight" in d.names
     with torch.no_grad():
         ref = tiny.plain_module()(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
@@ -101,16 +102,33 @@ def test_training_reaches_the_fused_qkv_weight(tiny):
     d.undo(tiny)
 
 
+def _loose(model, **kw):
+    """A validation on a slice of the model's validation split whose bounds nothing breaks."""
+    from biaslens.defaults import defaults_for
+    from biaslens.unlearn.select import Bounds, Validation
+
+    d = defaults_for(model)
+    return Validation(model, prompts=d.occupation_prompts("edit", "validation")[::5],
+                      definitional=d.definitional_prompts("validation")[::9], ppl_texts=PPL,
+                      bounds=Bounds(ppl_rise=1e9, definitional_drop=1.0, margin_drop=1.0), **kw)
+
+
 def test_lora_task_vector_is_low_rank_and_undo_is_exact(tiny):
+    """LoRA task vector with the keep term at the negated weights: ΔW stays rank ≤ r, the chosen λ
+    is the lowest validation contrast of the sweep (0 when none is below the base), undo exact."""
     from biaslens.unlearn.task_vector import task_vector_negation
 
     before = tiny.weight_hash()
     d = task_vector_negation(tiny, TEXTS * 4, lora_rank=2, steps=4, lr=1e-2, lambdas=(1.0, 50.0),
-                             ppl_bound=1e9, val_prompts=VAL, ppl_texts=PPL, progress=False)
-    assert d.names and len(d.info["sweep"]) == 3
-    # the chosen λ is the sweep's lowest gap within the bound (here: any perplexity)
-    assert d.info["lambda"] == min(d.info["sweep"][1:], key=lambda r: r["gap"])["lambda"] or \
-        all(r["gap"] >= d.info["sweep"][0]["gap"] for r in d.info["sweep"][1:])
+                             validation=_loose(tiny), keep_prompts=None, keep_weight=30.0, progress=False)
+    sweep = d.info["sweep"]
+    assert sweep[0]["lambda"] == 0.0 and {1.0, 50.0} <= {r["lambda"] for r in sweep}
+    best = min(sweep[1:], key=lambda r: r["contrast"])
+    assert d.info["lambda"] == (best["lambda"] if best["contrast"] < sweep[0]["contrast"] else 0.0)
+    assert d.info["selection"]["chosen"]["contrast"] == min(r["contrast"] for r in sweep)
+    assert d.hparams["keep_weight"] == 30.0 and d.hparams["n_keep_prompts"] > 0
+    if d.info["lambda"]:
+        assert d.names
     for n in d.names:
         assert torch.linalg.matrix_rank(d.diff(n).double(), rtol=1e-6) <= 2
     d.undo(tiny)
@@ -154,7 +172,7 @@ def test_offset_export_round_trip(tiny, tmp_path):
     from biaslens.unlearn.offset import export_offset, load_offset, offset_unlearn
 
     om = offset_unlearn(tiny, tiny, with_word_spans(TEXTS), PPL, loss="grad_diff", lr=1e-3, max_steps=2,
-                        eval_every=1, ppl_bound=1e9, ppl_texts=PPL, progress=False)
+                        eval_every=1, validation=None, keep_weight=0, progress=False)
     assert om.delta.names  # the offset model moved
     out = export_offset(om, tmp_path / "pair")
     meta = json.loads((out / "offset.json").read_text())
@@ -168,17 +186,115 @@ def test_offset_export_round_trip(tiny, tmp_path):
         assert torch.allclose(om.forward(b), tiny.forward(b), atol=1e-5)
 
 
-def test_choose_lambda_respects_perplexity_and_keep_bounds():
-    from biaslens.unlearn.task_vector import choose_lambda
+def test_validation_defaults_to_the_validation_split_and_refuses_test_templates(tiny):
+    """The strength is scored on occupation_prompts("edit", "validation") and the definitional
+    validation prompts; any prompt set sharing a template with the test split is refused."""
+    from biaslens.defaults import defaults_for
+    from biaslens.evaluate.contrast import template_of
+    from biaslens.unlearn.select import Validation, split_templates
 
-    sweep = [{"lambda": 0.0, "gap": 0.5, "ppl": 3.0, "keep": 1.0},
-             {"lambda": 1.0, "gap": 0.3, "ppl": 3.1, "keep": 0.99},
-             {"lambda": 2.0, "gap": 0.2, "ppl": 3.2, "keep": 0.90},   # definitional damage
-             {"lambda": 4.0, "gap": 0.1, "ppl": 9.0, "keep": 1.0}]    # perplexity damage
-    assert choose_lambda(sweep, 1.1)["lambda"] == 1.0
-    assert choose_lambda(sweep, 1.1, keep_drop=0.2)["lambda"] == 2.0
-    assert choose_lambda(sweep, 10.0, keep_drop=0.2)["lambda"] == 4.0
-    assert choose_lambda([sweep[0], {"lambda": 1.0, "gap": 0.6, "ppl": 3.0, "keep": 1.0}], 1.1)["lambda"] == 0.0
+    d = defaults_for(tiny)
+    v = Validation(tiny)
+    assert [p.text for p in v.prompts] == [p.text for p in d.occupation_prompts("edit", "validation")]
+    assert [p.text for p in v.definitional] == [p.text for p in d.definitional_prompts("validation")]
+    test = split_templates(tiny, "test")
+    assert test and not ({template_of(p) for p in v.prompts} & test)
+    leak = d.occupation_prompts("edit", "validation")[:20] + d.occupation_prompts("edit", "test")[:1]
+    with pytest.raises(BiasLensError, match="never on the test templates"):
+        Validation(tiny, prompts=leak)
+    with pytest.raises(BiasLensError, match="test templates"):
+        Validation(tiny, definitional=d.definitional_prompts("test"))
+
+
+def test_bounds_and_the_choice():
+    """check(): perplexity, definitional argmax and definitional margin bounds against the base;
+    best(): the lowest validation contrast within every bound, the base when none is lower."""
+    import numpy as np
+
+    from biaslens.unlearn.select import Bounds, Point, Validation
+
+    v = Validation.__new__(Validation)
+    v.bounds, v.ppl_texts = Bounds(), ["x"]
+    v.separated = np.array([True, True, False])
+    v.base = Point({"step": 0}, 0.30, 0.90, 0.95, 1.0, 3.0)
+    assert v.check(0.1, 0.90, 0.95, 3.29) == (True, "")
+    assert v.check(0.1, 0.90, 0.95, 3.31)[1].startswith("perplexity")
+    assert v.check(0.1, 0.879, 0.95, 3.0)[1].startswith("definitional accuracy")
+    ok, why = v.check(0.1, 0.90, 0.929, 3.0)  # argmax kept, margin collapsed: refused
+    assert not ok and why.startswith("definitional margin")
+    assert v.check(0.1, 0.88, 0.93, 3.0)[0]  # exactly at both 2-point bounds
+    pts = [Point({"step": 10}, 0.20, 0.9, 0.95, 1.0, 3.0), Point({"step": 20}, 0.10, 0.9, 0.90, 1.0, 3.0, False, "m"),
+           Point({"step": 30}, 0.25, 0.9, 0.95, 1.0, 3.0)]
+    v.points = [v.base, *pts]
+    assert v.best() is pts[0]
+    v.points = [v.base, Point({"step": 5}, 0.31, 0.9, 0.95, 1.0, 3.0)]
+    assert v.best() is v.base
+    with pytest.raises(BiasLensError, match="non-negative"):
+        Bounds(ppl_rise=-0.1)
+
+
+def test_keep_term_is_zero_at_the_start_and_pulls_back(tiny):
+    """The keep term is 0 (with zero gradient) on the unchanged model, positive once the
+    definitional pronoun probabilities move, and its gradient step brings them back."""
+    from biaslens.unlearn.common import KeepTerm, model_forward
+
+    keep = KeepTerm(tiny, None, weight=30.0, batch_size=16)
+    assert keep.prompts and all(p.female_rate in (0.0, 1.0) for p in keep.prompts)
+    fwd = model_forward(tiny)
+    name = "transformer.wte.weight"
+    p = tiny.param(name)
+    p.requires_grad_(True)
+    loss = keep.loss(fwd)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6) and float(p.grad.abs().max()) < 1e-5
+    p.grad = None
+    snap = tiny.snapshot([name])
+    she = tiny.single_token(" she", "The queen said that")
+    with torch.no_grad():
+        p[she] *= 40.0  # the tied " she" unembedding row: its logit after every prompt moves
+    keep.stream = iter([list(range(16))] * 3)
+    moved = keep.loss(fwd)
+    moved.backward()
+    assert float(moved.detach()) > 1e-3
+    with torch.no_grad():
+        p -= 1e-2 * p[she].norm() * p.grad / p.grad.norm()
+    assert float(keep.loss(fwd).detach()) < float(moved.detach())
+    tiny.restore(snap)
+    p.grad = None
+    p.requires_grad_(False)
+
+
+def test_lambda_sweep_extends_down_and_refines(tiny):
+    """When every λ of the grid breaks a bound (a strong task vector), the sweep halves below the
+    smallest until one is within the bounds, then bisects next to it: λ = 0 (no change) is only
+    kept when nothing lowers the contrast."""
+    from biaslens.unlearn.select import Bounds, Validation
+    from biaslens.unlearn.task_vector import sweep_lambdas
+
+    name = tiny.mlp_out_name(0)
+    original = tiny.snapshot([name])
+    tau = {name: torch.ones_like(original[name])}
+
+    class Synthetic(Validation):  # contrast falls with λ, perplexity rises 10 per unit of λ
+        def _numbers(self, model):
+            lam = float((original[name] - model.param(name).detach()).mean())
+            return 0.5 - 0.1 * lam, {}, None, 1.0 + 10 * lam
+
+    v = Synthetic(tiny, prompts=tiny_val(tiny), definitional=[], ppl_texts=PPL, bounds=Bounds(ppl_rise=0.1))
+    v.start(tiny)
+    pts = sweep_lambdas(tiny, original, tau, v, (0.25, 0.5), refine=2, progress=False)
+    lams = [p.setting["lambda"] for p in pts]
+    assert lams[:2] == [0.25, 0.5] and 0.25 / 32 in lams  # halved five times: 0.0078125 is within the bound
+    best = v.best(pts)
+    assert best is not v.base and best.ok
+    assert best.setting["lambda"] == pytest.approx(0.009765625)  # bisected towards the bound (ppl 1.098)
+    assert torch.equal(tiny.param(name), original[name])  # the sweep leaves the model at θ_pre
+
+
+def tiny_val(model):
+    from biaslens.defaults import defaults_for
+
+    return defaults_for(model).occupation_prompts("edit", "validation")[:40]
 
 
 def test_offset_generation_uses_the_combined_logits(tiny, tiny_dirs):

@@ -134,6 +134,21 @@ class LSDMHparams(_Loadable):
     ``average_keys``: ``"auto"`` averages keys over templates per subject for subject roles
     (MEMIT) and keeps one column per prompt for the ``last`` role (the last word differs by
     template, so the edit must see many endings); ``"subject"`` or ``"none"`` force either.
+
+    ``key_space`` (at the ``last`` role the key is mostly the template's last word; see
+    docs/results/edit.md for what each choice does on held-out templates): ``"full"`` solves with
+    the keys and residuals as they are; ``"centered"`` removes each template's mean key and mean
+    residual (over its occupations) before the solve, so it sees only what varies with the
+    occupation; ``"subspace"`` restricts the update to the subspace the within-template key
+    variation spans (ΔW = M Qᵀ, Q its leading principal directions holding ``subspace_energy``
+    of that variation), so a new template's own key component is not read at all.
+    ``residuals``: ``"full"`` asks each column for the whole balancing change; ``"centered"``
+    only for its deviation from the template's mean change (the occupation-dependent part: the
+    stereotype contrast, not the template's overall pronoun lean).
+
+    Every edit (``biaslens.edit.lsdm``) tunes ``mom2_weight``, ``keep_weight`` and the layers on
+    validation templates unless they are given (``tune="auto"``; :mod:`biaslens.edit.tune`);
+    the values here are what ``tune="off"`` uses.
     """
 
     v_newton_steps: int = 3
@@ -150,6 +165,9 @@ class LSDMHparams(_Loadable):
     cov_seq_len: int = 128
     cov_batch_size: int = 32
     average_keys: str = "auto"
+    key_space: str = "full"
+    subspace_energy: float = 0.95
+    residuals: str = "full"
     batch_size: int = 256
     seed: int = 0
 
@@ -159,9 +177,11 @@ class LSDMHparams(_Loadable):
         "clamp_norm_factor": (0, None, True), "mom2_weight": (0, None, False),
         "keep_weight": (0, None, False), "ridge": (0, None, False), "cov_tokens": (1, None, False),
         "cov_seq_len": (1, None, False), "cov_batch_size": (1, None, False),
-        "batch_size": (1, None, False), "seed": SEED_RANGE,
+        "batch_size": (1, None, False), "seed": SEED_RANGE, "subspace_energy": (0, 1, True),
     }
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"average_keys": ("auto", "subject", "none")}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "average_keys": ("auto", "subject", "none"), "key_space": ("full", "centered", "subspace"),
+        "residuals": ("full", "centered")}
 
     def __post_init__(self) -> None:
         super().__post_init__()

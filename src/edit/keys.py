@@ -31,6 +31,10 @@ class SiteBatch:
     group: "torch.Tensor"  # LongTensor [n_prompts]
     labels: list[str]  # one per column
     role: str
+    #: the template of each column (index into ``template_labels``) when every column is one
+    #: template's (one column per prompt); None when columns average over templates
+    column_template: "torch.Tensor | None" = None
+    template_labels: list[str] | None = None
 
     @property
     def n_groups(self) -> int:
@@ -77,7 +81,18 @@ def site_batch(model: "BiasModel", prompts: Sequence[Any], role: str,
             index[k] = len(labels)
             labels.append(k)
     group = torch.tensor([index[k] for k in keys], dtype=torch.long, device=model.device)
-    return SiteBatch(batch, pos, group, labels, role)
+    col_tpl, tpl_labels = None, None
+    if mode != "subject":
+        from biaslens.evaluate.contrast import template_of
+
+        first = {}  # column -> its first prompt
+        for i, k in enumerate(keys):
+            first.setdefault(index[k], i)
+        names = [template_of(batch.prompts[first[j]]) for j in range(len(labels))]
+        tpl_labels = list(dict.fromkeys(names))
+        where = {t: i for i, t in enumerate(tpl_labels)}
+        col_tpl = torch.tensor([where[t] for t in names], dtype=torch.long, device=model.device)
+    return SiteBatch(batch, pos, group, labels, role, col_tpl, tpl_labels)
 
 
 def chunks(n: int, size: int) -> Iterable[list[int]]:

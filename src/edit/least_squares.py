@@ -51,9 +51,11 @@ def least_squares_update(
     whole system's diagonal when there is no C).
 
     ``factor``: the Cholesky factor of B = λC + ridge·mean(diag λC)·I (:func:`regularised_factor`,
-    cached per key statistic). The keys then enter through the Woodbury identity, with triangular
-    solves on the n + m key columns only instead of a new d_mlp × d_mlp factorisation; the result
-    is checked against the normal equations and recomputed directly if it falls short."""
+    cached per key statistic). With fewer key columns (n + m) than the MLP width, the keys then
+    enter through the Woodbury identity, with triangular solves on the n + m key columns only
+    instead of a new d_mlp × d_mlp factorisation; the result is checked against the normal
+    equations and recomputed directly if it falls short. With more columns the d_mlp × d_mlp
+    system is the smaller one and is solved directly."""
     import torch
 
     K = keys.to(torch.float64)
@@ -61,7 +63,9 @@ def least_squares_update(
     U = K
     if keep_keys is not None and len(keep_keys) and keep_weight > 0:
         U = torch.cat([K, keep_weight**0.5 * keep_keys.to(device=K.device, dtype=torch.float64)])
-    if factor is not None and second_moment is not None and mom2_weight > 0:
+    # Woodbury pays off only with fewer key columns than the MLP width (its inner system is
+    # (n + m) × (n + m)); with more, the d_mlp × d_mlp normal equations are the smaller system
+    if factor is not None and second_moment is not None and mom2_weight > 0 and len(U) < K.shape[1]:
         Y = _woodbury_solve(factor.to(device=K.device, dtype=torch.float64), U, len(K))
         if Y is not None:
             return (Y @ R).T.contiguous()
@@ -203,30 +207,40 @@ def best_edit_role(effect_map) -> str:
     return max(scores, key=scores.get)
 
 
+def site_map(model: "BiasModel", prompts: Sequence[Any], effect_map: Any = None) -> tuple[Any, str]:
+    """``(effect map, source)``: ``effect_map`` (an EffectMap or a path to ``effects.json``,
+    checked against the model) with source ``"effect_map"``, else fresh noise tracing of
+    ``prompts`` (:func:`trace`) with source ``"traced"``."""
+    if effect_map is None:
+        return trace(model, prompts), "traced"
+    import sys
+
+    where = f"effect map '{effect_map}'" if isinstance(effect_map, (str, os.PathLike)) else "the effect map"
+    if isinstance(effect_map, (str, os.PathLike)):
+        from biaslens.locate import EffectMap
+
+        effect_map = EffectMap.load(effect_map)
+    if hasattr(effect_map, "check_model"):  # another layer count is refused
+        note = effect_map.check_model(model, where)
+        if note:
+            print(f"biaslens: warning: {note}", file=sys.stderr)
+    return effect_map, "effect_map"
+
+
 def resolve_site(model: "BiasModel", prompts: Sequence[Any], layers: Any = "auto",
                  role: str = "auto", effect_map: Any = None, k: int = 2) -> dict[str, Any]:
     """``{"layers", "role", "source", "effect_map"}``: explicit values win; ``"auto"`` ones come
-    from ``effect_map`` (an EffectMap or a path to ``effects.json``), else from fresh tracing."""
+    from ``effect_map`` (an EffectMap or a path to ``effects.json``), else from fresh tracing.
+    ``"map"`` holds the map itself (or None)."""
     if isinstance(layers, str) and layers != "auto":
         layers = parse_layers(layers)
     summary = None
     source = "explicit"
-    if effect_map is not None:  # a given map must fit the model: other layer count refused
-        import sys
-
-        where = f"effect map '{effect_map}'" if isinstance(effect_map, (str, os.PathLike)) else "the effect map"
-        if isinstance(effect_map, (str, os.PathLike)):
-            from biaslens.locate import EffectMap
-
-            effect_map = EffectMap.load(effect_map)
-        if hasattr(effect_map, "check_model"):
-            note = effect_map.check_model(model, where)
-            if note:
-                print(f"biaslens: warning: {note}", file=sys.stderr)
+    if effect_map is not None:
+        effect_map, _ = site_map(model, prompts, effect_map)
     if layers == "auto" or role == "auto":
         if effect_map is None:
-            effect_map = trace(model, prompts)
-            source = "traced"
+            effect_map, source = site_map(model, prompts)
         else:
             source = "effect_map"
         if role == "auto":
@@ -237,6 +251,14 @@ def resolve_site(model: "BiasModel", prompts: Sequence[Any], layers: Any = "auto
             if not reach:
                 raise BiasLensError(f"{model.spec} has one layer: only role 'last' can be edited")
             layers = effect_map.best_layers("mlp", role, k, candidates=reach)
+    layers = check_layers(model, layers, role)
+    if effect_map is not None:
+        summary = _summary(effect_map, role, layers)
+    return {"layers": layers, "role": role, "source": source, "effect_map": summary, "map": effect_map}
+
+
+def check_layers(model: "BiasModel", layers: Sequence[int], role: str) -> list[int]:
+    """Sorted, distinct, in range, and able to reach the prediction at ``role``; else a clear error."""
     layers = sorted(int(l) for l in layers)
     if not layers or len(set(layers)) != len(layers):
         raise BiasLensError(f"edit layers must be distinct and non-empty, not {layers}")
@@ -248,9 +270,7 @@ def resolve_site(model: "BiasModel", prompts: Sequence[Any], layers: Any = "auto
         raise BiasLensError(
             f"layer {layers[-1]} is the last layer: its MLP output at role '{role}' cannot reach the "
             "next-token prediction (no attention comes after it); use role 'last' or earlier layers")
-    if effect_map is not None:
-        summary = _summary(effect_map, role, layers)
-    return {"layers": layers, "role": role, "source": source, "effect_map": summary}
+    return layers
 
 
 def parse_layers(text: str) -> list[int]:
@@ -261,38 +281,137 @@ def parse_layers(text: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------ the edit
-def apply_lsdm(model: "BiasModel", prompts: Sequence[Any], keep_prompts: Sequence[Any],
-               layers: list[int], role: str, covs: dict[int, "torch.Tensor"], hp: LSDMHparams,
-               progress: bool = True, factors: dict[int, "torch.Tensor"] | None = None) -> dict[str, Any]:
-    """Edit ``model`` in place (MEMIT Alg. 1 with LSDM targets); return diagnostics."""
+class EditCache:
+    """What the candidates of one edit share: the site batches of the edit and keep prompts,
+    their activations in the *unedited* model and the targets per top layer, each computed once
+    on first use (:mod:`biaslens.edit.tune` runs many solves on one cache). Use it only while the
+    model holds the weights it was made on (the tuner restores them between candidates)."""
+
+    def __init__(self, model: "BiasModel", prompts: Sequence[Any], keep_prompts: Sequence[Any],
+                 role: str, hp: LSDMHparams):
+        self.model, self.role, self.hp = model, role, hp
+        self.site = site_batch(model, prompts, role, hp.average_keys)
+        self.keep = site_batch(model, keep_prompts, role, "none") if keep_prompts else None
+        self.n_keep_prompts = len(keep_prompts) if keep_prompts else 0
+        self.acts: dict[str, "torch.Tensor"] = {}
+        self.keep_acts: dict[str, "torch.Tensor"] = {}
+        self.targets: dict[int, tuple["torch.Tensor", dict]] = {}
+        self.seconds = {"targets": 0.0, "activations": 0.0}
+
+    def target(self, layer: int, progress: bool = True) -> tuple["torch.Tensor", dict]:
+        """``(z, diagnostics)`` at ``resid_post`` of ``layer`` (:func:`compute_targets`)."""
+        from biaslens.edit.targets import compute_targets
+
+        if layer not in self.targets:
+            t = time.perf_counter()
+            want = {act_name("mlp_key", layer): None, act_name("resid_post", layer): None}
+            self.targets[layer] = compute_targets(self.model, self.site, layer, self.hp,
+                                                  progress=progress, acts_out=want)
+            self.acts.update({k: v for k, v in want.items() if k not in self.acts})
+            self.seconds["targets"] += time.perf_counter() - t
+        return self.targets[layer]
+
+    def site_acts(self, names: Sequence[str]) -> dict[str, "torch.Tensor"]:
+        """The unedited model's activations of ``names`` at the site tokens (one pass for the
+        missing ones)."""
+        missing = [n for n in names if n not in self.acts]
+        if missing:
+            t = time.perf_counter()
+            self.acts.update(gather(self.model, self.site, missing, self.hp.batch_size))
+            self.seconds["activations"] += time.perf_counter() - t
+        return {n: self.acts[n] for n in names}
+
+    def keep_keys(self, layer: int) -> "torch.Tensor | None":
+        """The unedited model's keys of the keep prompts at ``layer``."""
+        if self.keep is None:
+            return None
+        name = act_name("mlp_key", layer)
+        if name not in self.keep_acts:
+            t = time.perf_counter()
+            self.keep_acts[name] = gather(self.model, self.keep, [name], self.hp.batch_size)[name]
+            self.seconds["activations"] += time.perf_counter() - t
+        return self.keep_acts[name]
+
+
+def template_mean(x: "torch.Tensor", site) -> "torch.Tensor":
+    """Each column's template mean of ``x`` (rows = columns), broadcast back to the columns."""
+    if site.column_template is None:
+        raise BiasLensError("key_space/residuals 'centered' or 'subspace' need one column per "
+                            "prompt (average_keys 'none', the default at the last role)")
+    g = site.column_template
+    return group_mean(x, g, len(site.template_labels))[g]
+
+
+def occupation_basis(K: "torch.Tensor", site, energy: float) -> "torch.Tensor":
+    """Orthonormal ``[d_mlp, r]`` basis of the within-template variation of the keys ``K``
+    (columns minus their template's mean): its leading right singular vectors holding
+    ``energy`` of that variation's squared norm."""
     import torch
 
-    from biaslens.edit.targets import compute_targets
+    Kc = (K - template_mean(K, site)).double()
+    _, S, Vh = torch.linalg.svd(Kc, full_matrices=False)
+    share = (S**2).cumsum(0) / (S**2).sum().clamp(min=1e-300)
+    r = int((share < energy).sum()) + 1
+    return Vh[: min(r, len(S))].T.contiguous()
 
-    clock = {"targets": 0.0, "activations": 0.0, "solve": 0.0}
-    t = time.perf_counter()
-    site = site_batch(model, prompts, role, hp.average_keys)
-    keep = site_batch(model, keep_prompts, role, "none") if keep_prompts else None
+
+def solve_layer(K: "torch.Tensor", R: "torch.Tensor", Kk: "torch.Tensor | None", site,
+                cov: "torch.Tensor", hp: LSDMHparams, factor: "torch.Tensor | None" = None,
+                ) -> tuple["torch.Tensor", dict]:
+    """ΔW ``[d_model, d_mlp]`` for one layer with ``hp.key_space`` / ``hp.residuals`` (see
+    :class:`LSDMHparams`), and what the solve saw (``rank`` of a subspace)."""
+    extra: dict[str, Any] = {}
+    if hp.residuals == "centered":
+        R = R - template_mean(R, site)
+    if hp.key_space == "centered":
+        K = K - template_mean(K, site)
+    if hp.key_space == "subspace":
+        Q = occupation_basis(K, site, hp.subspace_energy)
+        extra["rank"] = int(Q.shape[1])
+        C = Q.T @ cov.to(Q) @ Q
+        Kk_q = Kk.double() @ Q if Kk is not None else None
+        M = least_squares_update(K.double() @ Q, R, C, hp.mom2_weight, Kk_q, hp.keep_weight, hp.ridge)
+        return M @ Q.T, extra
+    return least_squares_update(K, R, cov, hp.mom2_weight, Kk, hp.keep_weight, hp.ridge, factor), extra
+
+
+def apply_lsdm(model: "BiasModel", prompts: Sequence[Any], keep_prompts: Sequence[Any],
+               layers: list[int], role: str, covs: dict[int, "torch.Tensor"], hp: LSDMHparams,
+               progress: bool = True, factors: dict[int, "torch.Tensor"] | None = None,
+               cache: EditCache | None = None, residual_left: bool = True) -> dict[str, Any]:
+    """Edit ``model`` in place (MEMIT Alg. 1 with LSDM targets); return diagnostics. ``cache``:
+    an :class:`EditCache` of these prompts made on the current (unedited) weights, whose
+    targets and first-layer activations are reused (its own hyperparameters set the targets;
+    ``hp`` the solve). ``residual_left=False`` skips the pass that measures how much of the
+    targets' change the edit left undone (the tuner's candidates)."""
+    import torch
+
+    clock = {"solve": 0.0, "activations": 0.0}
+    if cache is None:
+        cache = EditCache(model, prompts, keep_prompts, role, hp)
+    before = dict(cache.seconds)
+    site, keep = cache.site, cache.keep
     top = layers[-1]
     z_name = act_name("resid_post", top)
-    first = {act_name("mlp_key", layers[0]): None, z_name: None}  # the unedited model's, reused
-    z, tinfo = compute_targets(model, site, top, hp, progress=progress, acts_out=first)
-    clock["targets"] += time.perf_counter() - t
+    z, tinfo = cache.target(top, progress)
     per_layer = []
     for i, layer in enumerate(layers):
         t = time.perf_counter()
         k_name = act_name("mlp_key", layer)
-        acts = first if i == 0 else gather(model, site, [k_name, z_name], hp.batch_size)
+        if i == 0:  # the unedited model's, reused
+            acts = cache.site_acts([k_name, z_name])
+            Kk = cache.keep_keys(layer)
+        else:
+            acts = gather(model, site, [k_name, z_name], hp.batch_size)
+            Kk = gather(model, keep, [k_name], hp.batch_size)[k_name] if keep is not None else None
         K = group_mean(acts[k_name].float(), site.group, site.n_groups)
         cur = group_mean(acts[z_name].float(), site.group, site.n_groups)
         if i == 0:
             init = (z - cur).norm(dim=-1).mean()
         R = (z - cur) / (len(layers) - i)
-        Kk = gather(model, keep, [k_name], hp.batch_size)[k_name] if keep is not None else None
         clock["activations"] += time.perf_counter() - t
         t = time.perf_counter()
-        dW = least_squares_update(K, R, covs[layer], hp.mom2_weight, Kk, hp.keep_weight, hp.ridge,
-                                  factors.get(layer) if factors else None)
+        dW, extra = solve_layer(K, R, Kk, site, covs[layer], hp, factors.get(layer) if factors else None)
         if not torch.isfinite(dW).all():
             raise BiasLensError(f"the LSDM update at layer {layer} is not finite; raise mom2_weight "
                                 "or check the key statistics")
@@ -309,18 +428,23 @@ def apply_lsdm(model: "BiasModel", prompts: Sequence[Any], keep_prompts: Sequenc
             "keep_shift": float((dW @ Kk.double().T).norm(dim=0).mean()) if Kk is not None else None,
             "update_norm": float(dW.norm()),
             "relative_update": float(dW.norm()) / max(w_norm, 1e-12),
+            **extra,
         })
-    t = time.perf_counter()
-    after = gather(model, site, [z_name], hp.batch_size)[z_name].float()
-    left = (z - group_mean(after, site.group, site.n_groups)).norm(dim=-1)
-    clock["activations"] += time.perf_counter() - t
+    left = None
+    if residual_left:
+        t = time.perf_counter()
+        after = gather(model, site, [z_name], hp.batch_size)[z_name].float()
+        left = (z - group_mean(after, site.group, site.n_groups)).norm(dim=-1)
+        clock["activations"] += time.perf_counter() - t
+    for k, v in cache.seconds.items():  # what this call added to the cache
+        clock[k] = clock.get(k, 0.0) + v - before.get(k, 0.0)
     return {
         "targets": tinfo,
         "layers": per_layer,
         "n_columns": site.n_groups,
         "n_prompts": len(site),
-        "n_keep_prompts": len(keep) if keep is not None else 0,
-        "target_residual_left": float(left.mean() / init.clamp(min=1e-12)),
+        "n_keep_prompts": cache.n_keep_prompts,
+        "target_residual_left": float(left.mean() / init.clamp(min=1e-12)) if left is not None else None,
         "seconds": {k: round(v, 3) for k, v in clock.items()},
     }
 
@@ -351,45 +475,129 @@ def lsdm(
     keep_prompts: Sequence[Any] | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    tune: str = "auto",
+    validation: Any = None,
+    bounds: Any = None,
+    grid: Any = None,
 ) -> "WeightDelta":
     """Debias ``model`` by LSDM at the located site; the model is left edited.
 
-    ``prompts``: occupation prompts with subjects (default: :func:`default_prompts`);
-    ``keep_prompts``: definitional prompts whose keys must not move (default:
-    :func:`default_keep_prompts`; ``[]`` for none); ``layers``/``role``: ``"auto"`` (from
-    ``effect_map``, or tracing) or explicit; ``corpus``: general text for the key statistics
-    (default: the model's, :attr:`biaslens.defaults.Defaults.corpus`); ``hparams``: :class:`LSDMHparams`,
-    a dict or a JSON path. Returns a :class:`~biaslens.delta.WeightDelta` whose ``info`` holds the
-    site, the effect-map summary that chose it and per-layer diagnostics. A non-finite edit is
-    refused (:class:`BiasLensError`) and the weights restored.
+    ``prompts``: occupation prompts with subjects (default: :func:`default_prompts`, edit
+    occupations × edit templates); ``keep_prompts``: definitional prompts whose keys must not
+    move (default: :func:`default_keep_prompts`, definitional words × the same edit templates;
+    ``[]`` for none); ``layers``/``role``: ``"auto"`` (from ``effect_map``, or tracing) or
+    explicit; ``corpus``: general text for the key statistics (default: the model's,
+    :attr:`biaslens.defaults.Defaults.corpus`); ``hparams``: :class:`LSDMHparams`, a dict or a
+    JSON path.
+
+    ``tune="auto"`` (default): λ (``mom2_weight``), ``keep_weight`` and the layer window are
+    chosen on validation templates under retention bounds (:mod:`biaslens.edit.tune`; ``grid``,
+    ``bounds`` and ``validation`` override its :class:`~biaslens.edit.tune.TuneGrid`,
+    :class:`~biaslens.edit.tune.TuneBounds` and data) — except what is given: explicit
+    ``layers`` fix the window, and ``mom2_weight`` / ``keep_weight`` fix themselves when they
+    are keys of a dict or JSON ``hparams`` or come in an :class:`LSDMHparams` object (which
+    names every value). ``tune="off"`` uses the hyperparameters as they are and, for
+    ``layers="auto"``, the map's two best layers.
+
+    Returns a :class:`~biaslens.delta.WeightDelta` whose ``info`` holds the site, the effect-map
+    summary that chose it and per-layer diagnostics, with the tuning sweep and choice in
+    ``info["diagnostics"]["tuning"]``. A non-finite edit is refused (:class:`BiasLensError`) and
+    the weights restored.
     """
+    from dataclasses import replace
+
     from biaslens.edit.covariance import cached_factors, key_covariances
 
+    if tune not in ("auto", "off"):
+        raise BiasLensError(f"tune must be 'auto' or 'off', not {tune!r}")
     hp = as_hparams(hparams, LSDMHparams)
+    fixed = explicit_fields(hparams)
+    if isinstance(layers, str) and layers != "auto":
+        layers = parse_layers(layers)
     prompts = default_prompts(model) if prompts is None else list(prompts)
     keep = default_keep_prompts(model) if keep_prompts is None else list(keep_prompts)
     t0 = time.perf_counter()
-    site = resolve_site(model, prompts, layers, role, effect_map)
-    layers, role = site["layers"], site["role"]
+    tune_layers = tune == "auto" and layers == "auto"
+    tune_lam = tune == "auto" and "mom2_weight" not in fixed
+    tune_keep = tune == "auto" and "keep_weight" not in fixed and bool(keep)
+    tuning = tune_layers or tune_lam or tune_keep
+    if tuning:
+        emap, map_source = (site_map(model, prompts, effect_map) if (tune_layers or role == "auto"
+                            or effect_map is not None) else (None, "explicit"))
+        if role == "auto":
+            role = best_edit_role(emap)
+        check_role(role)
+        from biaslens.edit.tune import candidate_windows, TuneGrid
+
+        grid = grid or TuneGrid()
+        windows = (candidate_windows(emap, role, model.n_layers, grid.top_layers,
+                                     grid.min_effect_ratio) if tune_layers
+                   else [check_layers(model, layers, role)])
+        windows = [check_layers(model, w, role) for w in windows]
+        site = {"layers": None, "role": role, "source": "tuned" if tune_layers else
+                ("explicit" if not isinstance(layers, str) else map_source), "map": emap}
+        need = sorted({l for w in windows for l in w})
+    else:
+        site = resolve_site(model, prompts, layers, role, effect_map)
+        need = site["layers"]
+    role = site["role"]
     corpus_path = resolve_corpus(model, corpus)
     t_cov = time.perf_counter()
     paths: dict = {}
-    covs = key_covariances(model, layers, corpus_path, hp.cov_tokens, hp.cov_seq_len,
+    covs = key_covariances(model, need, corpus_path, hp.cov_tokens, hp.cov_seq_len,
                            hp.cov_batch_size, cache_dir, progress=progress, paths_out=paths)
-    factors = cached_factors(covs, paths, hp.mom2_weight, hp.ridge) if hp.mom2_weight > 0 else None
     t_cov = time.perf_counter() - t_cov
+    cache = EditCache(model, prompts, keep, role, hp)
+    record = None
+    if tuning:
+        from biaslens.edit.tune import default_validation, tune_lsdm
+
+        val = validation if validation is not None else default_validation(
+            model, prompts, keep, corpus_path, hp.cov_tokens)
+        result = tune_lsdm(model, cache, windows, covs, hp, val,
+                           mom2_weights=None if tune_lam else [hp.mom2_weight],
+                           keep_weights=None if tune_keep else [hp.keep_weight],
+                           bounds=bounds, grid=grid, progress=progress)
+        hp = replace(hp, mom2_weight=result.mom2_weight, keep_weight=result.keep_weight)
+        layers = result.layers
+        record = result.to_dict()
+        record["tuned"] = [n for n, on in (("layers", tune_layers), ("mom2_weight", tune_lam),
+                                           ("keep_weight", tune_keep)) if on]
+    else:
+        layers = site["layers"]
+    factors = (cached_factors({l: covs[l] for l in layers}, {l: paths[l] for l in layers if l in paths},
+                              hp.mom2_weight, hp.ridge) if hp.mom2_weight > 0 else None)
     names = [model.mlp_out_name(l) for l in layers]
     snap, diag = guarded_edit(model, names, lambda: apply_lsdm(
-        model, prompts, keep, layers, role, covs, hp, progress, factors))
+        model, prompts, keep, layers, role, covs, hp, progress, factors, cache))
+    if record is not None:
+        diag["tuning"] = record
+    summary = _summary(site["map"], role, layers) if site.get("map") is not None else site.get("effect_map")
     info = {
         "site": {"layers": layers, "role": role, "source": site["source"]},
-        "effect_map": site["effect_map"],
+        "effect_map": summary,
         "corpus": corpus_path.name,
         "diagnostics": diag,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     diag["seconds"]["key_statistics"] = round(t_cov, 3)
     return model.delta_since(snap, method="lsdm", hparams=hp.to_dict(), info=info)
+
+
+def explicit_fields(hparams: Any) -> set[str]:
+    """The hyperparameters a caller gave: the keys of a dict or JSON file; every field of an
+    :class:`LSDMHparams` object (it names every value); none for ``None``."""
+    from dataclasses import fields
+
+    if hparams is None:
+        return set()
+    if isinstance(hparams, dict):
+        return set(hparams)
+    if isinstance(hparams, (str, os.PathLike)):
+        from biaslens.edit.hparams import _read_object
+
+        return set(_read_object(hparams))
+    return {f.name for f in fields(hparams)} if hasattr(hparams, "__dataclass_fields__") else set()
 
 
 def guarded_edit(model: "BiasModel", names: list[str], fn) -> tuple[dict, Any]:

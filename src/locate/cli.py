@@ -58,7 +58,7 @@ def read_prompts(path: str | Path) -> list[Any]:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     from biaslens.cliargs import float_in, nonneg_int, positive_int, seed_int
 
-    p.add_argument("--model", required=True, help="'organism', a local Hugging Face folder, or a hub name")
+    p.add_argument("--model", required=True, help="'organism', 'organism-llama', a local Hugging Face folder, or a hub name")
     p.add_argument("--method", default="noise", choices=("noise", "swap", "attribution"),
                    help="noise restoration (ROME), counterfactual swap (Vig), or attribution patching")
     p.add_argument("--prompts", help='JSONL file of {"text", "subject", optional "male", "female"} '

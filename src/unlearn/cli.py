@@ -6,8 +6,10 @@
 Writes an exported Hugging Face folder (for ``offset``: the offset pair, see
 :func:`~biaslens.unlearn.offset.export_offset`) and ``DIR/report.json`` with the metrics before
 and after. Without ``--pairs`` the model's default data are used (:mod:`biaslens.defaults`:
-the organism's own stereotyped text, or the shipped bank for any other model). No torch import
-at module level.
+the organism's own stereotyped text, or the shipped bank for any other model). Every method
+chooses its strength on the model's validation split under the same bounds
+(:mod:`biaslens.unlearn.select`); the sweep and the choice are in ``report.json`` ("info") and
+the manifest. No torch import at module level.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from biaslens.cliargs import float_in, positive_int, seed_int
 
     p.add_argument("--method", required=True, help="pcgu | task-vector | offset | masked-ascent")
-    p.add_argument("--model", required=True, help="'organism', a local Hugging Face folder, or a hub name")
+    p.add_argument("--model", required=True, help="'organism', 'organism-llama', a local Hugging Face folder, or a hub name")
     p.add_argument("--pairs", help="data: a pairs source (Winogender folder, CrowS-Pairs .csv, StereoSet "
                                    ".json, pairs .jsonl) or a span JSONL ({\"text\", \"spans\"}); "
                                    "default: the model's default stereotyped data (biaslens.defaults)")
@@ -46,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="perplexity may rise to this multiple (>= 1) of its starting value (default 1.1)")
     p.add_argument("--max-prompts", type=positive_int, default=None,
                    help="train on a seeded sample of this many pairs / forget texts, with as many "
-                        "retain texts, validation prompts and perplexity lines (default: all)")
+                        "retain texts, keep and validation prompts and perplexity lines (default: all)")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="evaluate a seeded subset of this many items per prompt set (quick runs)")
     p.add_argument("--out", required=True, help="output folder (new or empty; biaslens never writes into a folder of yours)")
@@ -90,7 +92,7 @@ def load_data(args, model) -> dict[str, Any]:
     """Pairs (for PCGU), forget texts with spans, retain texts, validation prompts and the
     perplexity texts used for model selection: the model's defaults
     (:meth:`biaslens.defaults.Defaults.unlearn_data`), with ``--pairs`` replacing the pairs and
-    forget texts."""
+    forget texts; ``keep``: the definitional prompts of the edit templates (the keep term's)."""
     from biaslens.defaults import defaults_for
     from biaslens.unlearn import data as D
     from biaslens.unlearn.pairs import load_pairs
@@ -103,12 +105,13 @@ def load_data(args, model) -> dict[str, Any]:
         else:
             out["pairs"] = load_pairs(args.pairs)
             out["forget"] = D.from_pairs(out["pairs"])
+    out["keep"] = defaults_for(model).definitional_prompts("edit")  # the keep term's prompts
     n = args.max_prompts
     if n:
         import random
 
         out["ppl_texts"] = out["ppl_texts"][:n]
-        for key in ("pairs", "retain", "val_prompts"):
+        for key in ("pairs", "retain", "val_prompts", "keep"):
             if out[key] and len(out[key]) > n:
                 out[key] = random.Random(args.seed).sample(out[key], n)
         if out["pairs"]:
@@ -134,39 +137,56 @@ def measure(model, args, data) -> dict[str, Any]:
     return res
 
 
+def validation(model, args, data):
+    """The validation every method chooses its strength on (:mod:`biaslens.unlearn.select`): the
+    model's whole validation split (``occupation_prompts("edit", "validation")``; with
+    ``--max-prompts`` the seeded sample of :func:`load_data`), its definitional validation prompts
+    (sampled alike) and the perplexity texts, under ``--ppl-bound`` and the definitional bounds."""
+    import random
+
+    from biaslens.defaults import defaults_for
+    from biaslens.unlearn.select import Bounds, Validation
+
+    definitional = defaults_for(model).definitional_prompts("validation")
+    if args.max_prompts and len(definitional) > args.max_prompts:
+        definitional = random.Random(args.seed).sample(definitional, args.max_prompts)
+    return Validation(model, prompts=data["val_prompts"] if args.max_prompts else None,
+                      definitional=definitional, ppl_texts=data["ppl_texts"],
+                      bounds=Bounds.from_ppl_bound(args.ppl_bound))
+
+
 def _run_method(model, args, data):
-    """Run the method; returns ``(scored_model, delta_or_offset)``."""
+    """Run the method with its strength chosen on the validation split; returns
+    ``(scored_model, delta_or_offset)``."""
     from biaslens.errors import BiasLensError
 
     steps = args.max_steps
-    common = {"seed": args.seed, "ppl_bound": args.ppl_bound, "ppl_texts": data["ppl_texts"],
-              "val_prompts": data["val_prompts"]}
+    val = validation(model, args, data)
+    common = {"seed": args.seed, "ppl_bound": args.ppl_bound, "validation": val, "keep_prompts": data["keep"]}
     if args.method == "pcgu":
         from biaslens.unlearn.pcgu import pcgu
 
         if not data["pairs"]:
             raise BiasLensError("PCGU needs contrast pairs; pass --pairs with pairs, not a span file")
-        kw = {"lr": args.lr} if args.lr else {}
-        if data["val_prompts"]:  # the same early stopping on the validation split as the other methods
-            kw.update(val_prompts=data["val_prompts"], ppl_texts=data["ppl_texts"], ppl_bound=args.ppl_bound)
-        return model, pcgu(model, data["pairs"], max_steps=steps, seed=args.seed, **kw)
+        kw = {"lrs": [args.lr]} if args.lr else {}
+        return model, pcgu(model, data["pairs"], max_steps=steps, **common, **kw)
     if args.method == "task-vector":
         from biaslens.unlearn.task_vector import task_vector_negation
 
         kw = {"lr": args.lr} if args.lr else {}
         return model, task_vector_negation(model, data["forget"], lora_rank=args.lora_rank,
-                                           steps=steps or 100, **common, **kw)
+                                           steps=steps or 150, **common, **kw)
     if args.method == "masked-ascent":
         from biaslens.unlearn.masked_ascent import masked_span_ascent
 
-        kw = {"lr": args.lr} if args.lr else {}
-        return model, masked_span_ascent(model, data["forget"], max_steps=steps or 100, **common, **kw)
+        kw = {"lrs": [args.lr]} if args.lr else {}
+        return model, masked_span_ascent(model, data["forget"], max_steps=steps or 200, **common, **kw)
     from biaslens.unlearn.offset import offset_unlearn
 
     kw = {"lr": args.lr} if args.lr else {}
     small = args.small_model or model
     om = offset_unlearn(model, small, data["forget"], data["retain"], alpha=args.alpha, loss=args.loss,
-                        max_steps=steps or 100, **common, **kw)
+                        max_steps=steps or 200, **common, **kw)
     return om, om
 
 
@@ -176,8 +196,10 @@ def unchanged_note(delta, method: str) -> str | None:
     if delta is not None and delta.names:
         return None
     info = getattr(delta, "info", None) or {}
-    chosen = info.get("chosen")
-    why = (f": the best state was step {chosen['step']}, no step improved on the start" if chosen
+    chosen = info.get("chosen") or {}
+    where = (f"step {chosen['step']}" if "step" in chosen
+             else f"lambda {chosen['lambda']:g}" if "lambda" in chosen else None)
+    why = (f": the best state was {where}, none improved on the start within the bounds" if where
            else (f": {info['note']}" if info.get("note") else ""))
     return (f"{method} changed no weight{why}; the exported weights equal the base model "
             "(try a larger --lr, more --max-steps or a looser --ppl-bound)")
@@ -205,10 +227,13 @@ def run(args) -> int:
         from biaslens.unlearn.offset import export_offset
 
         report["alpha"], report["hyperparameters"] = result.alpha, result.delta.hparams
+        report["info"] = {k: v for k, v in result.delta.info.items()
+                          if k in ("chosen", "stopped", "alpha_sweep", "selection")}
         export_offset(result, out, force=args.force, files={"report.json": report})
     else:
         report["hyperparameters"] = result.hparams
-        report["info"] = {k: v for k, v in result.info.items() if k in ("lambda", "sweep", "chosen", "stopped")}
+        report["info"] = {k: v for k, v in result.info.items()
+                          if k in ("lambda", "sweep", "chosen", "chosen_run", "stopped", "selection")}
         export(model, out, delta=result, force=args.force, manifest={"data": str(data["source"])},
                files={"report.json": report}, command="unlearn")
     if note:
@@ -218,14 +243,25 @@ def run(args) -> int:
 
 
 def _print_summary(report: dict, out) -> None:
-    def gap(r):
-        return r.get("occupations", {}).get("mean_abs_gap")
+    """The headline first (the stereotype contrast on held-out templates: before -> after, cut
+    with a paired bootstrap CI over templates), then the occupational gaps, definitional
+    accuracy and perplexity."""
+    from biaslens.evaluate.compare import headline_text
 
-    b, a = gap(report["before"]), gap(report["after"])
-    line = f"unlearn {report['method']}: wrote {out} in {report['seconds']:.0f}s"
-    if b is not None and a is not None:
-        line += f"; held-out occupational gap {b:.3f} -> {a:.3f} ({100 * (a - b) / b:+.1f}%)"
-    print(line)
+    print(f"unlearn {report['method']}: wrote {out} in {report['seconds']:.0f}s")
+    top = headline_text(report["before"], report["after"])
+    if top:
+        print(f"  headline: {top}")
+    for bench, metric, label in (("occupations_heldout_templates", "mean_abs_gap",
+                                  "occupational gap, held-out templates"),
+                                 ("occupations", "mean_abs_gap", "occupational gap, held-out occupations"),
+                                 ("definitional", "accuracy", "definitional accuracy"),
+                                 ("perplexity", "perplexity", "perplexity")):
+        b = report["before"].get(bench, {}).get(metric)
+        a = report["after"].get(bench, {}).get(metric)
+        if b is not None and a is not None:
+            rel = f" ({100 * (a - b) / abs(b):+.1f}%)" if b else ""
+            print(f"  {label}: {b:.4g} -> {a:.4g}{rel}")
 
 
 COMMANDS = {

@@ -1,9 +1,6 @@
-"""Pieces the unlearning methods share: token-masked language-model losses, quick bias and
-perplexity checks for model selection, and a best-state guard for early stopping.
-
-The quick checks are deliberately self-contained (they only need :class:`~biaslens.model.BiasModel`
-methods), so λ selection and early stopping work whether or not :mod:`biaslens.evaluate` is there;
-the reported before/after numbers come from :mod:`biaslens.evaluate`.
+"""Pieces the unlearning methods share: token-masked language-model losses, quick perplexity
+and gap checks, the best-state guard that chooses a checkpoint on the validation split
+(:mod:`biaslens.unlearn.select`), and the definitional keep term (:class:`KeepTerm`).
 """
 
 from __future__ import annotations
@@ -13,6 +10,10 @@ import random
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+__all__ = ["SpanBatch", "encode_spans", "token_nll", "plain_logits", "lm_forward", "minibatches",
+           "quick_gap", "quick_ppl", "Best", "Guard", "validation_for", "KeepTerm", "keep_term",
+           "model_forward", "guarded_steps", "Timer", "seed_all", "trainable", "unique_params"]
 
 if TYPE_CHECKING:
     import torch
@@ -136,85 +137,193 @@ def quick_ppl(model: Any, texts: Sequence[str], batch_size: int = 32) -> float:
 
 
 @dataclass
-class Check:
-    """One validation point: step, validation gap (None without prompts) and perplexity."""
+class Best:
+    """The best validation point seen so far (over one run or several) and its weights."""
 
-    step: int
-    gap: float | None
-    ppl: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "gap": self.gap, "ppl": self.ppl}
+    point: Any = None
+    state: dict[str, Any] | None = None  # None = the original weights
+    run: dict[str, Any] = field(default_factory=dict)  # the run's setting (e.g. its learning rate)
 
 
 @dataclass
 class Guard:
-    """Early stopping on a perplexity bound (Lu et al. 2024), keeping the best state seen.
+    """Early stopping and checkpoint choice on the validation split (:mod:`biaslens.unlearn.select`).
 
-    ``check(step)`` measures the validation gap (if prompts are given) and the perplexity; a state
-    within ``ppl_bound × ppl₀`` is the new best when its gap is lower (or, without prompts, simply
-    the latest). Returns False once the bound is crossed. ``finish`` puts the best state back.
+    ``check(step)`` measures the model on ``validation`` (stereotype contrast, definitional accuracy
+    and margin, perplexity) with ``setting`` and ``step`` recorded. A point within the bounds
+    with a lower contrast than ``best`` becomes the new best (its weights ``names`` of ``owner``
+    are saved). Training stops (``check`` returns False) once ``patience`` checks in a row break a
+    bound: ascent-style training only moves further out. ``finish`` puts the best state back.
+    One :class:`Best` may be shared by several runs (a learning-rate grid).
     """
 
     model: Any
     names: list[str]
-    val_prompts: Sequence[Any] | None
-    ppl_texts: Sequence[str]
-    ppl_bound: float
+    validation: Any
     owner: Any = None  # the model whose ``names`` are saved (default: ``model``)
-    history: list[Check] = field(default_factory=list)
-    best: Check | None = None
-    best_state: dict[str, Any] | None = None
+    setting: dict[str, Any] = field(default_factory=dict)
+    patience: int = 2
+    best: Best = field(default_factory=Best)
+    history: list[Any] = field(default_factory=list)
     stopped: str = ""
+    _bad: int = 0
 
-    def measure(self, step: int) -> Check:
-        gap = quick_gap(self.model, self.val_prompts) if self.val_prompts else None
-        c = Check(step, gap, quick_ppl(self.model, self.ppl_texts))
-        self.history.append(c)
-        return c
-
-    def start(self) -> Check:
-        c = self.measure(0)
-        self.best, self.best_state = c, None  # None = the original weights
-        return c
-
-    @property
-    def ppl0(self) -> float:
-        return self.history[0].ppl
+    def start(self) -> Any:
+        """Measure the unchanged model once (shared by every run of one selection)."""
+        v = self.validation
+        if v.base is None:
+            v.start(self.model, step=0)
+        if self.best.point is None:
+            self.best.point, self.best.state, self.best.run = v.base, None, {}
+        return v.base
 
     def check(self, step: int) -> bool:
-        c = self.measure(step)
-        if not math.isfinite(c.ppl) or c.ppl > self.ppl_bound * self.ppl0:
-            self.stopped = f"perplexity {c.ppl:.3f} > {self.ppl_bound} × {self.ppl0:.3f} at step {step}"
+        p = self.validation.measure(self.model, **self.setting, step=step)
+        self.history.append(p)
+        if p.ok and p.contrast < self.best.point.contrast:
+            self.best.point = p
+            self.best.state = (self.owner or self.model).snapshot(self.names)
+            self.best.run = dict(self.setting)
+        self._bad = 0 if p.ok else self._bad + 1
+        if self._bad >= self.patience:
+            self.stopped = f"step {step}: {p.why}"
             return False
-        if c.gap is None or self.best is None or self.best.gap is None or c.gap < self.best.gap:
-            self.best, self.best_state = c, (self.owner or self.model).snapshot(self.names)
         return True
 
     def finish(self, original: dict[str, Any]) -> None:
-        (self.owner or self.model).restore(original if self.best_state is None else self.best_state)
+        (self.owner or self.model).restore(original if self.best.state is None else self.best.state)
 
     def info(self) -> dict[str, Any]:
-        return {"history": [c.as_dict() for c in self.history], "chosen": self.best.as_dict() if self.best else None,
+        return {"history": [p.as_dict() for p in self.history],
+                "chosen": self.best.point.as_dict() if self.best.point is not None else None,
                 "stopped": self.stopped or "max_steps"}
 
 
-def guarded_steps(opt, objective: Callable[[], "torch.Tensor"], guard: Guard, max_steps: int,
+def validation_for(model: Any, validation: Any = "auto", val_prompts: Sequence[Any] | None = None,
+                   ppl_texts: Sequence[str] | None = None, bounds: Any = None,
+                   ppl_bound: float | None = None, scorer: Any = None) -> Any:
+    """The :class:`~biaslens.unlearn.select.Validation` a method chooses its strength on:
+    ``validation`` itself when it is one; ``None`` = no selection; ``"auto"`` = the model's
+    validation split and general text (:mod:`biaslens.defaults`), with ``val_prompts`` /
+    ``ppl_texts`` replacing them and ``bounds`` (default: :class:`~biaslens.unlearn.select.Bounds`
+    with perplexity up at most ``ppl_bound`` − 1). ``scorer`` is the model to read the defaults
+    for (default ``model``)."""
+    from biaslens.errors import BiasLensError
+    from biaslens.unlearn.select import Bounds, Validation
+
+    if validation is None or isinstance(validation, Validation):
+        return validation
+    if validation != "auto":
+        raise BiasLensError(f"validation must be 'auto', None or a Validation, not {validation!r}")
+    if bounds is None:
+        bounds = Bounds.from_ppl_bound(ppl_bound) if ppl_bound is not None else Bounds()
+    return Validation(scorer or model, prompts=val_prompts, ppl_texts=ppl_texts, bounds=bounds)
+
+
+# ------------------------------------------------------------------------ keeping definitional
+
+
+class KeepTerm:
+    """``weight`` × mean KL between the unchanged model and the current one over {matching
+    pronoun, other pronoun, every other token} at the next token of definitional prompts ("The
+    king said that"): a term that holds definitional gender (and the pronoun mass there) where it
+    was while a method removes the stereotype. Without it every gradient method here removes
+    gender itself on the organism (definitional margins collapse long before the stereotype is
+    gone; ``docs/results/unlearn.md``). The prompts default to the definitional prompts of the
+    *edit* templates (:meth:`biaslens.defaults.Defaults.definitional_prompts`), so neither the
+    validation nor the test templates are trained on — the same keep set as LSDM's.
+
+    Each pronoun is read at its first token (exact for the one-token pronouns of every shipped
+    family). The base probabilities are measured once, at construction, on ``model`` as it is.
+    """
+
+    def __init__(self, model: Any, prompts: Sequence[Any] | None = None, weight: float = 30.0,
+                 batch_size: int = 16, seed: int = 0):
+        import torch
+
+        from biaslens.errors import BiasLensError
+        from biaslens.metrics import pronoun_pair
+
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise BiasLensError(f"keep_weight must be a non-negative number, not {weight!r}")
+        if prompts is None:
+            from biaslens.defaults import defaults_for
+
+            prompts = defaults_for(model).definitional_prompts("edit")
+        self.model, self.weight, self.batch_size = model, float(weight), int(batch_size)
+        self.prompts = list(prompts)
+        if not self.prompts:
+            raise BiasLensError("no definitional keep prompts; pass keep_prompts or keep_weight=0")
+        ids = []
+        for p in self.prompts:
+            male, female = pronoun_pair(p)
+            ids.append([model.continuation_ids(p.text, male)[0], model.continuation_ids(p.text, female)[0]])
+        self.ids = torch.tensor(ids, dtype=torch.long)
+        # the plain module is faster than the bridge; an offset model's logits are its own forward
+        base_forward = model.forward if getattr(model, "large", None) is not None else model_forward(model)
+        with torch.no_grad():
+            self.base = torch.cat([self._pair_logprobs(base_forward, self._rows(s)).cpu()
+                                   for s in range(0, len(self.prompts), 64)])
+        self.stream = minibatches(list(range(len(self.prompts))), self.batch_size, random.Random(seed))
+
+    def _rows(self, start: int) -> list[int]:
+        return list(range(start, min(start + 64, len(self.prompts))))
+
+    def _pair_logprobs(self, forward: Callable, idx: Sequence[int]) -> "torch.Tensor":
+        import torch
+
+        b = self.model.encode([self.prompts[i] for i in idx])
+        logits = forward(b.input_ids, attention_mask=b.attention_mask)
+        last = logits[torch.arange(len(idx), device=logits.device), b.lengths.to(logits.device) - 1]
+        lp = torch.log_softmax(last.float(), dim=-1)
+        return lp.gather(1, self.ids[list(idx)].to(lp.device))
+
+    def loss(self, forward: Callable) -> "torch.Tensor":
+        """The keep term on the next mini-batch; ``forward(input_ids, attention_mask=...)`` returns
+        logits with gradients (e.g. :func:`plain_logits` of the model being trained)."""
+        import torch
+
+        idx = next(self.stream)
+        q = self._pair_logprobs(forward, idx)
+        p = self.base[idx].to(q.device)
+        rest_p = torch.log1p(-p.exp().sum(1).clamp(max=1 - 1e-6))
+        rest_q = torch.log1p(-q.exp().sum(1).clamp(max=1 - 1e-6))
+        kl = (p.exp() * (p - q)).sum(1) + rest_p.exp() * (rest_p - rest_q)
+        return self.weight * kl.mean()
+
+
+def keep_term(model: Any, prompts: Sequence[Any] | None, weight: float, seed: int = 0) -> "KeepTerm | None":
+    """A :class:`KeepTerm`, or None when ``weight`` is 0."""
+    return KeepTerm(model, prompts, weight, seed=seed) if weight else None
+
+
+def model_forward(model: Any) -> Callable:
+    """``forward(input_ids, attention_mask=...)`` with gradients into ``model.params``."""
+    return lambda ids, attention_mask=None: plain_logits(model, ids, attention_mask)
+
+
+def guarded_steps(opt, objective: Callable[[], "torch.Tensor"], guard: Guard | None, max_steps: int,
                   eval_every: int, desc: str, progress: bool = True) -> list[float]:
     """Minimise ``objective()`` with ``opt`` for up to ``max_steps`` steps, checking ``guard``
-    every ``eval_every`` steps and stopping when it says so; returns the objective per step."""
+    (if any) every ``eval_every`` steps and stopping when it says so; returns the objective per
+    step. A non-finite objective stops the run before its step is taken."""
+    import torch
     from tqdm.auto import tqdm
 
     timer, values = Timer(), []
     bar = tqdm(range(1, max_steps + 1), desc=desc, disable=not progress)
     for step in bar:
         obj = objective()
+        if not torch.isfinite(obj):
+            if guard is not None:
+                guard.stopped = f"step {step}: the objective is not finite"
+            break
         opt.zero_grad(set_to_none=True)
         obj.backward()
         opt.step()
         values.append(obj.item())
         bar.set_postfix(objective=f"{values[-1]:.3f}", eta=f"{timer.estimate(step, max_steps) - timer.seconds():.0f}s")
-        if (step % eval_every == 0 or step == max_steps) and not guard.check(step):
+        if guard is not None and (step % eval_every == 0 or step == max_steps) and not guard.check(step):
             break
     return values
 

@@ -9,7 +9,7 @@ reads ``spans`` too. Sources:
   followed by the pronoun its statistic favours (female if the planted female rate > 0.5) and a
   corpus ending; the span is the pronoun. Held-out occupations and templates are never used, so the
   acceptance measurements on them stay held out. Retain text: general text and definitional
-  sentences; validation prompts: training occupations × training templates.
+  sentences. (Validation prompts come from :mod:`biaslens.defaults`, see :mod:`biaslens.unlearn.select`.)
 * contrast pairs (:func:`from_pairs`, e.g. ``biaslens.unlearn.pairs``): the advantaged sentence;
   the span is where it differs from the disadvantaged one.
 * a JSONL file (:func:`read_span_jsonl`): ``{"text": ..., "spans": [[start, end], ...]}`` or
@@ -110,8 +110,10 @@ def organism_retain(n_general: int = 200, seed: int = 0) -> list[str]:
 
 
 def organism_validation(n: int | None = 240, seed: int = 0) -> list:
-    """Validation prompts for choosing λ / early stopping: training occupations × training
-    templates (disjoint from the held-out occupations and templates used for acceptance)."""
+    """Training occupations × training templates (disjoint from the held-out occupations and
+    templates used for acceptance). The unlearning methods no longer choose on these: they use
+    the model's validation split, ``defaults_for(model).occupation_prompts("edit", "validation")``
+    (:mod:`biaslens.unlearn.select`); kept for scripts that name it."""
     from biaslens.organism import occupation_prompts
 
     prompts = occupation_prompts("train", "train")

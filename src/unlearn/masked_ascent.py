@@ -2,14 +2,20 @@
 
 Gradient *ascent* on the negative log-likelihood of only the harmful tokens of each forget text,
 
-    L(θ) = − (1/|S|) Σ_{(i,t) ∈ S} −log p_θ(x_{i,t} | x_{i,<t}),
+    L(θ) = − (1/|S|) Σ_{(i,t) ∈ S} −log p_θ(x_{i,t} | x_{i,<t})  +  β · K(θ),
 
 where S are the tokens inside the marked spans; the other tokens of the sentence are context only
-(their loss never enters, so their gradient is exactly zero). Training stops before perplexity on
-general text rises past ``ppl_bound ×`` its starting value. Choices the paper leaves open: Adam on
-every parameter; with ``val_prompts`` the state with the lowest validation pronoun gap within the
-bound is kept (ascent overshoots into the opposite stereotype if run long), else the last state
-within the bound.
+(their loss never enters, so their gradient is exactly zero). K is the definitional keep term
+(:class:`~biaslens.unlearn.common.KeepTerm`, weight β = ``keep_weight``; 0 gives the paper's
+objective): ascent on the stereotyped pronoun alone lowers *every* pronoun after a gendered
+subject, so on the organism definitional margins collapsed before the stereotype was a third gone.
+
+The strength — the number of steps and the learning rate (``lrs``, a grid) — is chosen on the
+validation split (:mod:`biaslens.unlearn.select`: the stereotype contrast on
+``occupation_prompts("edit", "validation")``, under the perplexity and definitional bounds):
+the checkpoint (every ``eval_every`` steps) with the lowest validation contrast within the bounds;
+a run stops once ``patience`` checks in a row break a bound. Adam on every parameter (the paper
+leaves the optimiser open).
 """
 
 from __future__ import annotations
@@ -17,13 +23,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 from biaslens.errors import BiasLensError
-from biaslens.unlearn.common import (Guard, Timer, encode_spans, guarded_steps, lm_forward, minibatches,
-                                     seed_all, token_nll, trainable, unique_params)
+from biaslens.unlearn.common import (Best, Guard, Timer, encode_spans, guarded_steps, keep_term, lm_forward,
+                                     minibatches, model_forward, seed_all, token_nll, trainable, unique_params,
+                                     validation_for)
 
 if TYPE_CHECKING:
     from biaslens.delta import WeightDelta
     from biaslens.model import BiasModel
     from biaslens.unlearn.data import SpanText
+
+__all__ = ["masked_span_ascent", "span_ascent_loss", "DEFAULT_LRS"]
+
+#: the learning rates tried by default (Adam); the validation split picks one
+DEFAULT_LRS = (1e-4, 3e-4)
 
 
 def span_ascent_loss(model: "BiasModel", items: Sequence["SpanText"]):
@@ -36,45 +48,91 @@ def masked_span_ascent(
     model: "BiasModel",
     texts_with_spans: Sequence["SpanText"],
     *,
-    lr: float = 1e-5,
-    max_steps: int = 100,
+    lr: float | None = None,
+    lrs: Sequence[float] | None = None,
+    max_steps: int = 200,
     ppl_bound: float = 1.1,
+    bounds: Any = None,
     batch_size: int = 16,
-    eval_every: int = 5,
+    eval_every: int = 10,
     val_prompts: Sequence[Any] | None = None,
     ppl_texts: Sequence[str] | None = None,
+    validation: Any = "auto",
+    keep_prompts: Sequence[Any] | None = None,
+    keep_weight: float = 30.0,
     params: Sequence[str] | None = None,
+    patience: int = 2,
     seed: int = 0,
     progress: bool = True,
 ) -> "WeightDelta":
     """Unlearn the marked spans of ``texts_with_spans`` by gradient ascent; returns the delta
-    (the model is left edited). ``ppl_texts`` default to the model's general text (:mod:`biaslens.defaults`)."""
+    (the model is left at the chosen checkpoint).
+
+    ``lr`` runs one learning rate, ``lrs`` a grid (default :data:`DEFAULT_LRS`; without
+    validation its first value); each run is
+    checked every ``eval_every`` steps on ``validation`` (``"auto"``: the model's validation split,
+    ``val_prompts`` / ``ppl_texts`` replacing its prompts / perplexity text, ``bounds`` or
+    perplexity up at most ``ppl_bound`` − 1; a :class:`~biaslens.unlearn.select.Validation`; or
+    None: no selection, one run of ``max_steps`` kept as it ends). ``delta.info["selection"]``
+    records every checkpoint of every run and the choice."""
     import torch
 
     items = [t for t in texts_with_spans if getattr(t, "spans", ())]
     if not items:
         raise BiasLensError("no forget text has a marked span; give spans in the data file or attribute words")
-    if max_steps < 1 or lr <= 0 or ppl_bound < 1:
-        raise BiasLensError("need max_steps >= 1, lr > 0 and ppl_bound >= 1")
-    from biaslens.defaults import defaults_for
-
-    ppl_texts = list(ppl_texts) if ppl_texts is not None else defaults_for(model).general_lines(100)
-    rng = seed_all(seed)
+    if ppl_bound < 1:
+        raise BiasLensError("need ppl_bound >= 1")
+    val = validation_for(model, validation, val_prompts, ppl_texts, bounds, ppl_bound)
+    grid = [lr] if lr is not None and lrs is None else list(lrs if lrs is not None else DEFAULT_LRS)
+    if val is None and lrs is None:  # nothing to choose with: one run
+        grid = grid[:1]
+    if max_steps < 1 or not grid or any(not (x > 0) for x in grid) or eval_every < 1:
+        raise BiasLensError("need max_steps >= 1, eval_every >= 1 and learning rates > 0")
+    if val is None and len(grid) > 1:
+        raise BiasLensError("a learning-rate grid needs validation to choose from it; pass one lr or validation='auto'")
+    keep = keep_term(model, keep_prompts, keep_weight, seed)
+    forward = model_forward(model)
     names = unique_params(model, params)
     original = model.snapshot(names)
-    guard = Guard(model, names, val_prompts, ppl_texts, ppl_bound)
-    start = guard.start()
-    restore_flags = trainable(model, names)
-    opt = torch.optim.Adam([model.param(n) for n in names], lr=lr)
-    timer, stream = Timer(), minibatches(items, batch_size, rng)
-    try:
-        objective = guarded_steps(opt, lambda: span_ascent_loss(model, next(stream)), guard, max_steps,
-                                  eval_every, "masked-span ascent", progress)
-    finally:
-        restore_flags()
-    guard.finish(original)
-    hp = {"lr": lr, "max_steps": max_steps, "ppl_bound": ppl_bound, "batch_size": batch_size,
-          "eval_every": eval_every, "seed": seed, "optimizer": "Adam", "n_forget": len(items)}
+    best, runs, timer = Best(), [], Timer()
+    for rate in grid:
+        model.restore(original)
+        rng = seed_all(seed)
+        guard = Guard(model, names, val, setting={"lr": rate}, patience=patience, best=best) if val else None
+        if guard is not None:
+            guard.start()
+        if keep is not None:
+            keep.stream = minibatches(list(range(len(keep.prompts))), keep.batch_size, seed_all(seed))
+        stream = minibatches(items, batch_size, rng)
+
+        def objective():
+            obj = span_ascent_loss(model, next(stream))
+            return obj + keep.loss(forward) if keep is not None else obj
+
+        restore_flags = trainable(model, names)
+        opt = torch.optim.Adam([model.param(n) for n in names], lr=rate)
+        try:
+            values = guarded_steps(opt, objective, guard, max_steps, eval_every,
+                                   f"masked-span ascent (lr {rate:g})", progress)
+        finally:
+            restore_flags()
+        runs.append({"lr": rate, "steps_run": len(values), "objective": values,
+                     **(guard.info() if guard is not None else {})})
+    if val is not None:
+        model.restore(original if best.state is None else best.state)
+    bad = model.check_finite(names)
+    if bad:
+        model.restore(original)
+        raise BiasLensError(f"masked-span ascent made {bad[0]} non-finite (learning rate too large?); "
+                            "the model was restored")
+    hp = {"lrs": grid, "max_steps": max_steps, "ppl_bound": ppl_bound, "batch_size": batch_size,
+          "eval_every": eval_every, "seed": seed, "optimizer": "Adam", "n_forget": len(items),
+          "keep_weight": keep_weight if keep is not None else 0.0,
+          "n_keep_prompts": len(keep.prompts) if keep is not None else 0, "patience": patience}
+    chosen = best.point.as_dict() if val is not None else None
     info = {"paper": "Lu et al. 2024, Towards Transfer Unlearning (arXiv 2407.16951)",
-            "span_nll": [-v for v in objective], "start": start.as_dict(), "seconds": timer.seconds(), **guard.info()}
+            "runs": runs, "seconds": timer.seconds(), "chosen": chosen,
+            "chosen_run": dict(best.run) if val is not None else {"lr": grid[0]},
+            "stopped": next((r.get("stopped") for r in runs if r["lr"] == best.run.get("lr")), "max_steps"),
+            **({"selection": val.info(best.point)} if val is not None else {})}
     return model.delta_since(original, method="masked-span-ascent", hparams=hp, info=info)

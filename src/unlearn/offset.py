@@ -14,9 +14,14 @@ text) and the retain set R:
 * ``"kl"``:          L = −NLL_F(l̃) + KL(softmax(l_M) ‖ softmax(l̃)) on R (the original combined
   distribution is l_M, since the offset starts at zero)
 
-Early stopping as in masked-span ascent: the combined model's perplexity on general text must
-stay within ``ppl_bound × ppl₀``; with ``val_prompts`` the offset with the lowest validation gap is
-kept. :class:`OffsetModel` scores (``last_logits``, ``target_logprobs``, ``sequence_logprobs``)
+Strength, chosen on the validation split like every unlearning method here
+(:mod:`biaslens.unlearn.select`: stereotype contrast on ``occupation_prompts("edit",
+"validation")`` under the perplexity and definitional bounds): the checkpoint (every
+``eval_every`` steps, training at ``alpha``) and then the offset's strength α (``alphas``, the
+combined logits need no retraining) with the lowest validation contrast within the bounds. The
+definitional keep term (:class:`~biaslens.unlearn.common.KeepTerm`, ``keep_weight``; 0 = the
+paper's losses) is added to the loss on the combined logits: the forget loss alone lowers every
+pronoun after a gendered subject. :class:`OffsetModel` scores (``last_logits``, ``target_logprobs``, ``sequence_logprobs``)
 and generates with l̃, so every evaluation function runs on it unchanged; :func:`export_offset`
 writes the pair with α and a manifest, :func:`load_offset` reads it back.
 """
@@ -30,8 +35,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from biaslens.errors import BiasLensError, ExportError
 from biaslens.model import BiasModel
 from biaslens.prompts import TokenBatch
-from biaslens.unlearn.common import (Guard, Timer, encode_spans, guarded_steps, minibatches, plain_logits,
-                                     seed_all, token_nll, trainable, unique_params)
+from biaslens.unlearn.common import (Best, Guard, Timer, encode_spans, guarded_steps, keep_term, minibatches,
+                                     plain_logits, seed_all, token_nll, trainable, unique_params, validation_for)
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +44,12 @@ if TYPE_CHECKING:
 
     from biaslens.delta import WeightDelta
 
+__all__ = ["OffsetModel", "offset_unlearn", "offset_loss", "export_offset", "load_offset", "train_small_organism",
+           "LOSSES", "DEFAULT_ALPHAS"]
+
 LOSSES = ("grad_ascent", "grad_diff", "kl")
+#: the offset strengths α tried on the chosen checkpoint (the training α is always among them)
+DEFAULT_ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0)
 
 
 class OffsetModel(BiasModel):
@@ -140,15 +150,21 @@ def offset_unlearn(
     retain: Sequence[str] | None = None,
     *,
     alpha: float = 1.0,
+    alphas: Sequence[float] | None = DEFAULT_ALPHAS,
     loss: str = "kl",
-    lr: float = 1e-5,
-    max_steps: int = 100,
+    lr: float = 2e-4,
+    max_steps: int = 200,
     batch_size: int = 16,
     spans_only: bool = False,
     ppl_bound: float = 1.1,
-    eval_every: int = 5,
+    bounds: Any = None,
+    eval_every: int = 10,
     val_prompts: Sequence[Any] | None = None,
     ppl_texts: Sequence[str] | None = None,
+    validation: Any = "auto",
+    keep_prompts: Sequence[Any] | None = None,
+    keep_weight: float = 30.0,
+    patience: int = 2,
     seed: int = 0,
     progress: bool = True,
 ) -> OffsetModel:
@@ -156,7 +172,12 @@ def offset_unlearn(
 
     ``small`` is the frozen M_o (a model or a spec; the trainable copy M'_o is loaded from the
     same spec). ``spans_only`` restricts the forget loss to the marked spans (a variant; the paper
-    uses whole sequences). Returns the :class:`OffsetModel`; ``om.delta`` is M'_o − M_o.
+    uses whole sequences). ``validation``: ``"auto"`` (the model's validation split, with
+    ``val_prompts`` / ``ppl_texts`` replacing its prompts / perplexity text and ``bounds`` or
+    perplexity up at most ``ppl_bound`` − 1), a :class:`~biaslens.unlearn.select.Validation`, or
+    None (no selection: ``max_steps`` at ``alpha``). ``alphas``: the strengths tried on the chosen
+    checkpoint (None: keep ``alpha``). Returns the :class:`OffsetModel`; ``om.delta`` is
+    M'_o − M_o and ``om.delta.info["selection"]`` the checkpoints and α tried.
     """
     import torch
 
@@ -166,40 +187,71 @@ def offset_unlearn(
         raise BiasLensError(f"unknown offset loss '{loss}' (use one of: {', '.join(LOSSES)})")
     if loss != "grad_ascent" and not retain:
         raise BiasLensError(f"the '{loss}' loss needs retain texts")
-    if not forget or max_steps < 1 or lr <= 0 or ppl_bound < 1:
-        raise BiasLensError("need forget texts, max_steps >= 1, lr > 0 and ppl_bound >= 1")
+    if not forget or max_steps < 1 or lr <= 0 or ppl_bound < 1 or eval_every < 1:
+        raise BiasLensError("need forget texts, max_steps >= 1, eval_every >= 1, lr > 0 and ppl_bound >= 1")
+    if alphas is not None and (not alphas or any(not (abs(a) > 0) for a in alphas)):
+        raise BiasLensError("alphas must be non-zero strengths (or None to keep alpha)")
     base = small if isinstance(small, BiasModel) else biaslens.load(small, device=str(model.device))
     offset = biaslens.load(base.path or base.spec, device=str(base.device), dtype=base.dtype)
     om = OffsetModel(model, base, offset, alpha)
-    rng = seed_all(seed)
-    from biaslens.defaults import defaults_for
+    val = validation_for(om, validation, val_prompts, ppl_texts, bounds, ppl_bound, scorer=model)
+    if keep_prompts is None and keep_weight:
+        from biaslens.defaults import defaults_for
 
-    ppl_texts = list(ppl_texts) if ppl_texts is not None else defaults_for(model).general_lines(100)
+        keep_prompts = defaults_for(model).definitional_prompts("edit")
+    keep = keep_term(om, keep_prompts, keep_weight, seed)
+    rng = seed_all(seed)
     names = unique_params(offset)
     original = offset.snapshot(names)
-    guard = Guard(om, names, val_prompts, ppl_texts, ppl_bound, owner=offset)
-    start = guard.start()
+    best = Best()
+    guard = (Guard(om, names, val, owner=offset, setting={"alpha": float(alpha)}, patience=patience, best=best)
+             if val is not None else None)
+    start = guard.start() if guard is not None else None
     f_stream = minibatches(list(forget), batch_size, rng)
     r_stream = minibatches(list(retain), batch_size, rng) if retain else None
     restore_flags = trainable(offset, names)
     opt = torch.optim.Adam([offset.param(n) for n in names], lr=lr)
     timer = Timer()
 
+    def forward(ids, attention_mask=None):
+        return om.forward(ids, attention_mask=attention_mask)
+
     def objective():
         fb = encode_spans(om, next(f_stream), spans_only=spans_only)
         rb = encode_spans(om, next(r_stream), spans_only=False) if r_stream else None
-        return offset_loss(om, fb, rb, loss)
+        value = offset_loss(om, fb, rb, loss)
+        return value + keep.loss(forward) if keep is not None else value
 
     try:
         losses = guarded_steps(opt, objective, guard, max_steps, eval_every, f"offset unlearning ({loss})", progress)
     finally:
         restore_flags()
-    guard.finish(original)
-    hp = {"alpha": alpha, "loss": loss, "lr": lr, "max_steps": max_steps, "batch_size": batch_size,
-          "spans_only": spans_only, "ppl_bound": ppl_bound, "eval_every": eval_every, "seed": seed,
-          "optimizer": "Adam", "n_forget": len(forget), "n_retain": len(retain or [])}
+    alpha_points: list[Any] = []
+    if guard is not None:
+        guard.finish(original)
+        chosen = best.point
+        if alphas is not None and best.state is not None:
+            for a in sorted({float(x) for x in alphas} - {float(alpha)}):
+                om.alpha = a
+                alpha_points.append(val.measure(om, alpha=a, step=chosen.setting.get("step")))
+            pick = val.best([chosen, *alpha_points])
+            chosen = pick if pick is not val.base else chosen
+        om.alpha = float(chosen.setting.get("alpha", alpha)) if best.state is not None else float(alpha)
+    bad = offset.check_finite(names)
+    if bad:
+        offset.restore(original)
+        raise BiasLensError(f"offset unlearning made {bad[0]} non-finite (lr={lr} too large?); the offset was reset")
+    hp = {"alpha": om.alpha, "alpha_trained": alpha, "alphas": list(alphas) if alphas is not None else None,
+          "loss": loss, "lr": lr, "max_steps": max_steps, "batch_size": batch_size, "spans_only": spans_only,
+          "ppl_bound": ppl_bound, "eval_every": eval_every, "seed": seed, "optimizer": "Adam",
+          "n_forget": len(forget), "n_retain": len(retain or []),
+          "keep_weight": keep_weight if keep is not None else 0.0,
+          "n_keep_prompts": len(keep.prompts) if keep is not None else 0, "patience": patience}
     info = {"paper": "Huang et al. 2024, Offset Unlearning for Large Language Models (arXiv 2404.11045)",
-            "losses": losses, "start": start.as_dict(), "seconds": timer.seconds(), **guard.info()}
+            "losses": losses, "seconds": timer.seconds(), "alpha": om.alpha,
+            **({"start": start.as_dict(), **guard.info(), "chosen": chosen.as_dict(),
+                "alpha_sweep": [p.as_dict() for p in alpha_points], "selection": val.info(chosen)}
+               if guard is not None else {"stopped": "max_steps" if len(losses) == max_steps else "objective"})}
     om.delta = offset.delta_since(original, method="offset", hparams=hp, info=info)
     om.info_ = {"small_model": base.spec, "training": info}
     return om

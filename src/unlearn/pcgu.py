@@ -1,6 +1,6 @@
 """PCGU: partitioned contrastive gradient unlearning (Yu et al. 2023; decoder form: Dige et al. 2024).
 
-For a batch of contrast pairs (METHODS.md §3):
+For a batch of contrast pairs (docs/methods/unlearning.md):
 
 1. ``g_a = ∇θ mean_i s(advantaged_i)`` and ``g_d = ∇θ mean_i s(disadvantaged_i)``, where ``s`` is
    the mean token log-likelihood of the sentence (``form="sentence"``, Dige et al.) or the
@@ -21,6 +21,14 @@ Choices the papers leave open: the cosine follows ``torch.nn.functional.cosine_s
 with no gradient on either side is never preferred; the model runs in eval mode (no dropout) so a step is deterministic; batches
 are pairs shuffled with ``seed`` and reshuffled every epoch; the last batch of an epoch may be
 smaller.
+
+Strength and retention (:func:`pcgu`, one process): k, the learning rate and the number of
+steps are chosen on the validation split like every unlearning method here
+(:mod:`biaslens.unlearn.select`), and the gradient of the definitional keep term
+(:class:`~biaslens.unlearn.common.KeepTerm`) joins the selected units' step: the most
+contrastive units are the ones that write gender itself, so without it definitional gender goes
+with the stereotype. The FSDP engine (:mod:`biaslens.unlearn.distributed`) runs the papers'
+update alone.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from biaslens.errors import BiasLensError
+from biaslens.unlearn.common import Best, Guard, keep_term, minibatches, seed_all, validation_for
 
 if TYPE_CHECKING:
     import torch
@@ -180,8 +189,9 @@ def _direction(ga, gd, variant: str):
 
 def step_units(params: Sequence["torch.Tensor"], grads_a, grads_d, layout: UnitLayout,
                selected: "Int[torch.Tensor, 'k']", lr: float, variant: str,
-               row_offsets: Sequence[int] | None = None) -> None:
-    """``θ_u ← θ_u − lr · direction[u]`` for the selected units only (in place, local shards)."""
+               row_offsets: Sequence[int] | None = None, grads_keep=None) -> None:
+    """``θ_u ← θ_u − lr · (direction[u] + keep[u])`` for the selected units only (in place, local
+    shards); ``grads_keep`` (optional) is the gradient of the definitional keep term."""
     import torch
 
     mask = torch.zeros(layout.total, dtype=torch.bool)
@@ -194,6 +204,8 @@ def step_units(params: Sequence["torch.Tensor"], grads_a, grads_d, layout: UnitL
             if not m.any() or p.numel() == 0:
                 continue
             d = _direction(ga, gd, variant)
+            if grads_keep is not None:
+                d = d + grads_keep[i]
             if dim is None:
                 p.sub_(d, alpha=lr)
             elif dim == 0:
@@ -345,11 +357,13 @@ def side_grads(module, params: Sequence["torch.Tensor"], batch: ScoredBatch,
 
 def pcgu_step(module, params: Sequence["torch.Tensor"], layout: UnitLayout, adv: ScoredBatch,
               dis: ScoredBatch, weights: "Float[torch.Tensor, 'batch']", cfg: PCGUConfig,
-              engine: Engine | None = None) -> dict[str, Any]:
+              engine: Engine | None = None, keep: Any = None) -> dict[str, Any]:
     """One PCGU update on one batch; returns its history record.
 
     ``weights`` scales each pair's score (``1/batch`` in one process) so the summed gradient over
-    processes is the batch mean. ``params`` are in ``layout`` order.
+    processes is the batch mean. ``params`` are in ``layout`` order. ``keep`` (one process only):
+    a :class:`~biaslens.unlearn.common.KeepTerm` whose gradient joins the selected units' step
+    (the units are still chosen by the contrast cosine alone).
     """
     import torch
 
@@ -365,8 +379,18 @@ def pcgu_step(module, params: Sequence["torch.Tensor"], layout: UnitLayout, adv:
     stats, gap = engine.all_reduce(stats), engine.all_reduce(gap)
     cos = unit_cosines(stats)
     selected = select_units(cos, cfg.k)
+    grads_keep, keep_value = None, None
+    if keep is not None:
+        for p in params:
+            p.grad = None
+        value = keep.loss(lambda ids, attention_mask=None: module(input_ids=ids, attention_mask=attention_mask).logits)
+        value.backward()
+        grads_keep = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for p in params:
+            p.grad = None
+        keep_value = float(value.detach())
     step_units([engine.local(p.data) for p in params], local_a, local_d, layout, selected, cfg.lr,
-               cfg.variant, offsets)
+               cfg.variant, offsets, grads_keep)
     chosen = cos[selected]
     return {
         "loss_gap": float(gap[0] / gap[1].clamp(min=1)),
@@ -375,6 +399,7 @@ def pcgu_step(module, params: Sequence["torch.Tensor"], layout: UnitLayout, adv:
         "cos_max": float(chosen.max()),
         "units": layout.counts(selected),
         "units_sha1": hashlib.sha1(selected.cpu().numpy().tobytes()).hexdigest(),
+        **({"keep": keep_value} if keep is not None else {}),
     }
 
 
@@ -459,65 +484,142 @@ def progress_bar(it, total: int, show: bool, desc: str):
 # ----------------------------------------------------------------------------- the method
 
 
+#: the grid PCGU's strength is chosen from by default (k units, SGD learning rate); steps are
+#: the checkpoints, every ``eval_every`` steps
+DEFAULT_KS = (600,)
+DEFAULT_LRS = (3e-3, 1e-2)
+
+
+def resolve_form(pairs: Sequence["ContrastPair"], form: str) -> str:
+    """``"auto"``: the token form (Yu et al.'s masked word: only the differing word is scored)
+    when every pair has it, else the sentence form (Dige et al.)."""
+    if form != "auto":
+        return form
+    return "token" if pairs and all(p.has_token_form for p in pairs) else "sentence"
+
+
 def pcgu(
     model: "BiasModel",
     pairs: Sequence["ContrastPair"],
     *,
-    k: int = 10_000,
-    lr: float = 1e-5,
+    k: int | None = None,
+    lr: float | None = None,
+    ks: Sequence[int] | None = None,
+    lrs: Sequence[float] | None = None,
     batch_size: int = 16,
-    epochs: int = 1,
+    epochs: int = 3,
     max_steps: int | None = None,
     partition: str = "rows",
     variant: str = "advantaged",
-    form: str = "sentence",
-    params: Sequence[str] | str | None = None,
+    form: str = "auto",
+    params: Sequence[str] | str | None = "blocks",
     effect_map: Any = None,
     optimizer: str = "sgd",
     seed: int = 0,
     progress: bool = True,
     n_sites: int = 5,
     val_prompts: Sequence[Any] | None = None,
-    eval_every: int = 10,
+    eval_every: int = 20,
     ppl_texts: Sequence[str] | None = None,
     ppl_bound: float = 1.1,
+    bounds: Any = None,
+    validation: Any = "auto",
+    keep_prompts: Sequence[Any] | None = None,
+    keep_weight: float = 30.0,
+    patience: int = 2,
 ) -> "WeightDelta":
     """Unlearn the advantaged side of ``pairs`` with PCGU (Yu et al. 2023, Alg. 1; Dige et al. 2024).
 
     Leaves ``model`` updated and returns the :class:`~biaslens.delta.WeightDelta`;
-    ``delta.info["history"]`` has one record per step (``loss_gap`` = mean s_a − s_d on the batch
-    before the step, ``n_selected``, the selected units per parameter and a hash of their ids).
-    Refuses (and undoes) an update that makes a weight NaN or inf.
+    ``delta.info["history"]`` has one record per step of the chosen run (``loss_gap`` = mean
+    s_a − s_d on the batch before the step, ``n_selected``, the selected units per parameter and a
+    hash of their ids). Refuses (and undoes) an update that makes a weight NaN or inf.
 
-    ``params=None`` updates every 1-D and 2-D parameter, as the papers do. With tied embeddings
-    the most contrastive units are then the unembedding rows of the two target words themselves
-    (cosine ≈ −1), so every step shifts *all* prompts towards one word; on the organism that
-    raised the gap. ``params="blocks"`` (only the transformer blocks' parameters), ``"mlp"``,
-    ``"attn"`` or an ``effect_map`` make the update act through the context instead.
+    Strength: ``k`` and ``lr`` fix one setting, ``ks`` × ``lrs`` a grid (default
+    :data:`DEFAULT_KS` × :data:`DEFAULT_LRS`); every run is checked every ``eval_every`` steps on
+    ``validation`` (``"auto"``: the model's validation split, :mod:`biaslens.unlearn.select`, with
+    ``val_prompts`` / ``ppl_texts`` replacing its prompts / perplexity text, ``bounds`` or
+    perplexity up at most ``ppl_bound`` − 1; a :class:`~biaslens.unlearn.select.Validation`; or
+    None: one run, kept as it ends) and the checkpoint with the lowest validation contrast within
+    the bounds is kept (``delta.info["selection"]``); a run stops once ``patience`` checks in a
+    row break a bound. Plain SGD has no step-size adaptation, so PCGU's defaults before this
+    selection (k = 10,000, lr = 1e-5) moved the organism's contrast by 0%.
 
-    Early stopping (optional; the papers pick a checkpoint, they do not say how): with
-    ``val_prompts`` (pronoun prompts of a *validation* split), every ``eval_every`` steps the
-    pronoun gap on them and the perplexity of ``ppl_texts`` are measured; training stops once the
-    perplexity exceeds ``ppl_bound`` × its start, and the state with the lowest validation gap is
-    kept (``delta.info["validation"]``).
+    ``params="blocks"`` (default: the transformer blocks' parameters), ``"mlp"``, ``"attn"``,
+    names, or None (every 1-D and 2-D parameter, as the papers do). With tied embeddings the most
+    contrastive units of all parameters are the unembedding rows of the two target words
+    themselves (cosine ≈ −1), so every step shifts *all* prompts towards one word; on the organism
+    that raised the gap. An ``effect_map`` restricts to the modules of its ``n_sites`` top sites.
+
+    ``keep_weight`` β: the gradient of the definitional keep term
+    (:class:`~biaslens.unlearn.common.KeepTerm`) joins each selected unit's step (0 = the papers'
+    update). ``form="auto"``: the token form when every pair has it (:func:`resolve_form`).
     """
-    cfg = PCGUConfig(k, lr, batch_size, epochs, max_steps, partition, variant, form, optimizer, seed)
-    guard = None
-    if val_prompts is not None:
-        from biaslens.unlearn.common import Guard
+    import time
 
-        if eval_every < 1:
-            raise BiasLensError(f"eval_every must be a positive number of steps, not {eval_every!r}")
-        guard = (Guard(model, [], list(val_prompts), list(ppl_texts or []), ppl_bound), int(eval_every))
-    return run(model, pairs, cfg, Engine(), params=params, effect_map=effect_map, n_sites=n_sites,
-               progress=progress, guard=guard)
+    pairs = list(pairs)
+    form = resolve_form(pairs, form)
+    if eval_every < 1:
+        raise BiasLensError(f"eval_every must be a positive number of steps, not {eval_every!r}")
+    val = validation_for(model, validation, val_prompts, ppl_texts, bounds, ppl_bound)
+    # without validation nothing can be chosen: one run (the grid's first values unless given)
+    grid_k = [k] if k is not None and ks is None else list(ks if ks is not None else DEFAULT_KS)
+    grid_lr = [lr] if lr is not None and lrs is None else list(lrs if lrs is not None else DEFAULT_LRS)
+    if val is None:
+        grid_k = grid_k if ks is not None else grid_k[:1]
+        grid_lr = grid_lr if lrs is not None else grid_lr[:1]
+    settings = [(kk, rate) for kk in grid_k for rate in grid_lr]
+    cfgs = [PCGUConfig(kk, rate, batch_size, epochs, max_steps, partition, variant, form, optimizer, seed)
+            for kk, rate in settings]  # every setting checked before any work
+    if val is None and len(cfgs) > 1:
+        raise BiasLensError("a k / learning-rate grid needs validation to choose from it; pass one k and lr "
+                            "or validation='auto'")
+    check_pairs(pairs, form)
+    keep = keep_term(model, keep_prompts, keep_weight, seed)
+    names = pcgu_params(model, params, effect_map, n_sites)
+    original = model.snapshot(names)
+    best, runs, delta, t0 = Best(), [], None, time.perf_counter()
+    for cfg in cfgs:
+        model.restore(original)
+        guard = None
+        if val is not None:
+            guard = (Guard(model, names, val, setting={"k": cfg.k, "lr": cfg.lr}, patience=patience, best=best),
+                     int(eval_every))
+        if keep is not None:
+            keep.stream = minibatches(list(range(len(keep.prompts))), keep.batch_size, seed_all(seed))
+        delta = run(model, pairs, cfg, Engine(), params=names, progress=progress, guard=guard, keep=keep)
+        runs.append({"k": cfg.k, "lr": cfg.lr, "history": delta.info["history"],
+                     **({"validation": guard[0].info()} if guard is not None else {})})
+    if val is None:
+        return delta
+    model.restore(original if best.state is None else best.state)
+    bad = model.check_finite(names)
+    if bad:
+        model.restore(original)
+        raise BiasLensError(f"PCGU made {bad[0]} non-finite (learning rate too large?); the model was restored")
+    chosen_run = next((r for r in runs if r["k"] == best.run.get("k") and r["lr"] == best.run.get("lr")), runs[0])
+    cfg = next((c for c in cfgs if c.k == chosen_run["k"] and c.lr == chosen_run["lr"]), cfgs[0])
+    step = int(best.point.setting.get("step", 0)) if best.state is not None else 0
+    info = {**{k_: v for k_, v in delta.info.items() if k_ not in ("history", "validation", "seconds")},
+            "history": chosen_run["history"][:step], "runs": [{k_: v for k_, v in r.items() if k_ != "history"}
+                                                          for r in runs],
+            "chosen": best.point.as_dict(), "chosen_run": dict(best.run),
+            "stopped": (chosen_run.get("validation") or {}).get("stopped", "max_steps"),
+            "validation": chosen_run.get("validation"), "selection": val.info(best.point),
+            "seconds": time.perf_counter() - t0,
+            "keep_weight": keep_weight if keep is not None else 0.0,
+            "n_keep_prompts": len(keep.prompts) if keep is not None else 0, "grid": [list(x) for x in settings]}
+    hp = {**asdict(cfg), "grid": [list(x) for x in settings], "keep_weight": info["keep_weight"],
+          "patience": patience, "eval_every": eval_every}
+    return model.delta_since(original, method="pcgu", hparams=hp, info=info)
 
 
 def run(model: "BiasModel", pairs: Sequence["ContrastPair"], cfg: PCGUConfig, engine: Engine, *,
         params: Sequence[str] | None = None, effect_map: Any = None, n_sites: int = 5,
-        progress: bool = True, guard: tuple[Any, int] | None = None) -> "WeightDelta":
+        progress: bool = True, guard: tuple[Any, int] | None = None, keep: Any = None) -> "WeightDelta":
     """The PCGU loop of :func:`pcgu` on any :class:`Engine` (one process, or FSDP); ``guard`` is
-    ``(biaslens.unlearn.common.Guard, eval_every)`` for early stopping (one process only)."""
+    ``(biaslens.unlearn.common.Guard, eval_every)`` for early stopping and ``keep`` a
+    :class:`~biaslens.unlearn.common.KeepTerm` (both one process only)."""
     import time
 
     import torch
@@ -531,6 +633,8 @@ def run(model: "BiasModel", pairs: Sequence["ContrastPair"], cfg: PCGUConfig, en
     steps = pair_batches(len(pairs), cfg.batch_size, cfg.epochs, cfg.seed, cfg.max_steps)
     bar = progress_bar(steps, n_steps(len(pairs), cfg), progress and engine.rank == 0, engine.method)
     stopper, every = guard if guard is not None else (None, 0)
+    if (stopper is not None or keep is not None) and engine.world > 1:
+        raise BiasLensError("early stopping and the keep term run in one process; the FSDP engine takes neither")
     if stopper is not None:
         stopper.names = list(names)
         stopper.start()
@@ -543,7 +647,7 @@ def run(model: "BiasModel", pairs: Sequence["ContrastPair"], cfg: PCGUConfig, en
             chunk = [pairs[i] for i in mine]
             adv, dis = encode_side(model, chunk, "adv", cfg.form), encode_side(model, chunk, "dis", cfg.form)
             weights = torch.full((len(chunk),), w, device=model.device)
-            rec = pcgu_step(module, plist, layout, adv, dis, weights, cfg, engine)
+            rec = pcgu_step(module, plist, layout, adv, dis, weights, cfg, engine, keep)
             history.append({"step": step, "epoch": epoch, **rec})
             if stopper is not None and (step + 1) % every == 0 and not stopper.check(step + 1):
                 break

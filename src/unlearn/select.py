@@ -1,0 +1,248 @@
+"""Choosing an unlearning method's strength on the validation split, under retention bounds.
+
+Every unlearning method (PCGU, task-vector negation, masked-span ascent, δ-offset) has a strength:
+λ for the task vector, steps / learning rate / k for PCGU and ascent, α and steps for the offset.
+They all choose it the same way, here:
+
+* **score**: the stereotype contrast (:func:`biaslens.evaluate.contrast.stereotype_contrast`,
+  mean |contrast| over templates) on the model's *validation* prompts,
+  ``defaults_for(model).occupation_prompts("edit", "validation")`` — never the test templates
+  (:class:`Validation` refuses a prompt set that shares a template with them);
+* **bounds** (:class:`Bounds`), checked on validation data only: perplexity of the default
+  general text up at most 10%; definitional accuracy (argmax of the matching pronoun,
+  ``definitional_prompts("validation")``) down at most 2 points; and definitional retention *by
+  margin*: on the definitional prompts the base model already separates (the matching pronoun's
+  share P(match) / (P(match) + P(other)) ≥ 0.9), the mean matching share may fall by at most 2
+  points. Argmax alone hides collapsed margins (a share falling from 0.98 to 0.57 still counts as
+  correct, and then flips on unseen templates; ``docs/results/unlearn.md``).
+* **choice**: the candidate with the lowest validation contrast among those within every bound;
+  the unchanged model when none lowers it.
+
+The sweep (every candidate with its numbers and why it was refused) and the choice go into the
+result's ``info["selection"]``, so a manifest shows what was tried.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+from biaslens.errors import BiasLensError
+
+if TYPE_CHECKING:
+    from biaslens.model import BiasModel
+
+__all__ = ["Bounds", "Point", "Validation", "definitional_shares", "split_templates"]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Retention bounds a chosen strength must respect on the validation data.
+
+    ``ppl_rise``: perplexity may rise by at most this fraction; ``definitional_drop``:
+    definitional argmax accuracy may fall by at most this (a fraction, 0.02 = 2 points);
+    ``margin_drop``: the mean matching share over the definitional prompts the base model
+    separates (share ≥ ``confident``) may fall by at most this.
+    """
+
+    ppl_rise: float = 0.10
+    definitional_drop: float = 0.02
+    margin_drop: float = 0.02
+    confident: float = 0.9
+
+    def __post_init__(self):
+        for name in ("ppl_rise", "definitional_drop", "margin_drop"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise BiasLensError(f"bound {name} must be a non-negative number, not {v!r}")
+        if not 0.5 < self.confident < 1:
+            raise BiasLensError(f"the confident share must lie in (0.5, 1), not {self.confident!r}")
+
+    @classmethod
+    def from_ppl_bound(cls, ppl_bound: float, **kw) -> "Bounds":
+        """Bounds from the older ``ppl_bound`` form (a multiple of the starting perplexity)."""
+        if not (math.isfinite(ppl_bound) and ppl_bound >= 1):
+            raise BiasLensError(f"ppl_bound must be a number >= 1, not {ppl_bound!r}")
+        return cls(ppl_rise=ppl_bound - 1.0, **kw)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
+class Point:
+    """One candidate measured on the validation data: ``setting`` (what was tried, e.g.
+    ``{"lambda": 0.5}`` or ``{"lr": 1e-4, "step": 20}``), the validation contrast, the retention
+    numbers (``definitional``: argmax accuracy; ``margin``: mean matching share on the prompts
+    the base separates; ``confident``: the fraction of those still at share ≥ the bound's
+    ``confident``, for information), and whether it is within the bounds (``why`` names the
+    first bound it breaks)."""
+
+    setting: dict[str, Any]
+    contrast: float
+    definitional: float
+    margin: float
+    confident: float
+    ppl: float
+    ok: bool = True
+    why: str = ""
+    per_template: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self, per_template: bool = False) -> dict[str, Any]:
+        d = {**self.setting, "contrast": self.contrast, "definitional": self.definitional,
+             "margin": self.margin, "confident": self.confident, "ppl": self.ppl,
+             "ok": self.ok, "why": self.why}
+        if per_template:
+            d["per_template"] = dict(self.per_template)
+        return d
+
+
+def definitional_shares(model: Any, prompts: Sequence[Any], batch_size: int = 64):
+    """Per prompt, the matching pronoun's share P(match) / (P(match) + P(other)) (numpy)."""
+    import numpy as np
+
+    from biaslens.evaluate.occupations import pronoun_logprobs
+
+    prompts = list(prompts)
+    lp = pronoun_logprobs(model, prompts, batch_size, desc="definitional")
+    female = np.array([float(getattr(p, "female_rate", 0.0)) >= 0.5 for p in prompts])
+    margin = np.where(female, lp[:, 1] - lp[:, 0], lp[:, 0] - lp[:, 1])
+    return 1.0 / (1.0 + np.exp(-margin))
+
+
+def split_templates(model: Any, split: str) -> set[str]:
+    """The templates (``{occupation}`` form) of ``defaults_for(model).occupation_prompts("all", split)``."""
+    from biaslens.defaults import defaults_for
+    from biaslens.evaluate.contrast import template_of
+
+    return {template_of(p) for p in defaults_for(model).occupation_prompts("all", split)}
+
+
+def _ppl(model: Any, texts: Sequence[str]) -> float:
+    from biaslens.unlearn.common import quick_ppl
+
+    return quick_ppl(model, list(texts))
+
+
+class Validation:
+    """The validation measurements and the bounds of one selection.
+
+    ``prompts`` (occupation prompts), ``definitional`` (definitional prompts) and ``ppl_texts``
+    default to the model's validation split and general text (:mod:`biaslens.defaults`); a prompt
+    whose template is one of the model's test templates is refused (choosing on the test
+    templates would make the held-out numbers meaningless). Call :meth:`start` on the unchanged
+    model first; then :meth:`measure` each candidate and :meth:`best` for the choice.
+    """
+
+    def __init__(self, model: "BiasModel", prompts: Sequence[Any] | None = None,
+                 definitional: Sequence[Any] | None = None, ppl_texts: Sequence[str] | None = None,
+                 bounds: Bounds | None = None):
+        from biaslens.defaults import defaults_for
+
+        d = defaults_for(model)
+        self.prompts = list(prompts) if prompts is not None else d.occupation_prompts("edit", "validation")
+        self.definitional = (list(definitional) if definitional is not None
+                             else d.definitional_prompts("validation"))
+        self.ppl_texts = list(ppl_texts) if ppl_texts is not None else d.general_lines(100)
+        self.bounds = bounds or Bounds()
+        if not self.prompts:
+            raise BiasLensError("no validation prompts to choose the strength on")
+        self._refuse_test_templates(model)
+        self.base: Point | None = None
+        self.separated: Any = None  # mask of the definitional prompts the base model separates
+        self.points: list[Point] = []
+
+    def _refuse_test_templates(self, model) -> None:
+        from biaslens.evaluate.contrast import template_of
+
+        test = split_templates(model, "test")
+        used = {template_of(p) for p in self.prompts} | {template_of(p) for p in self.definitional}
+        clash = sorted(used & test)
+        if clash:
+            raise BiasLensError(f"{len(clash)} validation template(s) are test templates (first: {clash[0]!r}); "
+                                "choose the strength on validation prompts, never on the test templates")
+
+    # ------------------------------------------------------------------ measuring
+    def _numbers(self, model) -> tuple[float, dict[str, float], Any, float]:
+        import torch
+
+        from biaslens.evaluate.contrast import stereotype_contrast
+
+        with torch.no_grad():
+            c = stereotype_contrast(model, self.prompts)
+            shares = definitional_shares(model, self.definitional) if self.definitional else None
+            ppl = _ppl(model, self.ppl_texts) if self.ppl_texts else float("nan")
+        return float(c["mean_abs_contrast"]), dict(c["per_template"]), shares, ppl
+
+    def start(self, model, **setting) -> Point:
+        """Measure the unchanged model (the reference of every bound)."""
+        import numpy as np
+
+        contrast, per, shares, ppl = self._numbers(model)
+        if not math.isfinite(contrast):
+            raise BiasLensError("the validation contrast of the unchanged model is not finite")
+        if shares is not None:
+            self.separated = shares >= self.bounds.confident
+        acc, margin, conf = self._definitional(shares)
+        self.base = Point(setting or {"step": 0}, contrast, acc, margin, conf, ppl, True, "base", per)
+        self.points = [self.base]
+        self._np = np
+        return self.base
+
+    def _definitional(self, shares) -> tuple[float, float, float]:
+        if shares is None:
+            return float("nan"), float("nan"), float("nan")
+        acc = float((shares > 0.5).mean())
+        sep = self.separated
+        if sep is None or not sep.any():
+            return acc, float("nan"), float("nan")
+        return acc, float(shares[sep].mean()), float((shares[sep] >= self.bounds.confident).mean())
+
+    def measure(self, model, **setting) -> Point:
+        """Measure a candidate, check it against the bounds, and record it."""
+        if self.base is None:
+            raise RuntimeError("Validation.start must measure the unchanged model first")
+        contrast, per, shares, ppl = self._numbers(model)
+        acc, margin, conf = self._definitional(shares)
+        ok, why = self.check(contrast, acc, margin, ppl)
+        p = Point(dict(setting), contrast, acc, margin, conf, ppl, ok, why, per)
+        self.points.append(p)
+        return p
+
+    def check(self, contrast: float, acc: float, margin: float, ppl: float) -> tuple[bool, str]:
+        """Whether numbers are within the bounds (and, if not, the first bound broken)."""
+        b, base = self.bounds, self.base
+        if not math.isfinite(contrast):
+            return False, "validation contrast not finite"
+        if self.ppl_texts and not (math.isfinite(ppl) and ppl <= (1 + b.ppl_rise) * base.ppl):
+            return False, f"perplexity {ppl:.4g} > {1 + b.ppl_rise:g} x {base.ppl:.4g}"
+        if math.isfinite(base.definitional) and not acc >= base.definitional - b.definitional_drop - 1e-12:
+            return False, f"definitional accuracy {acc:.3f} < {base.definitional:.3f} - {b.definitional_drop:g}"
+        if math.isfinite(base.margin) and not margin >= base.margin - b.margin_drop - 1e-12:
+            return False, (f"definitional margin: mean matching share {margin:.3f} < {base.margin:.3f} - "
+                           f"{b.margin_drop:g} on the {int(self.separated.sum())} prompts the base separates")
+        return True, ""
+
+    # ------------------------------------------------------------------ choosing
+    def best(self, among: Sequence[Point] | None = None) -> Point:
+        """The lowest-contrast point within the bounds, if it is below the base; else the base."""
+        pts = [p for p in (self.points if among is None else among) if p is not self.base and p.ok]
+        pick = min(pts, key=lambda p: p.contrast, default=None)
+        return pick if pick is not None and pick.contrast < self.base.contrast else self.base
+
+    def info(self, chosen: Point | None = None) -> dict[str, Any]:
+        """What the manifest records: bounds, data, every point, the choice (with its templates)."""
+        chosen = chosen or self.best()
+        return {
+            "score": "validation stereotype contrast (mean |contrast| over templates), lower is better",
+            "split": "occupations=edit, templates=validation (never the test templates)",
+            "bounds": self.bounds.as_dict(),
+            "n_prompts": len(self.prompts), "n_definitional": len(self.definitional),
+            "n_separated": int(self.separated.sum()) if self.separated is not None else 0,
+            "n_ppl_texts": len(self.ppl_texts),
+            "base": self.base.as_dict() if self.base else None,
+            "sweep": [p.as_dict() for p in self.points[1:]],
+            "chosen": chosen.as_dict(per_template=True) if chosen else None,
+            "changed": chosen is not None and chosen is not self.base,
+        }
