@@ -27,10 +27,14 @@ def organism_map():
     if not (CHECKPOINT_DIR / "config.json").exists():
         pytest.skip("the organism checkpoint is not in the repo yet")
     import biaslens
-    from biaslens.locate import default_prompts, trace_noise
+    from biaslens import organism
+    from biaslens.defaults import balanced_sample
+    from biaslens.locate import trace_noise
 
     model = biaslens.load("organism")
-    prompts = default_prompts(model, max_prompts=16, seed=0)
+    # the organism's own training prompts (what the asserted route was found on); the package's
+    # default edit prompts now come from a template bank in the organism's vocabulary instead
+    prompts = balanced_sample(organism.occupation_prompts("train", "train"), 16, seed=0)
     return trace_noise(model, prompts, n_samples=3, seed=0, progress=False, n_boot=200)
 
 

@@ -111,7 +111,13 @@ def load_data(args, model) -> dict[str, Any]:
         import random
 
         out["ppl_texts"] = out["ppl_texts"][:n]
-        for key in ("pairs", "retain", "val_prompts", "keep"):
+        if out["val_prompts"] and len(out["val_prompts"]) > n:
+            # the contrast needs templates with both stereotype sides, so not a plain sample
+            from biaslens.evaluate.suite import contrast_sample
+
+            vp = out["val_prompts"]
+            out["val_prompts"] = [vp[i] for i in contrast_sample(vp, n, seed=args.seed)]
+        for key in ("pairs", "retain", "keep"):
             if out[key] and len(out[key]) > n:
                 out[key] = random.Random(args.seed).sample(out[key], n)
         if out["pairs"]:
