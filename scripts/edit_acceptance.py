@@ -77,7 +77,8 @@ def verdict(before: dict, after: dict) -> dict:
     return v
 
 
-def run_variant(model, label: str, fields: dict, emap, cache, per_site: bool) -> dict:
+def run_variant(model, label: str, fields: dict, emap, cache, per_site: bool,
+                extra: list[list[int]] = ()) -> dict:
     from biaslens.edit import lsdm
 
     t0 = time.perf_counter()
@@ -90,19 +91,31 @@ def run_variant(model, label: str, fields: dict, emap, cache, per_site: bool) ->
            "tuning_seconds": tuning["seconds"], "edit_seconds": delta.info["diagnostics"]["seconds"]}
     delta.undo(model)
     if per_site:
-        rec["per_site"] = sites(model, fields, tuning, emap, cache)
+        rec["per_site"] = sites(model, fields, tuning, emap, cache, extra)
     print(f"  {label}: {json.dumps({k: after[k] for k in after if k != 'per_template'})} "
           f"site {rec['site']} λ={delta.hparams['mom2_weight']:.0f} keep={delta.hparams['keep_weight']:g} "
           f"{secs:.0f} s", file=sys.stderr, flush=True)
     return rec
 
 
-def sites(model, fields: dict, tuning: dict, emap, cache) -> list[dict]:
-    """Per candidate window: its best validation setting re-applied (tune off), test numbers."""
+def sites(model, fields: dict, tuning: dict, emap, cache, extra: list[list[int]] = ()) -> list[dict]:
+    """Per candidate window: its best validation setting re-applied (tune off), test numbers;
+    then each ``extra`` window with λ and keep weight tuned for it alone."""
     from biaslens.edit import lsdm
     from biaslens.edit.tune import Candidate
 
     out = []
+    for w in extra:
+        if w in tuning["windows"]:
+            continue
+        d = lsdm(model, layers=w, role=tuning["chosen"]["role"], effect_map=emap, cache_dir=cache,
+                 hparams=fields or None, progress=False)
+        ch = d.info["diagnostics"]["tuning"]["chosen"]
+        out.append({"layers": w, "mom2_weight": ch["mom2_weight"], "keep_weight": ch["keep_weight"],
+                    "validation": {"contrast": ch["validation"]["contrast"], "feasible": ch["within_bounds"],
+                                   "failed": ch["validation"]["failed"]}, "after": measure(model),
+                    "tuned_alone": True})
+        d.undo(model)
     for w in tuning["windows"]:
         cands = [Candidate(**c) for c in tuning["sweep"] if c["layers"] == w]
         best = min(cands, key=Candidate.rank)
@@ -130,7 +143,8 @@ def organism_run(name: str, args) -> dict:
     emap = trace(model, d.occupation_prompts("edit", "edit"))
     quick = args.quick or name not in args.variants_on.split(",")
     variants = dict(list(VARIANTS.items())[:1]) if quick else VARIANTS
-    recs = [run_variant(model, label, f, emap, args.cache_dir, per_site=(i == 0))
+    extra = [[int(x) for x in w.split(",")] for w in args.sites.split(";") if w]
+    recs = [run_variant(model, label, f, emap, args.cache_dir, per_site=(i == 0), extra=extra)
             for i, (label, f) in enumerate(variants.items())]
     mlp = emap.effects["mlp"]
     roles = list(emap.roles)
@@ -196,14 +210,16 @@ def write(out: Path, runs: list[dict], args, secs: float) -> None:
             L.append(f"| {t} | {x:.3f} | " + " | ".join(f"{v['after']['per_template'][t]:.3f}"
                                                          for v in r["variants"]) + " |")
         if d0.get("per_site"):
-            L += ["", "### Per site (default key space; each window at its best validation setting)", "",
+            L += ["", "### Per site (default key space; the tuner's windows at their best validation "
+                  "setting, other windows (*) tuned alone)", "",
                   "| window | λ | keep | validation contrast (within bounds) | held-out contrast (change) | "
                   "definitional | facts | perplexity | within target |", "|---|---|---|---|---|---|---|---|---|"]
             for p in d0["per_site"]:
                 a, v = p["after"], verdict(b, p["after"])
                 ok = "yes" if v["pass"]["all"] else "no"
                 val = p["validation"]
-                L.append(f"| L{','.join(map(str, p['layers']))} | {p['mom2_weight']:.0f} | {p['keep_weight']:g} | "
+                star = " *" if p.get("tuned_alone") else ""
+                L.append(f"| L{','.join(map(str, p['layers']))}{star} | {p['mom2_weight']:.0f} | {p['keep_weight']:g} | "
                          f"{val['contrast']:.3f} ({'yes' if val['feasible'] else 'no: ' + ', '.join(val['failed'])}) | "
                          f"{a['mean_abs_contrast']:.3f} ({pct(-v['cut'])}) | {a['definitional']:.3f} | "
                          f"{a['facts']:.3f} | {a['perplexity']:.3f} | {ok} |")
@@ -233,6 +249,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="organism,organism-llama")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="the default only (no key variants)")
+    ap.add_argument("--sites", default="1;0,1",
+                    help="windows measured per site besides the tuner's ('a,b;c'), each tuned alone")
     ap.add_argument("--variants-on", default="organism",
                     help="models on which the key variants are measured too (comma-separated)")
     ap.add_argument("--cache-dir", default=None)

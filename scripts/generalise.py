@@ -305,7 +305,8 @@ def chosen(delta, info: dict[str, Any] | None = None) -> dict[str, Any]:
     return out
 
 
-_METRIC_KEYS = {"contrast", "gap", "definitional", "margin", "confident", "ppl", "perplexity", "ok", "why",
+_METRIC_KEYS = {"contrast", "gap", "definitional", "margin", "confident", "ppl", "perplexity", "ok", "why", "facts",
+                "facts_accuracy",
                 "per_template", "feasible", "failed", "violations", "within_bounds", "violation", "seconds",
                 "definitional_accuracy", "definitional_share", "definitional_share_drop",
                 "definitional_broken", "facts_lost", "ppl_rise", "keep", "skipped", "rank_used"}
@@ -440,8 +441,10 @@ def _family(model) -> str:
     if getattr(cfg, "num_key_value_heads", None) and cfg.num_key_value_heads != getattr(cfg, "num_attention_heads", None):
         extra.append(f"GQA {cfg.num_attention_heads}q/{cfg.num_key_value_heads}kv")
     tok = getattr(model, "tokenizer", None)
-    pre = getattr(getattr(tok, "backend_tokenizer", None), "pre_tokenizer", None)
-    tok = f"{type(pre).__name__} tokenizer" if pre is not None else type(tok).__name__
+    backend = getattr(tok, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else ""
+    kind = next((k for k in ("Metaspace", "ByteLevel") if f'"type":"{k}"' in spec.replace(" ", "")), None)
+    tok = f"{kind} tokenizer" if kind else type(tok).__name__
     return f"{cfg.model_type}, {getattr(model, 'n_layers', '?')} layers" + "".join(f", {e}" for e in extra) + \
         f", {tok}"
 
@@ -627,7 +630,7 @@ def _sweep_text(rows: list[dict[str, Any]], base: float | None = None) -> str:
 
 
 def _no_layers(setting: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in setting.items() if k != "layers"}
+    return {k: v for k, v in setting.items() if k != "layers" and k not in _METRIC_KEYS}
 
 
 def _oneline(s: str, n: int = 300) -> str:
@@ -670,7 +673,9 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "(`biaslens.defaults.defaults_for(model)`: edit occupations × edit templates for the editors, "
         "`unlearn_data()` for the unlearning methods), the same call for both organisms, from the same base "
         "weights; it is undone afterwards and the weights hash checked (column *undo*). Strengths and sites "
-        "are chosen by each method on the validation templates, never on the held-out (test) templates.",
+        "are chosen by each method on the validation templates, never on the held-out (test) templates. "
+        "Wall time is the method call alone (tracing, tuning and validation included; key statistics "
+        "of general text only when not already in the covariance cache).",
         "",
         "Headline: the stereotype contrast (`biaslens.evaluate.contrast`: per template, mean P(f)/(P(f)+P(m)) "
         "over female-stereotyped occupations minus over male-stereotyped ones; mean |contrast| over "
@@ -770,7 +775,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
     ap.add_argument("--progress", action="store_true", help="show the methods' progress bars")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite the markdown from the JSON record next to --out (no model is run)")
     args = ap.parse_args(argv)
+    if args.render_only:
+        record = args.out.with_suffix(".json")
+        if not record.is_file():
+            print(f"no record {record} to render; run the script first", file=sys.stderr)
+            return 2
+        rec = json.loads(record.read_text(encoding="utf-8"))
+        text = markdown(rec.pop("results"), rec)
+        args.out.write_text(text, encoding="utf-8")
+        print(text)
+        return 0
     methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
                else list(QUICK_METHODS if args.quick else METHODS))
     unknown = [m for m in methods if m not in METHODS]

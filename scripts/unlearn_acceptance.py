@@ -93,15 +93,31 @@ def measure(model, defaults) -> dict[str, Any]:
     from biaslens.evaluate.suite import SUITE_PPL_TOKENS
 
     test = defaults.occupation_prompts("edit", "test")
-    dt = definitional_accuracy(model, defaults.definitional_prompts("test"))
+    dprompts = defaults.definitional_prompts("test")
+    dt = definitional_accuracy(model, dprompts)
+    dt["per_template"] = _definitional_per_template(model, dprompts)
     da = definitional_accuracy(model, defaults.definitional_prompts("all"))
     return {
         "contrast": stereotype_contrast(model, test),
-        "definitional_test": {"accuracy": dt["accuracy"], "share": dt["mean_correct_share"], "n": dt["n"]},
+        "definitional_test": {"accuracy": dt["accuracy"], "share": dt["mean_correct_share"], "n": dt["n"],
+                              "per_template": dt["per_template"]},
         "definitional_all": {"accuracy": da["accuracy"], "share": da["mean_correct_share"], "n": da["n"]},
         "facts": fact_accuracy(model, defaults.facts())["accuracy"],
         "ppl": perplexity(model, defaults.ppl_text, max_tokens=SUITE_PPL_TOKENS, per_line=True)["perplexity"],
     }
+
+
+def _definitional_per_template(model, prompts) -> dict[str, float]:
+    """Definitional argmax accuracy per held-out template."""
+    from collections import defaultdict
+
+    from biaslens.evaluate.contrast import template_of
+    from biaslens.unlearn.select import definitional_shares
+
+    by: dict[str, list[bool]] = defaultdict(list)
+    for p, share in zip(prompts, definitional_shares(model, prompts)):
+        by[template_of(p)].append(bool(share > 0.5))
+    return {t: sum(v) / len(v) for t, v in by.items()}
 
 
 def verdict(before: dict, after: dict) -> dict[str, Any]:
@@ -134,10 +150,26 @@ def chosen_setting(delta) -> dict[str, Any]:
     keys = ("lambda", "lr", "k", "alpha", "step")
     setting = {k: chosen[k] for k in keys if k in chosen}
     base = sel.get("base") or {}
-    return {"setting": setting, "validation": {k: chosen.get(k) for k in ("contrast", "definitional", "margin", "ppl")},
-            "validation_base": {k: base.get(k) for k in ("contrast", "definitional", "margin", "ppl")},
-            "n_candidates": len(sel.get("sweep") or []), "bounds": sel.get("bounds"),
-            "changed": sel.get("changed")}
+    nums = ("contrast", "definitional", "margin", "ppl")
+    sweep = [{**{k: p[k] for k in keys if k in p}, **{k: p.get(k) for k in nums}, "ok": p.get("ok"),
+              "why": p.get("why")} for p in sel.get("sweep") or []]
+    return {"setting": setting, "validation": {k: chosen.get(k) for k in nums},
+            "validation_base": {k: base.get(k) for k in nums}, "validation_per_template": chosen.get("per_template"),
+            "n_candidates": len(sweep), "bounds": sel.get("bounds"), "changed": sel.get("changed"),
+            "stopped": info.get("stopped"), "refused": _refusals(sweep), "sweep": sweep}
+
+
+def _refusals(sweep: list[dict]) -> dict[str, int]:
+    """How many candidates each bound refused (by the first bound each broke)."""
+    out: dict[str, int] = {}
+    for p in sweep:
+        why = p.get("why") or ""
+        if p.get("ok") or not why:
+            continue
+        key = next((k for k in ("definitional margin", "definitional accuracy", "perplexity") if why.startswith(k)),
+                   why.split(":")[0])
+        out[key] = out.get(key, 0) + 1
+    return out
 
 
 def run_organism(name: str, methods: list[str], progress: bool) -> dict[str, Any]:
@@ -241,48 +273,88 @@ def markdown(record: dict) -> str:
                 f"{_f(a['facts'])} | {json.dumps(_short(ch['setting']))} | {_f(vb.get('contrast'))} → "
                 f"{_f(val.get('contrast'))} | {r['seconds']:.0f} s | {'exact' if r['undo_exact'] else 'NOT exact'} | "
                 f"{'yes' if r['passes'] else 'no (' + ', '.join(fails) + ')'} |")
-        lines += ["", "Per held-out template (signed contrast, base → after):", ""]
         ok_rows = [r for r in org["rows"] if "error" not in r]
+        lines += ["", "How each choice was made (validation split; *refused*: candidates out of bounds, by the "
+                      "first bound each broke):", ""]
+        for r in ok_rows:
+            ch = r["chosen"]
+            lines.append(f"- **{r['method']}**: {ch['n_candidates']} candidates, refused {json.dumps(ch.get('refused', {}))}; "
+                         f"chose {json.dumps(_short(ch['setting']))} (validation definitional "
+                         f"{_f(ch['validation_base'].get('definitional'))} → {_f(ch['validation'].get('definitional'))}, "
+                         f"margin {_f(ch['validation_base'].get('margin'))} → {_f(ch['validation'].get('margin'))}, "
+                         f"perplexity {_f(ch['validation_base'].get('ppl'))} → {_f(ch['validation'].get('ppl'))}); "
+                         f"stopped: {ch.get('stopped') or 'n/a'}.")
         if ok_rows:
             templates = [t["template"] for t in ok_rows[0]["per_template"]]
+            lines += ["", "Per held-out template: signed contrast (base → after each method), then definitional "
+                          "accuracy on that template:", ""]
             lines.append("| template | base | " + " | ".join(r["method"] for r in ok_rows) + " |")
             lines.append("|---|---|" + "---|" * len(ok_rows))
             for i, t in enumerate(templates):
                 cells = [_f(r["per_template"][i]["after"]) for r in ok_rows]
                 lines.append(f"| {t} | {_f(ok_rows[0]['per_template'][i]['before'])} | " + " | ".join(cells) + " |")
+            base_def = b["definitional_test"].get("per_template") or {}
+            if base_def:
+                lines += ["", "| template (definitional accuracy) | base | " + " | ".join(r["method"] for r in ok_rows)
+                          + " |", "|---|---|" + "---|" * len(ok_rows)]
+                for t, v in base_def.items():
+                    cells = [_f((r["after"]["definitional_test"].get("per_template") or {}).get(t), "{:.2f}")
+                             for r in ok_rows]
+                    lines.append(f"| {t} | {_f(v, '{:.2f}')} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += notes(record)
     return "\n".join(lines) + "\n"
 
 
 def notes(record: dict) -> list[str]:
+    summary = []
+    for org in record["organisms"]:
+        ok = [r["method"] for r in org["rows"] if r.get("passes")]
+        short = [r["method"] for r in org["rows"] if "error" not in r and not r.get("passes")]
+        summary.append(f"{org['organism']}: within every bound with a cut ≥ 40%: {', '.join(ok) or 'none'}; "
+                       f"short: {', '.join(short) or 'none'}")
     return [
         "## Reading the numbers",
         "",
-        "- Every gradient method here, run as published, removes gender itself on the organisms rather than "
-        "the stereotype: the bias and definitional gender share one path (the subject's gender read at the "
-        "last token), so ascent on the stereotyped pronoun, a negated stereotype task vector and PCGU's most "
-        "contrastive units all blur \"The king said that he\" as fast as the stereotype. Measured on the GPT-2 "
-        "organism before the keep term: task-vector negation cut the held-out contrast 40% only where the "
-        "held-out definitional accuracy had already fallen 2.6 points, and the validation margin (mean matching "
-        "share on separated prompts) had fallen 4 points by then; masked-span ascent's margin fell 8 points by "
-        "a 44% cut. Each method therefore adds the same definitional keep term "
-        "(`biaslens.unlearn.common.KeepTerm`: KL to the unchanged model over {matching pronoun, other pronoun, "
-        "rest} after the definitional prompts of the *edit* templates; weight 30; 0 gives the published "
-        "objective) — for the task vector at the *negated* weights, since negation is where definitional gender "
-        "breaks.",
-        "- The old failures: PCGU's defaults (k = 10,000 units, SGD lr 1e-5, every parameter) moved nothing in "
-        "100 steps and with the embeddings chose the pronouns' own unembedding rows; masked-span ascent ran at "
-        "lr 1e-5 for 100 steps; the task-vector λ grid started at 0.25, so a strong task vector (a full "
-        "fine-tune of a real GPT-2) broke the perplexity bound at every λ and λ = 0 was kept. The grid now "
-        "extends downwards and is refined by bisection; PCGU and ascent search a learning-rate grid and choose "
-        "the step.",
-        "- PCGU stays short of the target: its update is plain SGD on the most contrastive units, which are the "
-        "shared gender units; with the keep term the step must stay small to be stable (at lr 3e-2 the keep "
-        "gradient made it diverge), and within the validation bounds it reaches a modest cut.",
-        "- The validation templates are the organism bank's (new combinations of the corpus's words); the held-out "
-        "templates are the organism's own. The validation contrast moves less than the held-out one for every "
-        "method, so the choice is conservative.",
+        "- " + "; ".join(summary) + ".",
+        "- Why the methods failed before (read from the code and measured on the GPT-2 organism): PCGU's defaults "
+        "(k = 10,000 units, plain SGD at lr 1e-5, every parameter) barely moved a weight, and with the embeddings "
+        "its most contrastive units are the pronouns' own tied unembedding rows; masked-span ascent ran 100 steps "
+        "at lr 1e-5; the task-vector λ grid started at 0.25, so a task vector strong enough to break the "
+        "perplexity bound at every λ (a full fine-tune of a real GPT-2) kept λ = 0 — the grid now halves below "
+        "its smallest λ and bisects next to the best (tested in `tests/test_unlearn_parts.py`; the planted-bias "
+        "GPT-2 itself is not in this repository). Every method chose on the occupational *gap* (which a template's "
+        "lean moves) on the *training* templates, and only perplexity was bounded: the CLI's task vector never "
+        "saw a definitional check, hence −80% with definitional accuracy 0.979 → 0.844.",
+        "- The cause behind the definitional damage: on the organisms the stereotype and definitional gender share "
+        "one path (the subject's gender read at the last token), so ascent on the stereotyped pronoun, a negated "
+        "stereotype task vector and PCGU's most contrastive units blur \"The king said that he\" as fast as the "
+        "stereotype. Measured while developing (GPT-2 organism, before the keep term): the plain task vector "
+        "cut the held-out contrast 40% only where held-out definitional accuracy had fallen 2.6 points "
+        "(λ = 0.35), and plain masked-span ascent's definitional margin fell 8 points by a 44% cut. Each method "
+        "now adds one definitional keep term (`biaslens.unlearn.common.KeepTerm`: KL to the unchanged model over "
+        "{matching pronoun, other pronoun, rest} after the definitional prompts of the *edit* templates, weight "
+        "30; `keep_weight=0` is the published objective). For the task vector it is evaluated at the *negated* "
+        "weights during the fine-tune (negation is where definitional gender breaks; the same term at the "
+        "fine-tuned weights protected less: held-out definitional accuracy fell 2.1 points at a 43% cut).",
+        "- PCGU stays short: its update is plain SGD on the most contrastive units, which are the shared gender "
+        "units; with the keep term the step must stay small to be stable (at lr 3e-2 the keep gradient made it "
+        "diverge, perplexity × 40), and PCGU's alternatives tried here (projecting the step off the definitional "
+        "margin gradients; alternating keep steps, as in SCRUB) either left held-out definitional accuracy "
+        "unprotected or undid the cut.",
+        "- The validation templates are the organism bank's (new combinations of the corpus's words); the "
+        "held-out templates are the organism's own, with rare endings (\"whispered that\", \"checked\") where "
+        "the pronoun mass is small. The validation numbers do not predict the held-out ones well in either "
+        "direction. On the GPT-2 organism the definitional-margin bound (2 points) stops masked-span ascent while "
+        "held-out definitional accuracy is unchanged, and δ-offset is stopped by perplexity (its forget loss is "
+        "ascent on whole sentences, as in the paper). Where a method passes validation but not the held-out "
+        "definitional bound (organism-llama: masked-span ascent, PCGU), the per-template table shows the cause: "
+        "a held-out template stops reading the subject's gender (\"whispered that\", \"checked\": definitional "
+        "accuracy falls towards 0.5, every subject gets one pronoun), while on the bank's validation templates, "
+        "where the keep term (trained on the bank's edit templates) holds, definitional accuracy even rose. "
+        "Neither the bounds nor the organisms were changed to close these gaps.",
+        "- PCGU on the GPT-2 organism ran out of steps, not bounds (its lr 3e-3 run never broke one in 280 steps; "
+        "the lr 1e-2 run did): more epochs would likely cut more (not run: the default is 3 epochs).",
         "",
     ]
 

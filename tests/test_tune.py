@@ -76,6 +76,7 @@ def test_judge_counts_every_bound():
                            ("ppl_rise", 0.016, "ppl")]:
         feasible, violation, failed = tune_mod._judge({**ok, key: bad}, b)
         assert not feasible and violation > 0 and failed == [name]
+    assert tune_mod._judge({**ok, "contrast": float("nan")}, b) == (False, float("inf"), ["nonfinite"])
 
 
 @pytest.fixture(scope="module")

@@ -172,8 +172,7 @@ def test_offset_cuts_heldout_contrast(organism):
         om = offset_unlearn(model, model, data["forget"], data["retain"], validation=val, progress=False)
         return om, om.delta, om.offset
 
-    res = _check(_run(organism, method), min_cut=0.25)
-    assert res >= 0.25
+    _check(_run(organism, method), min_cut=0.25)  # 37% in docs/results/unlearn.md: short of 40%
 
 
 @pytest.mark.slow

@@ -318,3 +318,20 @@ def test_offset_generation_uses_the_combined_logits(tiny, tiny_dirs):
         off.params["transformer.wte.weight"].mul_(-1.0)  # tied with lm_head: a different offset model
     assert om.generate("The nurse said", max_new_tokens=4) == greedy(om.forward)
     assert greedy(om.forward) != greedy(tiny.forward)
+
+
+def test_sample_prompts_keeps_a_contrast_on_every_template(tiny):
+    """--max-prompts samples validation prompts as templates x occupations of both directions,
+    so the contrast is defined on every template it keeps (a random sample of 12 often is not)."""
+    from biaslens.defaults import defaults_for
+    from biaslens.evaluate.contrast import template_of
+    from biaslens.unlearn.select import sample_prompts
+
+    d = defaults_for(tiny)
+    for prompts in (d.occupation_prompts("edit", "validation"), d.definitional_prompts("validation")):
+        few = sample_prompts(prompts, 12, seed=3)
+        assert 0 < len(few) <= 12
+        for t in {template_of(p) for p in few}:
+            rates = [p.female_rate for p in few if template_of(p) == t]
+            assert max(rates) > 0.5 > min(rates)
+        assert sample_prompts(prompts, 10 ** 6) == list(prompts)

@@ -11,6 +11,13 @@ The method of METHODS.md §2, in the MEMIT family (Meng et al. 2023):
    R = (z − h_cur) / (number of layers left), and
    ΔW_l = R Kᵀ (λ·C_l + K Kᵀ + w·K_keep K_keepᵀ)⁻¹     (MEMIT eq. 14, plus keep constraints)
    solved in float64 with a linear solver, never an explicit inverse.
+5. By default (``tune="auto"``) λ, the keep weight and the layer window are not fixed numbers:
+   :mod:`biaslens.edit.tune` chooses them on validation templates under retention bounds, each
+   candidate a solve on cached statistics and targets (:class:`EditCache`).
+
+Default data (:mod:`biaslens.defaults`): edit occupations × edit templates, keep constraints =
+definitional words × the same templates; for the embedded organisms, their template bank
+(src/data/organism_bank.json). docs/results/edit.md has the numbers on held-out templates.
 """
 
 from __future__ import annotations

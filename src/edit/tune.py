@@ -391,6 +391,11 @@ def candidate_windows(effect_map, role: str, n_layers: int, top: int = 2,
 
 
 def _judge(s: dict, bounds: TuneBounds) -> tuple[bool, float, list[str]]:
+    """``(within every bound, total violation, names of the bounds missed)``; a non-finite
+    number is out of bounds with infinite violation."""
+    if not all(math.isfinite(float(s[k])) for k in ("contrast", "definitional_share_drop",
+                                                     "definitional_broken", "facts_lost", "ppl_rise")):
+        return False, math.inf, ["nonfinite"]
     failed, v = [], 0.0
     checks = [("definitional_share", s["definitional_share_drop"], bounds.definitional_share_drop),
               ("ppl", s["ppl_rise"], bounds.ppl_rise)]
@@ -404,9 +409,6 @@ def _judge(s: dict, bounds: TuneBounds) -> tuple[bool, float, list[str]]:
     if s["facts_lost"] > bounds.facts_lost:
         failed.append("facts")
         v += float(s["facts_lost"] - bounds.facts_lost)
-    if not math.isfinite(s["contrast"]):
-        failed.append("nonfinite")
-        v = math.inf
     return not failed, v, failed
 
 

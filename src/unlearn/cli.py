@@ -145,19 +145,19 @@ def measure(model, args, data) -> dict[str, Any]:
 
 def validation(model, args, data):
     """The validation every method chooses its strength on (:mod:`biaslens.unlearn.select`): the
-    model's whole validation split (``occupation_prompts("edit", "validation")``; with
-    ``--max-prompts`` the seeded sample of :func:`load_data`), its definitional validation prompts
-    (sampled alike) and the perplexity texts, under ``--ppl-bound`` and the definitional bounds."""
-    import random
-
+    model's whole validation split (``occupation_prompts("edit", "validation")``) and its
+    definitional validation prompts (with ``--max-prompts``: at most that many of each,
+    :func:`~biaslens.unlearn.select.sample_prompts`), and the perplexity texts, under
+    ``--ppl-bound`` and the definitional bounds."""
     from biaslens.defaults import defaults_for
-    from biaslens.unlearn.select import Bounds, Validation
+    from biaslens.unlearn.select import Bounds, Validation, sample_prompts
 
-    definitional = defaults_for(model).definitional_prompts("validation")
-    if args.max_prompts and len(definitional) > args.max_prompts:
-        definitional = random.Random(args.seed).sample(definitional, args.max_prompts)
-    return Validation(model, prompts=data["val_prompts"] if args.max_prompts else None,
-                      definitional=definitional, ppl_texts=data["ppl_texts"],
+    d = defaults_for(model)
+    prompts, definitional = d.occupation_prompts("edit", "validation"), d.definitional_prompts("validation")
+    if args.max_prompts:  # templates x a few occupations (words) of both directions: still a contrast
+        prompts = sample_prompts(prompts, args.max_prompts, args.seed)
+        definitional = sample_prompts(definitional, args.max_prompts, args.seed)
+    return Validation(model, prompts=prompts, definitional=definitional, ppl_texts=data["ppl_texts"],
                       bounds=Bounds.from_ppl_bound(args.ppl_bound))
 
 

@@ -237,6 +237,9 @@ class KeepTerm:
     family). The base probabilities are measured once, at construction, on ``model`` as it is.
     """
 
+    #: KL below this (nats, per prompt) counts as zero: float noise between batchings, not change
+    TOLERANCE = 1e-5
+
     def __init__(self, model: Any, prompts: Sequence[Any] | None = None, weight: float = 30.0,
                  batch_size: int = 16, seed: int = 0):
         import torch
@@ -289,7 +292,10 @@ class KeepTerm:
         rest_p = torch.log1p(-p.exp().sum(1).clamp(max=1 - 1e-6))
         rest_q = torch.log1p(-q.exp().sum(1).clamp(max=1 - 1e-6))
         kl = (p.exp() * (p - q)).sum(1) + rest_p.exp() * (rest_p - rest_q)
-        return self.weight * kl.mean()
+        # a dead zone of TOLERANCE nats: the base was measured in other batches (other padding),
+        # so an unchanged model differs from it by float noise, which Adam would blow up into
+        # lr-sized steps on every weight the forget loss does not reach
+        return self.weight * (kl - self.TOLERANCE).clamp(min=0.0).mean()
 
 
 def keep_term(model: Any, prompts: Sequence[Any] | None, weight: float, seed: int = 0) -> "KeepTerm | None":

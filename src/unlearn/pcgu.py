@@ -575,8 +575,8 @@ def pcgu(
         raise BiasLensError("a k / learning-rate grid needs validation to choose from it; pass one k and lr "
                             "or validation='auto'")
     check_pairs(pairs, form)
-    keep = keep_term(model, keep_prompts, keep_weight, seed)
     names = pcgu_params(model, params, effect_map, n_sites)
+    keep = keep_term(model, keep_prompts, keep_weight, seed)
     original = model.snapshot(names)
     best, runs, delta, t0 = Best(), [], None, time.perf_counter()
     for cfg in cfgs:

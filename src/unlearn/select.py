@@ -33,7 +33,7 @@ from biaslens.errors import BiasLensError
 if TYPE_CHECKING:
     from biaslens.model import BiasModel
 
-__all__ = ["Bounds", "Point", "Validation", "definitional_shares", "split_templates"]
+__all__ = ["Bounds", "Point", "Validation", "definitional_shares", "split_templates", "sample_prompts"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,30 @@ def split_templates(model: Any, split: str) -> set[str]:
     return {template_of(p) for p in defaults_for(model).occupation_prompts("all", split)}
 
 
+def sample_prompts(prompts: Sequence[Any], n: int, seed: int = 0) -> list[Any]:
+    """At most ``n`` of ``prompts`` (seeded) that still give a contrast on every template kept:
+    a subset of templates × the same few occupations, half of them above a female rate of 0.5
+    and half below (definitional prompts: female and male words). Fewer than 2 per template
+    cannot give a contrast, so at most ``n // 2`` templates are kept."""
+    import random
+
+    from biaslens.evaluate.contrast import template_of
+
+    prompts = list(prompts)
+    if n >= len(prompts):
+        return prompts
+    rng = random.Random(seed)
+    templates = sorted({template_of(p) for p in prompts})
+    rate = lambda p: float(getattr(p, "female_rate", 0.5))  # noqa: E731
+    female = sorted({p.occupation for p in prompts if rate(p) > 0.5})
+    male = sorted({p.occupation for p in prompts if rate(p) < 0.5})
+    n_t = max(1, min(len(templates), n // 2))
+    per = max(1, n // (2 * n_t))
+    keep_t = set(rng.sample(templates, n_t))
+    keep_o = set(rng.sample(female, min(per, len(female)))) | set(rng.sample(male, min(per, len(male))))
+    return [p for p in prompts if template_of(p) in keep_t and p.occupation in keep_o]
+
+
 def _ppl(model: Any, texts: Sequence[str]) -> float:
     from biaslens.unlearn.common import quick_ppl
 
@@ -170,15 +194,17 @@ class Validation:
         from biaslens.evaluate.contrast import stereotype_contrast
 
         with torch.no_grad():
-            c = stereotype_contrast(model, self.prompts)
+            try:
+                c = stereotype_contrast(model, self.prompts)
+            except ValueError as exc:  # no template with both a female- and a male-stereotyped occupation
+                raise BiasLensError(f"the validation prompts give no stereotype contrast ({exc}); pass more "
+                                    "validation prompts") from None
             shares = definitional_shares(model, self.definitional) if self.definitional else None
             ppl = _ppl(model, self.ppl_texts) if self.ppl_texts else float("nan")
         return float(c["mean_abs_contrast"]), dict(c["per_template"]), shares, ppl
 
     def start(self, model, **setting) -> Point:
         """Measure the unchanged model (the reference of every bound)."""
-        import numpy as np
-
         contrast, per, shares, ppl = self._numbers(model)
         if not math.isfinite(contrast):
             raise BiasLensError("the validation contrast of the unchanged model is not finite")
@@ -187,7 +213,6 @@ class Validation:
         acc, margin, conf = self._definitional(shares)
         self.base = Point(setting or {"step": 0}, contrast, acc, margin, conf, ppl, True, "base", per)
         self.points = [self.base]
-        self._np = np
         return self.base
 
     def _definitional(self, shares) -> tuple[float, float, float]:
