@@ -36,12 +36,12 @@ def interleaved_throughput(model, windows, layers, batch_size: int) -> tuple[flo
     batch in ABBA order so a changing machine load hits both alike; and the token count."""
     import torch
 
-    from biaslens.edit.covariance import _batches, accumulate_second_moments
+    from biaslens.edit.covariance import accumulate_second_moments, length_sorted_batches
 
     t_fwd = t_cov = 0.0
     n_tok = 0
     pad = model.tokenizer.pad_token_id
-    for i, (ids, mask) in enumerate(_batches(windows, batch_size, pad)):
+    for i, (ids, mask) in enumerate(length_sorted_batches(windows, batch_size, pad)):
         sub = [ids[j, : int(mask[j].sum())].tolist() for j in range(len(ids))]
         order = ("fwd", "cov") if i % 2 == 0 else ("cov", "fwd")
         for what in order:

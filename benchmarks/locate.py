@@ -234,22 +234,23 @@ def main(argv=None) -> int:
     r_live = pearson(exact[live], approx[live])
 
     # ---- work in MACs: one block pass of one position = 12 d^2 (q, k, v, output: 4 d^2; MLP: 8 d^2)
-    c_block, c_kv, c_head = 12 * d * d, 2 * d * d, d * V
+    c_block, c_kv, c_mlp, c_head = 12 * d * d, 2 * d * d, 8 * d * d, d * V
     work_tl = (n_sites + 1) * B * T * (L * c_block + c_head)  # 216 patched forwards + the clean run
     base_run = 2 * B * T * L * c_block + 2 * B * c_head  # the engine's base forward, clean rows riding along
 
     def engine_work(st):
-        return (st["block_tokens"] * c_block + st["attn_tokens"] * c_kv
+        return (st["block_tokens"] * c_block + st["attn_tokens"] * c_kv + st["mlp_tokens"] * c_mlp
                 + st["unembed_rows"] * d * (len(eng._cols[0]) if eng._cols is not None else V) + base_run)
 
     work_ours, work_all = engine_work(eng.stats), engine_work(eng_all.stats)
     lengths = s.cb.lengths
-    from biaslens.locate.attribution import _shared_prefix
+    from biaslens.locate.attribution import shared_prefix
 
-    skip = _shared_prefix(s.cb, s.base, s.rows)
+    skip = shared_prefix(s.cb, s.base, s.rows)
     n_clean, n_corr = int(lengths.sum()), int((s.xb.lengths - skip).sum())
-    # the clean run (final block whole at the last position only), the corrupted run from the
-    # shared prefix on, and its backward (gradients of activations only: the forward's MACs)
+    # the clean run and the corrupted run from the shared prefix on, in one call per block (the
+    # final block whole at the last position only), and the corrupted rows' backward (gradients
+    # of activations only: the forward's MACs)
     def fused_pass(tokens, rows):
         return tokens * (L - 1) * c_block + (tokens - rows) * c_kv + rows * c_block
 
@@ -288,13 +289,15 @@ def main(argv=None) -> int:
         f"{work_ours / 1e9:.0f} G: one base forward ({B} corrupted + {B} clean rows, logits at the "
         f"last tokens), then {st['block_calls']} {'fused' if eng.fused else 'bridge'} block calls ({st['block_tokens']:,} positions "
         f"through whole blocks, {st['attn_tokens']:,} final-block positions through keys and values "
-        f"only, {st['unembed_rows']:,} last tokens unembedded at the 2 pronoun columns); with no-op "
+        f"only, {st['mlp_tokens']:,} positions through one block's MLP alone for the attention-output "
+        f"patches, {st['unembed_rows']:,} last tokens unembedded at the 2 pronoun columns); with no-op "
         f"skipping off {work_all / 1e9:.0f} G ({st_all['block_calls']} block calls, "
-        f"{st_all['block_tokens']:,} + {st_all['attn_tokens']:,} positions). Attribution "
-        f"{work_attr / 1e9:.1f} G: the clean forward ({n_clean} positions), the corrupted forward "
-        f"from position {skip} on ({n_corr} positions: the {skip} leading positions every corrupted "
-        f"prompt shares with its clean one are run once, in the clean run, and score exactly 0) and "
-        f"its backward (activation gradients only).",
+        f"{st_all['block_tokens']:,} + {st_all['attn_tokens']:,} + {st_all['mlp_tokens']:,} positions). "
+        f"Attribution {work_attr / 1e9:.1f} G: the clean forward ({n_clean} positions) and the "
+        f"corrupted forward from position {skip} on ({n_corr} positions: the {skip} leading "
+        f"positions every corrupted prompt shares with its clean one are run once, in the clean "
+        f"run, and score exactly 0) in one call per block, and the corrupted rows' backward "
+        f"(activation gradients only).",
         "",
         f"Where the wall ratio differs from the work ratio: the counted work ran at "
         f"{work_tl / t['tl'] / 1e9:.1f} GMAC/s of wall time in TransformerLens, "
@@ -305,9 +308,13 @@ def main(argv=None) -> int:
         f"(every block's weights read from memory once per call: ~28 MB at d_model 768; the engine's "
         f"check of its shortcuts against the bridge's base forward, {eng.checks} short "
         f"re-entries; Python) and the work not counted above (attention over cached keys, layer "
-        f"norms, GELU); attribution's backward costs more per MAC than a forward (its elementwise "
-        f"gradients). On this shared CPU the ratios move with the load of other jobs by ~20% "
-        f"between runs.",
+        f"norms, GELU). At a few dozen positions a call a block's matmuls are bound by reading its "
+        f"weights, not by their MACs (a full-vocabulary unembedding, 154 MB, costs ~65 ms at 10 "
+        f"rows): so attribution runs its clean and corrupted rows through each block together "
+        f"(one pass over the weights instead of two; the backward computes input gradients at the "
+        f"corrupted rows only), and its backward costs more per MAC than a forward (its "
+        f"elementwise gradients). On this shared CPU the ratios move with the load of other jobs "
+        f"by ~20% between runs.",
         "",
         f"No-op patches: of the {n_sites * B:,} (site, prompt) pairs, {st['noop_rows']:,} set an "
         f"activation to the value the corrupted run already has there (the BOS token and the shared "
@@ -315,9 +322,14 @@ def main(argv=None) -> int:
         f"layer 0). Patching them cannot change the output, so the engine returns the corrupted "
         f"run's value for them without a forward (a bitwise equality test: exact); TransformerLens "
         f"runs them, and so does the engine with no-op skipping off. Patches at padding positions "
-        f"(after a prompt's last token) are also the base value in both engines (causal attention). "
+        f"(after a prompt's last token), and patches of the final block's attention or MLP output "
+        f"at a position other than the last (no later block reads them), are the base value in "
+        f"both modes without a forward (causal attention). An attention-output patch at layer l "
+        f"sets the next block's input at its positions alone, to m + MLP(m) with m = resid_pre + "
+        f"the clean attention output (block l's residual sums are checked bitwise on the base "
+        f"run), so block l runs its MLP at those positions only. "
         f"The engine {'ran' if eng.fused else 'did not run (its check failed)'} GPT-2's blocks as fused ops on the bridge's own weights "
-        f"(`_FusedGPT2`: one q/k/v matmul, `scaled_dot_product_attention`, fused layer norm and "
+        f"(`FusedGPT2`: one q/k/v matmul, `scaled_dot_product_attention`, fused layer norm and "
         f"GELU) after checking them against the bridge's forward; an MLP-output patch is set as the "
         f"next block's input (the block output is `resid_mid + mlp_out` bitwise, checked on the "
         f"base run); rows are grouped by (first changed position, length) so that no call computes "

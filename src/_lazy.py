@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
+__all__ = ["lazy_getattr"]
+
 
 def lazy_getattr(package: str, where: dict[str, str]) -> Callable[[str], Any]:
     """A module-level ``__getattr__`` resolving ``name`` from module ``where[name]``."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+__all__ = ["ArchSpec", "ARCHITECTURES", "arch_for"]
+
 
 @dataclass(frozen=True)
 class ArchSpec:

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+__all__ = ["REGISTRY", "build_parser", "main"]
+
 # name -> module defining COMMANDS[name] = (help, add_arguments, run)
 REGISTRY: dict[str, str] = {
     "info": "biaslens.commands",

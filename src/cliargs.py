@@ -11,6 +11,10 @@ import argparse
 import math
 from typing import Callable
 
+__all__ = ["float_in", "int_in", "positive_int", "nonneg_int", "seed_int", "positive_float",
+           "nonneg_float", "finite_float", "check", "layer_list", "size_bytes", "max_memory",
+           "DEVICE_MAP_STRATEGIES", "device_map"]
+
 
 def _float(text: str) -> float:
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+__all__ = ["COMMANDS"]
+
 
 def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="'organism', 'organism-llama', a local Hugging Face folder, or a hub name")

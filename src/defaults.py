@@ -43,6 +43,10 @@ if TYPE_CHECKING:
     from biaslens.organism.data import PronounPrompt
     from biaslens.unlearn.pairs import ContrastPair
 
+__all__ = ["OCCUPATION_SPLITS", "TEMPLATE_SPLITS", "which_organism", "is_organism", "Defaults",
+           "defaults_for", "general_occupations", "definitional_words", "templates", "pronouns",
+           "organism_templates", "fill_templates", "balanced_sample"]
+
 OCCUPATION_SPLITS = ("edit", "heldout", "all")
 TEMPLATE_SPLITS = ("edit", "validation", "test", "all")
 # the organism's own split names (its "edit" / "validation" templates are its bank's)

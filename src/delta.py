@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
     from biaslens.model import BiasModel
 
+__all__ = ["WeightDelta", "load_delta"]
+
 
 @dataclass
 class WeightDelta:

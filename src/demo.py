@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+__all__ = ["HEADLINE", "before_after_rows", "per_template_contrast", "run_demo", "COMMANDS"]
+
 # metric rows of the before/after table: (benchmark, metric, label, lower_is_better); the first
 # row is the headline, the stereotype contrast on held-out templates (src/evaluate/contrast.py)
 HEADLINE = (

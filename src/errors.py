@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["BiasLensError", "ModelLoadError", "VocabularyError", "DataFormatError", "ExportError"]
+
 
 class BiasLensError(Exception):
     """Bad input: the message says what was wrong and what to do."""

@@ -23,19 +23,21 @@ through accelerate's offload hooks (``cpu_offload``), one module at a time.
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from biaslens.errors import ExportError
+from biaslens.io import publish_modes
 from biaslens.jsonio import dumps
+from biaslens.model import fresh_module, meta_module, reference_module, state_dict_copy, tied_aliases
 
 if TYPE_CHECKING:
     from biaslens.delta import WeightDelta
     from biaslens.model import BiasModel
 
 
-__all__ = ["export", "preflight", "tolerance", "check_out_dir", "DISPATCHED_SHARD_SIZE"]
+__all__ = ["export", "preflight", "tolerance", "check_out_dir", "dumps_manifest",
+           "DISPATCHED_SHARD_SIZE", "PROBE_TEXT", "TOL_EPS"]
 
 #: the largest shard an export of a model placed by accelerate writes by default (memory holds one)
 DISPATCHED_SHARD_SIZE = "2GB"
@@ -46,97 +48,6 @@ def check_out_dir(out: str | Path, force: bool = False) -> Path:
     from biaslens.outdir import prepare
 
     return prepare(out, force)
-
-
-def _state_dict(model: "BiasModel") -> dict[str, Any]:
-    """Plain contiguous copies of every HF parameter, by its HF name (views materialised)."""
-    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.params.items()}
-
-
-def _meta_hf(model: "BiasModel"):
-    """A new, plain HF model of ``model``'s config with every parameter on the meta device."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model.hf.config, attn_implementation="eager")
-
-
-def _fresh_hf(model: "BiasModel", state: dict[str, Any]):
-    """A new, plain HF model (no bridge wrappers) holding ``state``."""
-    fresh = _meta_hf(model)
-    fresh.load_state_dict(state, strict=False, assign=True)
-    _real_buffers(model, fresh)
-    missing = [n for n, p in fresh.named_parameters() if p.is_meta]
-    if missing:
-        fresh.tie_weights()
-        missing = [n for n, p in fresh.named_parameters() if p.is_meta]
-    if missing:
-        raise ExportError(f"export lost parameters {missing[:5]}: unsupported model layout")
-    return fresh
-
-
-def _real_buffers(model: "BiasModel", fresh) -> None:
-    """Buffers (position ids, rotary frequencies) are rebuilt on load; materialise any left on meta."""
-    for mod_name, mod in fresh.named_modules():
-        for b_name, buf in list(mod.named_buffers(recurse=False)):
-            if buf.is_meta:
-                src = model.buffers.get(f"{mod_name}.{b_name}" if mod_name else b_name)
-                if src is None:
-                    raise ExportError(f"cannot rebuild buffer {mod_name}.{b_name} for export")
-                mod._buffers[b_name] = src.detach().to("cpu").clone()
-
-
-class _LiveWeights(Mapping):
-    """HF name -> the model's current value of that weight (through
-    :meth:`~biaslens.model.BiasModel.param`: from memory or from disk, when asked), tied names
-    resolved to the weight they share: the ``weights_map`` accelerate's offload hooks read."""
-
-    def __init__(self, model: "BiasModel", aliases: dict[str, str]):
-        self.model, self.aliases = model, aliases
-
-    def __getitem__(self, key: str):
-        name = self.aliases.get(key, key)
-        if name in self.model.params:
-            return self.model.param(name).detach()
-        if key in self.model.buffers:
-            return self.model.buffers[key]
-        raise KeyError(key)
-
-    def __iter__(self):
-        return iter([*self.model.params, *self.aliases])
-
-    def __len__(self) -> int:
-        return len(self.model.params) + len(self.aliases)
-
-
-def _aliases(fresh, names) -> dict[str, str]:
-    """Tied parameter names of ``fresh`` that are not in ``names`` -> the one in ``names``."""
-    by_obj: dict[int, list[str]] = {}
-    for n, p in fresh.named_parameters(remove_duplicate=False):
-        by_obj.setdefault(id(p), []).append(n)
-    out = {}
-    for group in by_obj.values():
-        owner = next((n for n in group if n in names), None)
-        out.update({n: owner for n in group if owner is not None and n != owner})
-    return out
-
-
-def reference_module(model: "BiasModel"):
-    """Plain Hugging Face code (no TransformerLens wrappers) running ``model``'s current weights:
-    :meth:`~biaslens.model.BiasModel.plain_module` for a model loaded whole; for one placed by
-    accelerate, a meta copy whose modules fetch each weight, one module at a time, through
-    accelerate's offload hooks (``cpu_offload``) on the model's execution device. For inference
-    (the weights it reads are copies)."""
-    if not model.dispatched:
-        return model.plain_module()
-    from accelerate import cpu_offload
-
-    fresh = _meta_hf(model)
-    _real_buffers(model, fresh)
-    fresh.tie_weights()
-    live = _LiveWeights(model, _aliases(fresh, model.params))
-    return cpu_offload(fresh, execution_device=model.device, state_dict=live).eval()
 
 
 def _shard_bytes(size: Any) -> int:
@@ -152,8 +63,8 @@ def _shard_bytes(size: Any) -> int:
 def _saved_names(model: "BiasModel") -> list[str]:
     """What ``save_pretrained`` would write: every parameter once (tied ones under the name
     ``model.params`` holds) and the persistent buffers, in state-dict order."""
-    fresh = _meta_hf(model)
-    aliases = _aliases(fresh, model.params)
+    fresh = meta_module(model)
+    aliases = tied_aliases(fresh, model.params)
     names = [k for k in fresh.state_dict() if k not in aliases]
     lost = [k for k in names if k not in model.params and k not in model.buffers]
     extra = [k for k in model.params if k not in set(names)]
@@ -330,8 +241,8 @@ def export(
             shards = _write_shards(model, tmp, max_shard_size or DISPATCHED_SHARD_SIZE)
             _write_config(model, tmp)
         else:
-            state = _state_dict(model)
-            fresh = _fresh_hf(model, state)
+            state = state_dict_copy(model)
+            fresh = fresh_module(model, state)
             kw = {} if max_shard_size is None else {"max_shard_size": _shard_bytes(max_shard_size)}
             fresh.save_pretrained(tmp, safe_serialization=True, **kw)
             del fresh, state  # the reload below needs the memory more
@@ -371,19 +282,8 @@ def export(
         (tmp / "manifest.json").write_text(dumps_manifest(man))
         for name, obj in (files or {}).items():
             (tmp / name).write_text(dumps(obj), encoding="utf-8")
-        _publish_modes(tmp)
+        publish_modes(tmp)
     return stage.out
-
-
-def _publish_modes(folder: Path) -> None:
-    """mkdtemp makes a private folder; give the export the modes of an ordinary folder."""
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~mask)
 
 
 def _versions() -> dict[str, str]:

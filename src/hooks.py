@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["ALIASES", "canonical", "act_name"]
+
 _COMPONENT_HOOKS = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
     "resid_mid": "blocks.{layer}.hook_resid_mid",

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from biaslens.errors import DataFormatError
 
+__all__ = ["read_text"]
+
 
 def read_text(path: str | Path, what: str, max_bytes: int | None = None, hint: str = "") -> str:
     """The UTF-8 text of ``path`` (``what`` names it in errors, e.g. "prompts file"); a file

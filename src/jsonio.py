@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+__all__ = ["clean", "MAX_LISTED", "dumps", "write"]
+
 
 def clean(obj: Any, found: list[str] | None = None, where: str = "") -> Any:
     """``obj`` as strict JSON data: non-finite floats become ``None`` (their paths, such as

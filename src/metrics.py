@@ -2,7 +2,8 @@
 
 A :class:`LogitMetric` maps the last-position logits of a batch ``[batch, vocab]`` to one number
 per prompt ``[batch]``. The default bias metric is the pronoun log-ratio
-``m = log P(female pronoun) - log P(male pronoun)`` (METHODS.md §1); any callable on logits works.
+``m = log P(female pronoun) - log P(male pronoun)`` (docs/methods/tracing.md); any callable on
+logits works.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ if TYPE_CHECKING:
     from jaxtyping import Float
 
     from biaslens.model import BiasModel
+
+__all__ = ["DEFAULT_PAIR", "pronoun_pair", "LogitMetric", "pronoun_ids", "pronoun_log_ratio",
+           "pronoun_prob_gap", "female_share"]
 
 DEFAULT_PAIR = (" he", " she")
 

@@ -11,11 +11,12 @@ import contextlib
 import contextvars
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from biaslens.arch import ArchSpec, arch_for
-from biaslens.errors import BiasLensError, ModelLoadError, VocabularyError
+from biaslens.errors import BiasLensError, ExportError, ModelLoadError, VocabularyError
 from biaslens.hooks import act_name
 from biaslens.prompts import (Prompt, TokenBatch, as_prompt, pad_rows, roles_from_offsets,
                               subject_span)
@@ -24,11 +25,15 @@ if TYPE_CHECKING:
     import torch
     from jaxtyping import Float
 
+__all__ = ["DTYPES", "as_torch_dtype", "resolve_spec", "load", "placement_defaults",
+           "resolve_placement", "Placement", "state_dict_copy", "meta_module", "fresh_module",
+           "tied_aliases", "reference_module", "BiasModel"]
+
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
 
 
-def _torch_dtype(dtype: Any):
+def as_torch_dtype(dtype: Any):
     import torch
 
     if isinstance(dtype, torch.dtype):
@@ -90,7 +95,7 @@ def load(
     else in the folder is touched). Give these or ``device``, not both.
     """
     name, is_local = resolve_spec(spec)
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = as_torch_dtype(dtype)
     placement = resolve_placement(spec, device, device_map, max_memory, offload_folder)
     import logging
     import warnings
@@ -597,6 +602,102 @@ def _check_loading(spec, hf, loading: dict) -> None:
         "(biaslens.load(..., allow_mismatch=True) loads it anyway)")
 
 
+# ------------------------------------------------------------------ plain Hugging Face modules
+# The plain HF module (no bridge wrappers) that training, FSDP and the exporter run: a model fact,
+# so it lives here (docs/architecture.md).
+
+
+def state_dict_copy(model: "BiasModel") -> dict[str, Any]:
+    """Plain contiguous copies of every HF parameter, by its HF name (views materialised)."""
+    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.params.items()}
+
+
+def meta_module(model: "BiasModel"):
+    """A new, plain HF model of ``model``'s config with every parameter on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model.hf.config, attn_implementation="eager")
+
+
+def fresh_module(model: "BiasModel", state: dict[str, Any]):
+    """A new, plain HF model (no bridge wrappers) holding ``state``."""
+    fresh = meta_module(model)
+    fresh.load_state_dict(state, strict=False, assign=True)
+    _real_buffers(model, fresh)
+    missing = [n for n, p in fresh.named_parameters() if p.is_meta]
+    if missing:
+        fresh.tie_weights()
+        missing = [n for n, p in fresh.named_parameters() if p.is_meta]
+    if missing:
+        raise ExportError(f"export lost parameters {missing[:5]}: unsupported model layout")
+    return fresh
+
+
+def _real_buffers(model: "BiasModel", fresh) -> None:
+    """Buffers (position ids, rotary frequencies) are rebuilt on load; materialise any left on meta."""
+    for mod_name, mod in fresh.named_modules():
+        for b_name, buf in list(mod.named_buffers(recurse=False)):
+            if buf.is_meta:
+                src = model.buffers.get(f"{mod_name}.{b_name}" if mod_name else b_name)
+                if src is None:
+                    raise ExportError(f"cannot rebuild buffer {mod_name}.{b_name} for export")
+                mod._buffers[b_name] = src.detach().to("cpu").clone()
+
+
+class _LiveWeights(Mapping):
+    """HF name -> the model's current value of that weight (through
+    :meth:`~biaslens.model.BiasModel.param`: from memory or from disk, when asked), tied names
+    resolved to the weight they share: the ``weights_map`` accelerate's offload hooks read."""
+
+    def __init__(self, model: "BiasModel", aliases: dict[str, str]):
+        self.model, self.aliases = model, aliases
+
+    def __getitem__(self, key: str):
+        name = self.aliases.get(key, key)
+        if name in self.model.params:
+            return self.model.param(name).detach()
+        if key in self.model.buffers:
+            return self.model.buffers[key]
+        raise KeyError(key)
+
+    def __iter__(self):
+        return iter([*self.model.params, *self.aliases])
+
+    def __len__(self) -> int:
+        return len(self.model.params) + len(self.aliases)
+
+
+def tied_aliases(fresh, names) -> dict[str, str]:
+    """Tied parameter names of ``fresh`` that are not in ``names`` -> the one in ``names``."""
+    by_obj: dict[int, list[str]] = {}
+    for n, p in fresh.named_parameters(remove_duplicate=False):
+        by_obj.setdefault(id(p), []).append(n)
+    out = {}
+    for group in by_obj.values():
+        owner = next((n for n in group if n in names), None)
+        out.update({n: owner for n in group if owner is not None and n != owner})
+    return out
+
+
+def reference_module(model: "BiasModel"):
+    """Plain Hugging Face code (no TransformerLens wrappers) running ``model``'s current weights:
+    :meth:`~biaslens.model.BiasModel.plain_module` for a model loaded whole; for one placed by
+    accelerate, a meta copy whose modules fetch each weight, one module at a time, through
+    accelerate's offload hooks (``cpu_offload``) on the model's execution device. For inference
+    (the weights it reads are copies)."""
+    if not model.dispatched:
+        return model.plain_module()
+    from accelerate import cpu_offload
+
+    fresh = meta_module(model)
+    _real_buffers(model, fresh)
+    fresh.tie_weights()
+    live = _LiveWeights(model, tied_aliases(fresh, model.params))
+    return cpu_offload(fresh, execution_device=model.device, state_dict=live).eval()
+
+
 #: the context a word is tokenised after when no prompt is given (:meth:`BiasModel.word_ids`)
 _NEUTRAL_CONTEXT = "The"
 
@@ -972,13 +1073,11 @@ class BiasModel:
         memory; built once and reused); with ``copy=True`` clones (e.g. for FSDP, which
         re-allocates what it shards).
         """
-        from biaslens.export import _fresh_hf
-
         self.require_whole("training through a plain Hugging Face module (unlearning, fine-tuning)")
         if copy:
-            return _fresh_hf(self, {n: p.detach().clone() for n, p in self.params.items()}).eval()
+            return fresh_module(self, {n: p.detach().clone() for n, p in self.params.items()}).eval()
         if getattr(self, "_plain", None) is None:
-            self._plain = _fresh_hf(self, dict(self.params)).eval()
+            self._plain = fresh_module(self, dict(self.params)).eval()
         return self._plain
 
     # ------------------------------------------------------------ weights

@@ -32,6 +32,11 @@ import time
 from pathlib import Path
 
 from biaslens.errors import ExportError
+from biaslens.io import public_mode, remove
+
+__all__ = ["MARKER", "OutputError", "is_stale_name", "clean_stale", "read_marker", "foreign_files",
+           "probe_writable", "prepare", "FILE_MARKS", "written_by_biaslens", "mark_html",
+           "check_file", "Terminated", "staging"]
 
 MARKER = ".biaslens"
 _IMPORTED = time.time()
@@ -75,16 +80,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            path.unlink()
-        except OSError:
-            pass
-
-
 def clean_stale(parent: Path, name: str) -> None:
     """Remove ``parent/.name.tmp-*`` and ``.name.old-*`` left by runs that ended before this
     process started (and whose process, when the name records it, is gone)."""
@@ -103,7 +98,7 @@ def clean_stale(parent: Path, name: str) -> None:
         except OSError:
             continue
         if old and not (pid and _alive(int(pid))):
-            _remove(e)
+            remove(e)
 
 
 def _content(folder: Path) -> list[str]:
@@ -273,30 +268,6 @@ def check_file(path: str | os.PathLike | None, force: bool = False, what: str = 
     return p
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a per-process temporary file and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        _public_mode(Path(tmp), 0o666)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(Path(tmp))
-        raise
-    return path
-
-
-def _public_mode(path: Path, mode: int) -> None:
-    mask = os.umask(0)
-    os.umask(mask)
-    try:
-        path.chmod(mode & ~mask)
-    except OSError:
-        pass
-
-
 # --------------------------------------------------------------------------- staging
 
 
@@ -377,7 +348,7 @@ class staging:
         marker = {"written_by": "biaslens", "version": biaslens.__version__, "command": self.command,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": _files(tmp)}
         (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-        _public_mode(tmp, 0o777)  # mkdtemp makes a private folder
+        public_mode(tmp, 0o777)  # mkdtemp makes a private folder
         _check_target(out, self.force)  # it may have changed while we worked
         self._hold = True
         try:

@@ -7,7 +7,6 @@ opens offline).
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -17,6 +16,9 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
     from biaslens.locate.effects import EffectMap
+
+__all__ = ["heatmap_figure", "head_heatmap_figure", "layer_line_figure", "effect_figures",
+           "write_html"]
 
 _TITLES = {"resid": "residual stream", "mlp": "MLP output", "attn": "attention output"}
 
@@ -111,12 +113,8 @@ def effect_figures(effect_map: "EffectMap") -> list["go.Figure"]:
 
 
 def write_html(figs: "go.Figure | Sequence[go.Figure]", path: str | Path, title: str = "biaslens") -> Path:
-    """Write figures into one standalone HTML file (plotly.js included once, inline)."""
-    figs = [figs] if hasattr(figs, "to_html") else list(figs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
-    body = "\n".join(f"<div>{p}</div>" for p in parts)
-    path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-                    f"</title></head><body>{body}</body></html>", encoding="utf-8")
-    return path
+    """Write figures into one standalone HTML file (plotly.js included once, inline), through
+    :func:`biaslens.report.write_figures`, the one HTML writer."""
+    from biaslens.report import write_figures
+
+    return write_figures(figs, path, title=title)

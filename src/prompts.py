@@ -11,13 +11,16 @@ subject="nurse")``. After tokenisation every token gets roles from character off
 ``last``            the last token (where the next-token metric is read)
 
 Roles of one prompt may share a position; a role may be empty for a prompt (a one-token subject
-has no ``subject_middle``). Effects are averaged per role across prompts (METHODS.md §1).
+has no ``subject_middle``). Effects are averaged per role across prompts (docs/methods/tracing.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
+
+__all__ = ["ROLES", "SINGLE_ROLES", "Prompt", "as_prompt", "female_rate", "subject_span",
+           "roles_from_offsets", "pad_rows", "TokenBatch"]
 
 ROLES: tuple[str, ...] = (
     "prefix",
@@ -55,6 +58,15 @@ def as_prompt(p: Any) -> Prompt:
             meta = {k: getattr(p, k) for k in p.__dataclass_fields__}
         return Prompt(p.text, getattr(p, "subject", None), meta)
     raise TypeError(f"cannot make a prompt from {type(p).__name__}")
+
+
+def female_rate(p: Any) -> float:
+    """A prompt's female rate (the occupation's share of women: attribute ``female_rate`` or
+    ``meta["female_rate"]``); NaN when it has none."""
+    r = getattr(p, "female_rate", None)
+    if r is None:
+        r = (getattr(p, "meta", None) or {}).get("female_rate")
+    return float("nan") if r is None else float(r)
 
 
 def subject_span(text: str, subject: str | None) -> tuple[int, int] | None:

@@ -1,10 +1,19 @@
-"""Self-contained HTML reports: plotly figures (plotly.js inlined once), tables and text."""
+"""Self-contained HTML pages: plotly figures (plotly.js inlined once), tables and text.
+
+Every HTML file biaslens writes goes through :meth:`Report.write` (the demo's ``report.html``, the
+locate heatmaps through :func:`write_figures` / :func:`biaslens.plots.write_html`, the evaluate and
+compare charts): one standalone page that opens offline, written atomically
+(:func:`biaslens.io.write_text`) and carrying biaslens's generator tag, so ``--force`` may replace
+it later (:func:`biaslens.outdir.written_by_biaslens`).
+"""
 
 from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
+
+__all__ = ["Report", "raw", "write_figures"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1150px;
@@ -46,16 +55,21 @@ class Report:
         self._parts.append(fig.to_html(full_html=False, include_plotlyjs=include,
                                        config={"displaylogo": False}))
 
-    def write(self, path: str | Path) -> Path:
-        path = Path(path)
-        doc = (
+    def page(self) -> str:
+        """The whole page as text."""
+        from biaslens.outdir import mark_html
+
+        return mark_html(
             f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
             f"<style>{_CSS}</style></head><body><h1>{html.escape(self.title)}</h1>"
             f"<p class='sub'>{html.escape(self.subtitle)}</p>{''.join(self._parts)}</body></html>"
         )
-        from biaslens.outdir import write_text
 
-        return write_text(path, doc)  # a per-process temporary file, then os.replace
+    def write(self, path: str | Path) -> Path:
+        """Write the page to ``path`` (a per-process temporary file, then ``os.replace``)."""
+        from biaslens.io import write_text
+
+        return write_text(Path(path), self.page())
 
 
 class _Raw(str):
@@ -64,3 +78,16 @@ class _Raw(str):
 
 def raw(s: str) -> _Raw:
     return _Raw(s)
+
+
+def write_figures(figs: Any | Sequence[Any], path: str | Path, title: str = "biaslens",
+                  subtitle: str = "") -> Path:
+    """One standalone page holding plotly figure(s) ``figs`` (plotly.js inlined once), written to
+    ``path`` (its folder is created)."""
+    figs = [figs] if hasattr(figs, "to_html") else list(figs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rep = Report(title, subtitle)
+    for fig in figs:
+        rep.figure(fig)
+    return rep.write(path)

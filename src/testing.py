@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+__all__ = ["gpt2_tokenizer", "gpt2_small", "metaspace_tokenizer", "FAMILIES", "tiny_model"]
+
 
 def gpt2_tokenizer(bpe_dir: str | Path | None = None):
     """``GPT2TokenizerFast`` from ``bpe_dir/encoder.json`` and ``bpe_dir/vocab.bpe``.

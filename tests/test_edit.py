@@ -82,7 +82,7 @@ def test_least_squares_update_is_the_regularised_minimiser():
 
 
 def test_woodbury_solve_with_a_factor_equals_the_direct_solve():
-    from biaslens.edit.least_squares import regularised_factor
+    from biaslens.edit.solve import regularised_factor
 
     g = torch.Generator().manual_seed(1)
     n, m, d_mlp, d_model = 6, 5, 40, 8

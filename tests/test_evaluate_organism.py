@@ -12,7 +12,7 @@ from biaslens.evaluate import (definitional_accuracy, fact_accuracy, gap_metrics
                                occupational_bias, perplexity)
 from biaslens.evaluate.perplexity import window_rows
 from biaslens.evaluate.scoring import score_rows, token_rows
-from biaslens.evaluate.stats import bootstrap_ci, pearson
+from biaslens.stats import bootstrap_ci, pearson
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: faster on a shared CPU
 

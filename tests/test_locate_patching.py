@@ -146,7 +146,7 @@ def test_attribution_scores_equal_the_bridge_gradients(model):
     """attribution_scores (on GPT-2: the fused blocks, the shared prefix run once) gives
     gradient_attribution's scores after clean_source; the shared prefix scores exactly 0."""
     from biaslens.hooks import act_name
-    from biaslens.locate.attribution import _shared_prefix, attribution_scores, gradient_attribution
+    from biaslens.locate.attribution import shared_prefix, attribution_scores, gradient_attribution
     from biaslens.locate.patching import Base, clean_source
     from biaslens.metrics import pronoun_log_ratio
 
@@ -161,7 +161,7 @@ def test_attribution_scores_equal_the_bridge_gradients(model):
     torch.testing.assert_close(m, ref_m, atol=1e-5, rtol=0)
     cols = metric.columns
     torch.testing.assert_close(last[:, cols], clean_last[:, cols], atol=1e-4, rtol=0)
-    skip = _shared_prefix(cb, base, rows)
+    skip = shared_prefix(cb, base, rows)
     assert skip >= 1  # BOS (and "The"/"My") shared
     for h in hooks:
         torch.testing.assert_close(got[h], ref[h], atol=1e-6, rtol=1e-4)

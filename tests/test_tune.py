@@ -213,3 +213,40 @@ def test_heldout_lines_skip_what_the_key_statistics_read(model, corpus):
     assert sum(len(r) for r in model.tokenize(lines, length="any")) >= 600
     other, where = tune_mod.heldout_lines(model, corpus, stats_tokens=2000, n_tokens=600)
     assert other[0] != lines[0] and "first" in where  # the model's own perplexity text
+
+
+def two_role_map(n_layers: int, last_effect: float):
+    """MLP effects 0.8 at (layer 0, subject_last), ``last_effect`` at (layer 1, last), and a
+    large subject_last effect at the last layer, which cannot reach the prediction from there."""
+    from biaslens.locate import EffectMap
+
+    roles = ["prefix", "subject_first", "subject_last", "after_subject", "last"]
+    mlp = np.zeros((n_layers, len(roles)))
+    mlp[0, 2], mlp[1, 4], mlp[n_layers - 1, 2] = 0.8, last_effect, 5.0
+    z = {"mlp": np.zeros_like(mlp)}
+    return EffectMap("tiny", "noise", "m", 10, list(range(n_layers)), roles, {"mlp": mlp}, z, z)
+
+
+def test_candidate_roles_are_the_roles_where_the_bias_lives():
+    assert tune_mod.candidate_roles(two_role_map(3, 0.32), 3, 0.25) == ["subject_last", "last"]
+    assert tune_mod.candidate_roles(two_role_map(3, 0.1), 3, 0.25) == ["subject_last"]
+    assert tune_mod.candidate_roles(two_role_map(3, 0.9), 3, 0.25) == ["last", "subject_last"]
+
+
+def test_role_auto_tunes_every_candidate_role_and_keeps_the_best(model, corpus, tmp_path):
+    P, K = edit_prompts(model), keep_prompts(model)
+    val = tune_mod.default_validation(model, P, K, corpus, FAST["cov_tokens"], keep_sample=32,
+                                      ppl_tokens=300)
+    grid = tune_mod.TuneGrid(mom2_per_column=(0.5,), keep_weights=(3.0,), top_layers=1)
+    d = lsdm(model, P, effect_map=two_role_map(3, 0.32), corpus=corpus, hparams=FAST, keep_prompts=K,
+             grid=grid, validation=val, cache_dir=tmp_path, progress=False)
+    try:
+        rec = d.info["diagnostics"]["tuning"]
+        assert "role" in rec["tuned"] and set(rec["roles"]) == {"subject_last", "last"}
+        assert rec["roles"]["subject_last"]["windows"] == [[0]] and rec["roles"]["last"]["windows"] == [[1]]
+        best = min(rec["roles"], key=lambda r: tune_mod.Candidate.rank(
+            tune_mod.Candidate(**rec["roles"][r]["chosen"]["validation"])))
+        assert d.info["site"]["role"] == best == rec["chosen"]["role"]
+        assert {c["role"] for c in rec["sweep"]} == {"subject_last", "last"}
+    finally:
+        d.undo(model)

@@ -9,6 +9,9 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+__all__ = ["ROOT", "BANK", "STATS_TEXT", "HELDOUT_TEXT", "OCCUPATION_STATS", "GPT2_BPE", "path",
+           "bank"]
+
 ROOT: Path = Path(__file__).resolve().parent
 BANK: Path = ROOT / "bank.json"
 #: Key statistics text (first 60% of the WikiText-2 test articles, one paragraph a line).

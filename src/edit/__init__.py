@@ -1,6 +1,6 @@
 """biaslens.edit: remove a located bias from the MLP weights (LSDM) and the baselines.
 
-``lsdm(model, ...)`` (Cai et al. 2024; METHODS.md §2), ``counterfactual_finetune(model, layers)``,
+``lsdm(model, ...)`` (Cai et al. 2024; docs/methods/lsdm.md), ``counterfactual_finetune(model, layers)``,
 ``rome_rank_one(model, layer)``, ``key_covariance(model, layer, corpus_path)``, and the projection
 peers ``dama(model, ...)`` (Limisiewicz et al. 2024) and ``leace(model, ...)`` (Belrose et al. 2023). Each edit
 leaves the model edited and returns a reversible :class:`~biaslens.delta.WeightDelta`.
@@ -17,7 +17,7 @@ __all__ = ["lsdm", "counterfactual_finetune", "rome_rank_one", "key_covariance",
 
 _WHERE = {
     "lsdm": "biaslens.edit.least_squares",
-    "least_squares_update": "biaslens.edit.least_squares",
+    "least_squares_update": "biaslens.edit.solve",
     "counterfactual_finetune": "biaslens.edit.baselines",
     "rome_rank_one": "biaslens.edit.baselines",
     "key_covariance": "biaslens.edit.covariance",

@@ -22,6 +22,7 @@ from biaslens.edit.keys import check_role, gather, site_batch
 from biaslens.edit.least_squares import (as_hparams, default_keep_prompts, default_prompts,
                                          guarded_edit,
                                 resolve_corpus, resolve_site)
+from biaslens.edit.solve import rank_one_update
 from biaslens.errors import BiasLensError
 from biaslens.hooks import act_name
 from biaslens.metrics import pronoun_pair
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
     from biaslens.delta import WeightDelta
     from biaslens.model import BiasModel
+
+__all__ = ["counterfactual_texts", "counterfactual_finetune", "rome_rank_one"]
 
 
 # ---------------------------------------------------------------------------------------- CDA
@@ -125,19 +128,6 @@ def counterfactual_finetune(
 
 
 # ---------------------------------------------------------------------------------------- ROME
-def rank_one_update(key: "torch.Tensor", resid: "torch.Tensor", second_moment: "torch.Tensor",
-                    ridge: float = 1e-6) -> "torch.Tensor":
-    """ΔW = r (C⁻¹k)ᵀ / (kᵀ C⁻¹ k) in float64 (ROME eq. 2): maps k to W k + r, minimal in C
-    (C damped by ``ridge``·mean(diag C)·I so it stays invertible)."""
-    import torch
-
-    k = key.to(torch.float64)
-    C = second_moment.to(torch.float64)
-    C = C + ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-    c_inv_k = torch.linalg.solve(C, k)
-    return torch.outer(resid.to(torch.float64), c_inv_k) / (k @ c_inv_k)
-
-
 def rome_rank_one(
     model: "BiasModel",
     layer: int | str = "auto",

@@ -10,6 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+__all__ = ["METHODS", "add_arguments", "read_occupations", "occupation_prompts", "measure", "run",
+           "summary", "summary_line", "COMMANDS"]
+
 METHODS = ("lsdm", "cda", "rome", "dama", "leace")
 
 

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
+from biaslens.edit.solve import regularised_factor
 from biaslens.errors import BiasLensError, DataFormatError
 from biaslens.prompts import pad_rows
 from biaslens.hooks import act_name
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from jaxtyping import Float
 
     from biaslens.model import BiasModel
+
+__all__ = ["CACHE_ENV", "cache_root", "file_hash", "corpus_windows", "length_sorted_batches",
+           "accumulate_second_moments", "key_covariances", "save_cached", "load_cached",
+           "cached_factors", "key_covariance"]
 
 CACHE_ENV = "BIASLENS_CACHE"
 _FORMAT = 1  # bump when the statistic's definition changes
@@ -87,7 +92,9 @@ def corpus_windows(model: "BiasModel", path: str | os.PathLike, n_tokens: int,
     return windows
 
 
-def _batches(windows: Sequence[list[int]], batch_size: int, pad: int) -> Iterator[tuple]:
+def length_sorted_batches(windows: Sequence[list[int]], batch_size: int, pad: int) -> Iterator[tuple]:
+    """``(ids, mask)`` batches of ``windows`` in order of length (so there is little padding),
+    padded with ``pad``."""
     order = sorted(range(len(windows)), key=lambda i: len(windows[i]))  # little padding
     for s in range(0, len(order), batch_size):
         yield pad_rows([windows[i] for i in order[s : s + batch_size]], pad)
@@ -124,7 +131,7 @@ def accumulate_second_moments(
                file=sys.stderr, leave=False)
     t0, announced = time.perf_counter(), False
     with torch.no_grad():
-        for ids, mask in _batches(windows, batch_size, pad):
+        for ids, mask in length_sorted_batches(windows, batch_size, pad):
             ids, mask = ids.to(model.device), mask.to(model.device)
             state["mask"] = mask.bool()
             model.bridge.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(n, partial(grab, layer=l)) for n, l in names.items()],
@@ -208,22 +215,14 @@ def save_cached(path: Path, key: str, tensor: "torch.Tensor", metadata: dict[str
     """Write one cache entry atomically: a per-process temporary file, then ``os.replace``, so
     processes sharing a cache never see (or remove) each other's half-written files. The tensor's
     sha256 goes into the metadata."""
-    import secrets
-
     from safetensors.torch import save_file
+
+    from biaslens.io import atomic_path
 
     t = tensor.detach().cpu().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"))
-    try:
-        save_file({key: t}, tmp, metadata={**metadata, "sha256": _tensor_sha256(t)})
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(path) as tmp:
+        save_file({key: t}, str(tmp), metadata={**metadata, "sha256": _tensor_sha256(t)})
 
 
 def load_cached(path: Path, key: str, shape: tuple[int, ...], dtype) -> "torch.Tensor | None":
@@ -259,9 +258,7 @@ def cached_factors(covs: dict[int, "torch.Tensor"], paths: dict[int, Path], mom2
                    ridge: float) -> dict[int, "torch.Tensor"]:
     """The Cholesky factor of λC + ridge·mean(diag λC)·I for each layer whose key statistic has a
     cache file, itself cached beside it (keyed by λ and ridge), so an edit with cached statistics
-    does no d_mlp × d_mlp factorisation (:func:`biaslens.edit.least_squares.least_squares_update`)."""
-    from biaslens.edit.least_squares import regularised_factor
-
+    does no d_mlp × d_mlp factorisation (:func:`biaslens.edit.solve.least_squares_update`)."""
     out = {}
     for l, cov_path in paths.items():
         f = cov_path.with_name(f"{cov_path.stem}.chol-{mom2_weight:g}-{ridge:g}.safetensors")

@@ -47,9 +47,10 @@ import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
-from biaslens.edit.hparams import Range, _Loadable
+from biaslens.edit.hparams import Range, Loadable
 from biaslens.errors import BiasLensError, DataFormatError
 from biaslens.hooks import act_name
+from biaslens.prompts import female_rate
 
 if TYPE_CHECKING:
     import torch
@@ -59,12 +60,12 @@ if TYPE_CHECKING:
 
 __all__ = ["dama", "DAMAHparams", "PeerHparams", "pls_directions", "gender_subspace",
            "stereotype_labels", "site_outputs", "fold_output_map", "mlp_out_names", "Validator",
-           "candidate_subsets"]
+           "candidate_subsets", "sweep", "validation_data"]
 
 
 # ------------------------------------------------------------------------------ hyperparameters
 @dataclass
-class PeerHparams(_Loadable):
+class PeerHparams(Loadable):
     """Retention bounds of the validation sweep shared by DAMA and LEACE (the issue's bounds,
     checked by probability margin as well as argmax): on the validation definitional prompts the
     unedited model separates (P(right pronoun) / (P(right) + P(wrong)) ≥ ``separated_share``), at
@@ -126,21 +127,13 @@ class DAMAHparams(PeerHparams):
 
 
 # ------------------------------------------------------------------------------ data at the site
-def _rate(p: Any) -> float:
-    """A prompt's female rate (attribute or ``meta``); NaN when it has none."""
-    r = getattr(p, "female_rate", None)
-    if r is None:
-        r = (getattr(p, "meta", None) or {}).get("female_rate")
-    return float("nan") if r is None else float(r)
-
-
 def stereotype_labels(prompts: Sequence[Any]) -> tuple[list[Any], list[float]]:
     """``(prompts, labels)``: the prompts whose occupation has a stereotype direction and ±1 for
     female- (rate > 0.5) / male-stereotyped (rate < 0.5); rate 0.5 or none is skipped. Refused
     (:class:`BiasLensError`) unless both sides occur."""
     kept, labels = [], []
     for p in prompts:
-        r = _rate(p)
+        r = female_rate(p)
         if not math.isfinite(r) or r == 0.5:
             continue
         kept.append(p)
@@ -227,7 +220,7 @@ def gender_subspace(model: "BiasModel", keep_prompts: Sequence[Any], layer: int,
     prompts = list(keep_prompts)
     site = site_batch(model, prompts, role, "none")
     X = site_outputs(model, site, layer, batch_size)
-    female = torch.tensor([_rate(p) >= 0.5 for p in prompts])
+    female = torch.tensor([female_rate(p) >= 0.5 for p in prompts])
     groups = _template_groups(prompts)
     diffs = []
     for g in groups.unique():
@@ -322,7 +315,7 @@ class Validator:
         import numpy as np
 
         lp = self._lp(prompts)
-        female = np.array([_rate(p) >= 0.5 for p in prompts])
+        female = np.array([female_rate(p) >= 0.5 for p in prompts])
         return np.where(female, lp[:, 1] - lp[:, 0], lp[:, 0] - lp[:, 1])
 
     def measure(self) -> dict[str, float]:
@@ -438,7 +431,7 @@ def _label(c: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in c.items() if k in ("layers", "rank"))
 
 
-def _validation_data(model: "BiasModel"):
+def validation_data(model: "BiasModel"):
     from biaslens.defaults import defaults_for
 
     d = defaults_for(model)
@@ -547,7 +540,7 @@ def dama(
     cache: dict = {}
     validation = None
     if len(subsets) * len(ranks) > 1:
-        validator = Validator(model, *_validation_data(model), hp=hp)
+        validator = Validator(model, *validation_data(model), hp=hp)
         cands = [{"layers": s, "rank": r} for s in subsets for r in ranks]
         all_names = [n for l in located for n in mlp_out_names(model, l)]
         best, rows = sweep(

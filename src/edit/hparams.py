@@ -14,10 +14,13 @@ from typing import Any, ClassVar, TypeVar
 
 from biaslens.errors import DataFormatError
 
-T = TypeVar("T", bound="_Loadable")
+__all__ = ["Range", "SEED_RANGE", "read_object", "Loadable", "LSDMHparams", "ROMEHparams",
+           "CDAHparams", "check_file"]
+
+T = TypeVar("T", bound="Loadable")
 
 
-def _read_object(path: str | Path) -> dict[str, Any]:
+def read_object(path: str | Path) -> dict[str, Any]:
     """The JSON object in ``path``; a missing, non-UTF-8 or malformed file is one clear error."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -45,7 +48,7 @@ def _span(r: Range) -> str:
     return f"in {'(' if open_lo else '['}{lo:g}, {hi:g}]"
 
 
-class _Loadable:
+class Loadable:
     """``from_json`` / ``from_dict`` / ``to_dict`` for a dataclass. Every value is checked on
     construction against its field's annotation (``int``, ``float``, ``str``) and ``RANGES``;
     unknown keys, wrong types, non-finite numbers and out-of-range values raise
@@ -98,7 +101,7 @@ class _Loadable:
 
     @classmethod
     def from_json(cls: type[T], path: str | Path) -> T:
-        data = _read_object(path)
+        data = read_object(path)
         try:
             return cls.from_dict(data)
         except DataFormatError as exc:
@@ -112,8 +115,8 @@ class _Loadable:
 
 
 @dataclass
-class LSDMHparams(_Loadable):
-    """LSDM (Cai et al. 2024, METHODS.md §2), in the MEMIT family (Meng et al. 2023).
+class LSDMHparams(Loadable):
+    """LSDM (Cai et al. 2024; docs/methods/lsdm.md), in the MEMIT family (Meng et al. 2023).
 
     Target values (MEMIT ``compute_z``): a residual δ per key column, added to the residual
     stream after the last edited layer at the site's token, starts from ``v_newton_steps``
@@ -198,7 +201,7 @@ class ROMEHparams(LSDMHparams):
 
 
 @dataclass
-class CDAHparams(_Loadable):
+class CDAHparams(Loadable):
     """Counterfactual-data fine-tune of the MLP output weights of the edited layers (Cai et al.'s
     baseline; Zmigrod et al. 2019 augmentation): every pronoun sentence and its gender-swapped
     copy, language-model loss, AdamW for ``epochs`` epochs."""
@@ -223,7 +226,7 @@ def check_file(path: str) -> str:
     import argparse
 
     try:
-        data = _read_object(path)
+        data = read_object(path)
         known: set[str] = set()
         for cls in (LSDMHparams, CDAHparams):
             names = {f.name for f in fields(cls)}

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
     from biaslens.model import BiasModel
 
+__all__ = ["SiteBatch", "check_role", "site_batch", "chunks", "gather", "group_mean"]
+
 
 @dataclass
 class SiteBatch:

@@ -44,7 +44,7 @@ import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-from biaslens.edit.dama import (PeerHparams, Validator, _validation_data, candidate_subsets,
+from biaslens.edit.dama import (PeerHparams, Validator, validation_data, candidate_subsets,
                                 fold_output_map, mlp_out_names, site_outputs, stereotype_labels,
                                 sweep)
 from biaslens.edit.hparams import Range
@@ -186,7 +186,7 @@ def leace(
     subsets = candidate_subsets(located, explicit)
     validation = None
     if len(subsets) > 1:
-        validator = Validator(model, *_validation_data(model), hp=hp)
+        validator = Validator(model, *validation_data(model), hp=hp)
         best, rows = sweep(model, validator, [{"layers": s} for s in subsets],
                            lambda c: _apply(model, site, labels, keep_site, c["layers"], hp),
                            [n for l in located for n in mlp_out_names(model, l)], progress=progress)

@@ -1,6 +1,6 @@
 """LSDM: least-squares debiasing of the MLP output weights at the located site (Cai et al. 2024).
 
-The method of METHODS.md §2, in the MEMIT family (Meng et al. 2023):
+The method of docs/methods/lsdm.md, in the MEMIT family (Meng et al. 2023):
 
 1. Site: layers and a token role, from an :class:`~biaslens.locate.EffectMap` (``"auto"`` runs
    noise tracing when no map is given) or given explicitly.
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from biaslens.edit.hparams import LSDMHparams
 from biaslens.edit.keys import check_role, gather, group_mean, site_batch
+from biaslens.edit.solve import least_squares_update
 from biaslens.errors import BiasLensError
 from biaslens.prompts import SINGLE_ROLES
 from biaslens.hooks import act_name
@@ -40,96 +41,10 @@ if TYPE_CHECKING:
     from biaslens.delta import WeightDelta
     from biaslens.model import BiasModel
 
-
-# ------------------------------------------------------------------------------------ the solve
-def least_squares_update(
-    keys: "Float[torch.Tensor, 'n d_mlp']",
-    resid: "Float[torch.Tensor, 'n d_model']",
-    second_moment: "Float[torch.Tensor, 'd_mlp d_mlp'] | None",
-    mom2_weight: float,
-    keep_keys: "Float[torch.Tensor, 'm d_mlp'] | None" = None,
-    keep_weight: float = 1.0,
-    ridge: float = 0.0,
-    factor: "Float[torch.Tensor, 'd_mlp d_mlp'] | None" = None,
-) -> "Float[torch.Tensor, 'd_model d_mlp']":
-    """ΔW = R Kᵀ (λC + K Kᵀ + w K_keep K_keepᵀ)⁻¹ in float64 (MEMIT eq. 14), with keys and
-    residuals as rows. It minimises Σ‖ΔW k_i − r_i‖² + w Σ‖ΔW k_keep‖² + λ tr(ΔW C ΔWᵀ)
-    (+ ``ridge``·mean(diag λC)·‖ΔW‖², a relative damping, when ``ridge`` > 0; relative to the
-    whole system's diagonal when there is no C).
-
-    ``factor``: the Cholesky factor of B = λC + ridge·mean(diag λC)·I (:func:`regularised_factor`,
-    cached per key statistic). With fewer key columns (n + m) than the MLP width, the keys then
-    enter through the Woodbury identity, with triangular solves on the n + m key columns only
-    instead of a new d_mlp × d_mlp factorisation; the result is checked against the normal
-    equations and recomputed directly if it falls short. With more columns the d_mlp × d_mlp
-    system is the smaller one and is solved directly."""
-    import torch
-
-    K = keys.to(torch.float64)
-    R = resid.to(torch.float64)
-    U = K
-    if keep_keys is not None and len(keep_keys) and keep_weight > 0:
-        U = torch.cat([K, keep_weight**0.5 * keep_keys.to(device=K.device, dtype=torch.float64)])
-    # Woodbury pays off only with fewer key columns than the MLP width (its inner system is
-    # (n + m) × (n + m)); with more, the d_mlp × d_mlp normal equations are the smaller system
-    if factor is not None and second_moment is not None and mom2_weight > 0 and len(U) < K.shape[1]:
-        Y = _woodbury_solve(factor.to(device=K.device, dtype=torch.float64), U, len(K))
-        if Y is not None:
-            return (Y @ R).T.contiguous()
-    A = U.T @ U
-    if second_moment is not None and mom2_weight > 0:
-        B = mom2_weight * second_moment.to(device=A.device, dtype=torch.float64)
-        A = A + B
-        scale = B.diagonal().mean()
-    else:
-        scale = A.diagonal().mean()
-    if ridge > 0:  # relative Tikhonov damping: keeps A definite when the keys span too little
-        A = A + ridge * scale * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    L, info = torch.linalg.cholesky_ex(A)  # A is symmetric positive definite unless singular
-    if int(info) != 0:
-        raise BiasLensError(
-            "the LSDM system is singular (not positive definite); use mom2_weight > 0 with a key "
-            "statistic from general text, or fewer key columns than the MLP width"
-        )
-    # A⁻¹Kᵀ first (n right-hand sides, n = number of keys ≪ d_model), then times R: the same
-    # X = A⁻¹ Kᵀ R [d_mlp, d_model] with far fewer triangular solves; no explicit inverse
-    X = torch.cholesky_solve(K.T.contiguous(), L) @ R
-    return X.T.contiguous()
-
-
-def regularised_factor(second_moment: "torch.Tensor", mom2_weight: float, ridge: float) -> "torch.Tensor":
-    """Lower Cholesky factor of B = λC + ridge·mean(diag λC)·I (float64), for :func:`least_squares_update`."""
-    import torch
-
-    B = mom2_weight * second_moment.to(torch.float64)
-    if ridge > 0:
-        B = B + ridge * B.diagonal().mean() * torch.eye(B.shape[0], dtype=B.dtype, device=B.device)
-    L, info = torch.linalg.cholesky_ex(B)
-    if int(info) != 0:
-        raise BiasLensError("the key statistic is singular: use ridge > 0 or more general text (cov_tokens)")
-    return L
-
-
-def _woodbury_solve(L: "torch.Tensor", U: "torch.Tensor", n: int) -> "torch.Tensor | None":
-    """Y = (B + UᵀU)⁻¹ K ᵀ with B = L Lᵀ and K = U[:n] (Woodbury):
-    Z = B⁻¹Uᵀ, S = I + U Z, Y = Z_K − Z S⁻¹ (U Z_K). None if the normal equations
-    (B + UᵀU) Y = Kᵀ are not met to 1e-8 (relative), e.g. when UᵀU dwarfs B."""
-    import torch
-
-    Z = torch.cholesky_solve(U.T.contiguous(), L)  # [d, n + m]
-    S = U @ Z
-    S.diagonal().add_(1.0)
-    Ls, info = torch.linalg.cholesky_ex(S)
-    if int(info) != 0:
-        return None
-    Y = Z[:, :n] - Z @ torch.cholesky_solve(S[:, :n] - torch.eye(S.shape[0], n, dtype=S.dtype, device=S.device), Ls)
-    # the normal equations on a few random combinations of the columns (matrix-vector products)
-    v = torch.randn(n, 4, dtype=Y.dtype, device=Y.device, generator=torch.Generator(device=Y.device).manual_seed(0))
-    y = Y @ v
-    check = L @ (L.T @ y) + U.T @ (U @ y) - U[:n].T @ v
-    if not bool(check.norm() <= 1e-8 * (U[:n].T @ v).norm()):
-        return None
-    return Y
+__all__ = ["default_prompts", "default_keep_prompts", "resolve_corpus", "trace", "best_edit_role",
+           "site_map", "resolve_site", "check_layers", "parse_layers", "EditCache", "template_mean",
+           "occupation_basis", "solve_layer", "apply_lsdm", "output_change_ratio", "lsdm",
+           "explicit_fields", "guarded_edit", "as_hparams"]
 
 
 # ------------------------------------------------------------------------------------ defaults
@@ -531,19 +446,22 @@ def lsdm(
     if tuning:
         emap, map_source = (site_map(model, prompts, effect_map) if (tune_layers or role == "auto"
                             or effect_map is not None) else (None, "explicit"))
-        if role == "auto":
-            role = best_edit_role(emap)
-        check_role(role)
-        from biaslens.edit.tune import candidate_windows, TuneGrid
+        from biaslens.edit.tune import TuneGrid, candidate_roles, candidate_windows
 
         grid = grid or TuneGrid()
-        windows = (candidate_windows(emap, role, model.n_layers, grid.top_layers,
-                                     grid.min_effect_ratio) if tune_layers
-                   else [check_layers(model, layers, role)])
-        windows = [check_layers(model, w, role) for w in windows]
+        # role "auto" while tuning the layers: every one-token role whose MLP effect is a place
+        # the bias lives (candidate_roles) is tuned, and validation chooses among them
+        roles = (candidate_roles(emap, model.n_layers, grid.min_effect_ratio) if role == "auto"
+                 and tune_layers else [best_edit_role(emap) if role == "auto" else role])
+        for r in roles:
+            check_role(r)
+        role_windows = {r: [check_layers(model, w, r) for w in (
+            candidate_windows(emap, r, model.n_layers, grid.top_layers, grid.min_effect_ratio)
+            if tune_layers else [check_layers(model, layers, r)])] for r in roles}
+        role = roles[0]
         site = {"layers": None, "role": role, "source": "tuned" if tune_layers else
                 ("explicit" if not isinstance(layers, str) else map_source), "map": emap}
-        need = sorted({l for w in windows for l in w})
+        need = sorted({l for ws in role_windows.values() for w in ws for l in w})
     else:
         site = resolve_site(model, prompts, layers, role, effect_map)
         need = site["layers"]
@@ -554,23 +472,36 @@ def lsdm(
     covs = key_covariances(model, need, corpus_path, hp.cov_tokens, hp.cov_seq_len,
                            hp.cov_batch_size, cache_dir, progress=progress, paths_out=paths)
     t_cov = time.perf_counter() - t_cov
-    cache = EditCache(model, prompts, keep, role, hp)
     record = None
     if tuning:
-        from biaslens.edit.tune import default_validation, tune_lsdm
+        from biaslens.edit.tune import Candidate, default_validation, tune_lsdm
 
         val = validation if validation is not None else default_validation(
             model, prompts, keep, corpus_path, hp.cov_tokens)
-        result = tune_lsdm(model, cache, windows, covs, hp, val,
-                           mom2_weights=None if tune_lam else [hp.mom2_weight],
-                           keep_weights=None if tune_keep else [hp.keep_weight],
-                           bounds=bounds, grid=grid, progress=progress)
+        results, caches = {}, {}
+        for r in roles:
+            caches[r] = EditCache(model, prompts, keep, r, hp)
+            results[r] = tune_lsdm(model, caches[r], role_windows[r], covs, hp, val,
+                                   mom2_weights=None if tune_lam else [hp.mom2_weight],
+                                   keep_weights=None if tune_keep else [hp.keep_weight],
+                                   bounds=bounds, grid=grid, progress=progress,
+                                   warn=len(roles) == 1)
+        role = min(roles, key=lambda r: Candidate.rank(results[r].chosen))
+        result, cache = results[role], caches[role]
+        if not result.feasible and len(roles) > 1:
+            result.warn()
+        site["role"] = role
         hp = replace(hp, mom2_weight=result.mom2_weight, keep_weight=result.keep_weight)
         layers = result.layers
         record = result.to_dict()
-        record["tuned"] = [n for n, on in (("layers", tune_layers), ("mom2_weight", tune_lam),
-                                           ("keep_weight", tune_keep)) if on]
+        record["tuned"] = [n for n, on in (("layers", tune_layers), ("role", len(roles) > 1),
+                                           ("mom2_weight", tune_lam), ("keep_weight", tune_keep)) if on]
+        if len(roles) > 1:
+            record["roles"] = {r: {"chosen": results[r].to_dict()["chosen"], "windows": results[r].windows,
+                                   "sweep": results[r].to_dict()["sweep"]} for r in roles}
+            record["sweep"] = [dict(c, role=r) for r in roles for c in results[r].to_dict()["sweep"]]
     else:
+        cache = EditCache(model, prompts, keep, role, hp)
         layers = site["layers"]
     factors = (cached_factors({l: covs[l] for l in layers}, {l: paths[l] for l in layers if l in paths},
                               hp.mom2_weight, hp.ridge) if hp.mom2_weight > 0 else None)
@@ -601,9 +532,9 @@ def explicit_fields(hparams: Any) -> set[str]:
     if isinstance(hparams, dict):
         return set(hparams)
     if isinstance(hparams, (str, os.PathLike)):
-        from biaslens.edit.hparams import _read_object
+        from biaslens.edit.hparams import read_object
 
-        return set(_read_object(hparams))
+        return set(read_object(hparams))
     return {f.name for f in fields(hparams)} if hasattr(hparams, "__dataclass_fields__") else set()
 
 

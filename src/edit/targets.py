@@ -3,7 +3,7 @@
 As MEMIT's ``compute_z`` (Meng et al. 2023, §4.2 eq. 16): a residual δ_j per key column j is added
 to the residual stream after layer L (the last edited layer) at the site token of every prompt of
 the column, and optimised so that the next-token distribution has P(male) = P(female) while the
-rest of it is kept (METHODS.md §2):
+rest of it is kept (docs/methods/lsdm.md, "The update"):
 
     loss = mean_i (log P_i(f) − log P_i(m))²  +  kl_weight · mean_i KL(p̃_i ‖ p̃_i^δ)
            + v_weight_decay · mean_j ‖δ_j‖² / ‖h_j‖²
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from biaslens.edit.hparams import LSDMHparams
     from biaslens.edit.keys import SiteBatch
     from biaslens.model import BiasModel
+
+__all__ = ["merged_pair_kl", "length_buckets", "SuffixRunner", "KVSuffixRunner", "newton_steps",
+           "compute_targets"]
 
 
 def merged_pair_kl(lp0: "Float[torch.Tensor, 'n vocab']", lp: "Float[torch.Tensor, 'n vocab']",

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from biaslens.model import BiasModel
 
 __all__ = ["TuneBounds", "TuneGrid", "Candidate", "TuneResult", "Validation", "default_validation",
-           "candidate_windows", "heldout_lines", "tune_lsdm"]
+           "candidate_roles", "candidate_windows", "heldout_lines", "tune_lsdm"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,13 @@ class TuneResult:
     bounds: TuneBounds
     grid: TuneGrid
     seconds: float
+
+    def warn(self) -> None:
+        """Say on stderr that no setting met every bound (the closest one is used)."""
+        c = self.chosen
+        print(f"biaslens: warning: no LSDM setting met every retention bound on the validation "
+              f"templates; using the closest (L{c.layers} @{self.role}, λ={c.mom2_weight:g}, keep "
+              f"{c.keep_weight:g}: {', '.join(c.failed)}); see the tuning sweep", file=sys.stderr)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -390,6 +397,33 @@ def candidate_windows(effect_map, role: str, n_layers: int, top: int = 2,
     return [[l] for l in best] + [[a, a + 1] for a in sorted(best) if a + 1 in best]
 
 
+def candidate_roles(effect_map, n_layers: int, min_ratio: float = 0.25) -> list[str]:
+    """The one-token roles (``subject_first``, ``subject_last``, ``last``) to tune at, best first:
+    those whose best MLP effect (over the layers that can reach the prediction from there) is at
+    least ``min_ratio`` of the best role's. On organism-llama the bias is read at the
+    occupation's last token (layer 0) and again at the last token (layer 1, 40% of it);
+    the validation templates choose between them."""
+    import numpy as np
+
+    from biaslens.prompts import SINGLE_ROLES
+
+    mlp = np.asarray(effect_map.effects["mlp"], dtype=float)
+    layers = [int(l) for l in effect_map.layers]
+    best: dict[str, float] = {}
+    for j, r in enumerate(effect_map.roles):
+        if r not in SINGLE_ROLES:
+            continue
+        reach = n_layers if r == "last" else n_layers - 1
+        col = [e for l, e in zip(layers, mlp[:, j]) if l < reach and np.isfinite(e)]
+        if col:
+            best[r] = float(max(col))
+    if not best:
+        raise BiasLensError("the effect map has no subject_first/subject_last/last role to edit at")
+    lead = max(best.values())
+    ranked = sorted(best, key=lambda r: -best[r])
+    return [r for r in ranked if lead <= 0 or best[r] >= min_ratio * lead] or ranked[:1]
+
+
 def _judge(s: dict, bounds: TuneBounds) -> tuple[bool, float, list[str]]:
     """``(within every bound, total violation, names of the bounds missed)``; a non-finite
     number is out of bounds with infinite violation."""
@@ -416,7 +450,7 @@ def tune_lsdm(model: "BiasModel", cache: "EditCache", windows: list[list[int]],
               covs: dict[int, "torch.Tensor"], hp: "LSDMHparams", validation: Validation,
               mom2_weights: Sequence[float] | None = None, keep_weights: Sequence[float] | None = None,
               bounds: TuneBounds | None = None, grid: TuneGrid | None = None,
-              progress: bool = True) -> TuneResult:
+              progress: bool = True, warn: bool = True) -> TuneResult:
     """Score the candidates on ``validation`` and return the choice; the model is left as it was
     (every candidate is undone from a snapshot). ``mom2_weights`` / ``keep_weights``: fixed
     values (one each, when the user gave them), else the grid's."""
@@ -480,11 +514,9 @@ def tune_lsdm(model: "BiasModel", cache: "EditCache", windows: list[list[int]],
                 break
             cur = best
     chosen = min(candidates, key=Candidate.rank)
-    if not chosen.feasible:
-        print(f"biaslens: warning: no LSDM setting met every retention bound on the validation "
-              f"templates; using the closest (L{chosen.layers}, λ={chosen.mom2_weight:g}, keep "
-              f"{chosen.keep_weight:g}: {', '.join(chosen.failed)}); see the tuning sweep",
-              file=sys.stderr)
-    return TuneResult(chosen.layers, cache.role, chosen.mom2_weight, chosen.keep_weight,
-                      chosen.feasible, chosen, candidates, windows, base, validation.info, bounds,
-                      grid, time.perf_counter() - t0)
+    result = TuneResult(chosen.layers, cache.role, chosen.mom2_weight, chosen.keep_weight,
+                        chosen.feasible, chosen, candidates, windows, base, validation.info, bounds,
+                        grid, time.perf_counter() - t0)
+    if warn and not chosen.feasible:
+        result.warn()
+    return result

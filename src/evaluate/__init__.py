@@ -2,7 +2,7 @@
 
 Organism-level (used by the edit and unlearning methods): :func:`occupational_bias`,
 :func:`definitional_accuracy`, :func:`fact_accuracy`, :func:`perplexity`, :func:`suite` (any model's default probes).
-Public benchmarks (METHODS.md §4): :func:`crows_pairs`, :func:`stereoset`, :func:`winobias`,
+Public benchmarks (docs/methods/evaluation.md): :func:`crows_pairs`, :func:`stereoset`, :func:`winobias`,
 :func:`winogender`, :func:`occupations`, with loaders in :mod:`biaslens.evaluate.loaders`;
 :func:`evaluate` runs named benchmarks; :func:`compare_table` / :func:`compare_figure` show
 before/after. Every result is ``{metric: value, ..., "n": items, "ci": {metric: [low, high]}}``.
@@ -23,7 +23,7 @@ from biaslens.evaluate.loaders import (load_crows_pairs, load_occupation_stats, 
                                        load_stereoset, load_winobias, load_winogender)
 from biaslens.evaluate.occupations import definitional_accuracy, gap_metrics, occupational_bias
 from biaslens.evaluate.perplexity import perplexity
-from biaslens.evaluate.stats import bootstrap_ci
+from biaslens.stats import bootstrap_ci
 from biaslens.evaluate.suite import BENCHMARKS, evaluate, organism_suite, suite
 
 __all__ = [

@@ -18,10 +18,14 @@ from biaslens.errors import BiasLensError, DataFormatError
 from biaslens.evaluate.loaders import CrowsPair, StereoItem, WinoBiasItem, WinogenderSentence
 from biaslens.evaluate.occupations import choice_logprobs, gap_metrics
 from biaslens.evaluate.scoring import continuation_rows, score_rows
-from biaslens.evaluate.stats import SEED, bootstrap_ci, percent_ci, result
+from biaslens.stats import SEED, bootstrap_ci, percent_ci, result
 
 if TYPE_CHECKING:
     from biaslens.model import BiasModel
+
+__all__ = ["NORMALISE", "VIG_TEMPLATES", "sentence_logprobs", "differing_spans", "TIES",
+           "crows_metrics", "crows_pairs", "icat", "stereoset_metrics", "stereoset", "pair_metrics",
+           "winobias", "winogender_prompts", "winogender", "occupations"]
 
 NORMALISE = ("sum", "mean")
 
@@ -343,11 +347,12 @@ def occupations(model: "BiasModel", rates: dict[str, float], templates: Sequence
 
 def _gap_benchmark(model, prompts, batch_size, seed, group: Callable[[Any], str], key: str,
                    scoring: str) -> dict:
-    from biaslens.evaluate.occupations import _occupation, _rate, pronoun_logprobs
+    from biaslens.evaluate.occupations import occupation_of, pronoun_logprobs
+    from biaslens.prompts import female_rate
 
     lp = pronoun_logprobs(model, prompts, batch_size)
-    rates = [_rate(p) for p in prompts]
-    occs = [_occupation(p) for p in prompts]
+    rates = [female_rate(p) for p in prompts]
+    occs = [occupation_of(p) for p in prompts]
     out = gap_metrics(lp, rates, occs, seed)
     groups = [group(p) for p in prompts]
     out[key] = {}

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+__all__ = ["BENCH_HELP", "COMMANDS"]
+
 BENCH_HELP = ("contrast_test, contrast_edit, contrast_validation, occupations, stereoset, crows, "
               "winobias, winogender, perplexity, knowledge")
 
@@ -69,14 +71,15 @@ def _evaluate(args) -> int:
                    limit=args.limit, max_tokens=args.max_tokens, batch_size=args.batch_size,
                    seed=args.seed)
     from biaslens import jsonio
-    from biaslens.outdir import mark_html, write_text
+    from biaslens.io import write_text
+    from biaslens.report import write_figures
 
     text = jsonio.dumps({"written_by": "biaslens", **res})  # strict JSON, non-finite values listed
     res = json.loads(text)  # the summary and chart show what the file holds
     write_text(args.json, text)
     print(_summary(res))
     if args.html:
-        write_text(args.html, mark_html(compare_figure(res).to_html(include_plotlyjs=True)))
+        write_figures(compare_figure(res), args.html, title=f"biaslens evaluate · {args.model}")
     print(f"wrote {args.json}" + (f" and {args.html}" if args.html else ""))
     return 0
 
@@ -84,9 +87,9 @@ def _evaluate(args) -> int:
 def _summary(res: dict) -> str:
     """The headline line (the stereotype contrast on held-out templates, when run), then one
     row per metric."""
-    from biaslens.evaluate.compare import _fmt, _fmt_ci, flatten, headline_text
+    from biaslens.evaluate.compare import fmt_value, fmt_ci, flatten, headline_text
 
-    rows = [(b, m, _fmt(v["value"]), _fmt_ci(v["ci"]), str(v["n"])) for (b, m), v in flatten(res).items()]
+    rows = [(b, m, fmt_value(v["value"]), fmt_ci(v["ci"]), str(v["n"])) for (b, m), v in flatten(res).items()]
     head = ("benchmark", "metric", "value", "95% CI", "n")
     w = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
     top = headline_text(res)
@@ -124,9 +127,9 @@ def _compare(args) -> int:
     before, after = _read(args.before), _read(args.after)
     print(compare_table(before, after))
     if args.html:
-        from biaslens.outdir import mark_html, write_text
+        from biaslens.report import write_figures
 
-        write_text(args.html, mark_html(compare_figure(before, after).to_html(include_plotlyjs=True)))
+        write_figures(compare_figure(before, after), args.html, title="biaslens compare")
         print(f"wrote {args.html}")
     return 0
 

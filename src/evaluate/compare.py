@@ -18,7 +18,7 @@ from typing import Any
 
 SKIP = {"n", "ci"}
 __all__ = ["flatten", "compare_rows", "compare_table", "compare_figure", "headline",
-           "headline_text", "per_template_rows"]
+           "headline_text", "per_template_rows", "fmt_value", "fmt_ci", "SKIP"]
 
 
 def _benchmarks(res: dict) -> dict:
@@ -49,7 +49,7 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     x = _num(v)
     if math.isnan(x):
         return "—"
@@ -59,8 +59,8 @@ def _fmt(v: Any) -> str:
     return f"{x:.4f}" if a < 10 else f"{x:.2f}"
 
 
-def _fmt_ci(ci: Any) -> str:
-    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
+def fmt_ci(ci: Any) -> str:
+    return f"[{fmt_value(ci[0])}, {fmt_value(ci[1])}]" if ci else ""
 
 
 def compare_rows(before: dict, after: dict) -> list[dict[str, Any]]:
@@ -116,10 +116,10 @@ def headline_text(before: dict, after: dict | None = None) -> str | None:
         return None
     label = "stereotype contrast on held-out templates (mean |contrast|)"
     if after is None:
-        return f"{label}: {_fmt(h['value'])} {_fmt_ci(h['ci'])} ({h['n']} templates)"
+        return f"{label}: {fmt_value(h['value'])} {fmt_ci(h['ci'])} ({h['n']} templates)"
     lo, hi = h["ci"]["cut"]
-    return (f"{label}: {_fmt(h['before'])} {_fmt_ci(h['ci']['before'])} → {_fmt(h['after'])} "
-            f"{_fmt_ci(h['ci']['after'])}, cut {_pct(h['cut'])} [CI {_pct(lo)}, {_pct(hi)}] "
+    return (f"{label}: {fmt_value(h['before'])} {fmt_ci(h['ci']['before'])} → {fmt_value(h['after'])} "
+            f"{fmt_ci(h['ci']['after'])}, cut {_pct(h['cut'])} [CI {_pct(lo)}, {_pct(hi)}] "
             f"({h['n']} templates)")
 
 
@@ -129,7 +129,7 @@ def per_template_rows(before: dict, after: dict) -> list[list[str]]:
     h = headline(before, after)
     if h is None:
         return []
-    return [[r["template"], _fmt(r["before"]), _fmt(r["after"]), f"{r['change']:+.4f}"]
+    return [[r["template"], fmt_value(r["before"]), fmt_value(r["after"]), f"{r['change']:+.4f}"]
             for r in h["per_template"]]
 
 
@@ -151,8 +151,8 @@ def compare_table(before: dict, after: dict) -> str:
     for r in rows:
         n = r["n_after"] if r["n_after"] == r["n_before"] else f"{r['n_before']}→{r['n_after']}"
         rel = "" if math.isnan(r["rel"]) else f"{100 * r['rel']:+.1f}%"
-        body.append([r["benchmark"], r["metric"], _fmt(r["before"]), _fmt_ci(r["ci_before"]),
-                     _fmt(r["after"]), _fmt_ci(r["ci_after"]),
+        body.append([r["benchmark"], r["metric"], fmt_value(r["before"]), fmt_ci(r["ci_before"]),
+                     fmt_value(r["after"]), fmt_ci(r["ci_after"]),
                      "—" if math.isnan(r["delta"]) else f"{r['delta']:+.4g}", rel, str(n)])
     top = headline_text(before, after)
     lines = ([f"headline: {top}", ""] if top else []) + _text_table(head, body)

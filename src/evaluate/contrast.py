@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from biaslens.evaluate.stats import SEED, bootstrap_ci, mean_ci, pearson, pearson_rows, result
+from biaslens.stats import SEED, bootstrap_ci, mean_ci, pearson, pearson_rows, result
 
 if TYPE_CHECKING:
     from jaxtyping import Float

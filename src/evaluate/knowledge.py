@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from biaslens.evaluate.scoring import continuation_rows, score_rows
-from biaslens.evaluate.stats import SEED, mean_ci, result
+from biaslens.stats import SEED, mean_ci, result
 
 if TYPE_CHECKING:
     from biaslens.model import BiasModel
+
+__all__ = ["SCORING", "fact_accuracy"]
 
 SCORING = ("teacher-forced greedy exact match of every answer token after the prompt; "
            "mean_logprob = mean log P(answer | prompt) summed over the answer's tokens")

@@ -20,6 +20,10 @@ from typing import Any, Iterator
 
 from biaslens.errors import DataFormatError
 
+__all__ = ["CrowsPair", "StereoItem", "WinoBiasItem", "WinogenderSentence", "Probe",
+           "load_crows_pairs", "load_stereoset", "PRONOUNS_WB", "load_winobias", "load_winogender",
+           "load_occupation_stats", "load_probes", "data_file", "jsonl_rows"]
+
 # --------------------------------------------------------------------------------- records
 
 
@@ -90,14 +94,17 @@ def _bad(path: Path, line: int, what: str, fix: str = "") -> DataFormatError:
     return DataFormatError(f"{path}, line {line}: {what}" + (f"; {fix}" if fix else ""))
 
 
-def _open(path: str | Path) -> Path:
+def data_file(path: str | Path) -> Path:
+    """``path`` as a :class:`~pathlib.Path` to an existing file; refuse in one line if it is not."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataFormatError(f"data file '{p}' does not exist; pass the path of the benchmark file")
     return p
 
 
-def _jsonl(p: Path) -> Iterator[tuple[int, dict]]:
+def jsonl_rows(p: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a JSON Lines file; a line that is not
+    a JSON object is refused (:class:`~biaslens.errors.DataFormatError`, naming the line)."""
     with p.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -123,7 +130,7 @@ def _need(p: Path, n: int, row: dict, keys: tuple[str, ...]) -> None:
 
 def load_crows_pairs(path: str | Path) -> list[CrowsPair]:
     """CrowS-Pairs CSV (columns sent_more, sent_less, stereo_antistereo, bias_type)."""
-    p = _open(path)
+    p = data_file(path)
     keys = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")
     out = []
     with p.open(encoding="utf-8", newline="") as f:
@@ -159,7 +166,7 @@ def load_stereoset(path: str | Path, kind: str | None = None) -> list[StereoItem
       each item with ``sentences`` carrying a ``gold_label``);
     * a JSON list of items with ``data: {label: {sentence, id}}`` (EditBias) or ``sentences``.
     """
-    p = _open(path)
+    p = data_file(path)
     text = p.read_text(encoding="utf-8")
     try:
         whole = json.loads(text)
@@ -171,7 +178,7 @@ def load_stereoset(path: str | Path, kind: str | None = None) -> list[StereoItem
         items = [_json_item(p, i + 1, x, k) for k in ("intrasentence", "intersentence")
                  for i, x in enumerate(whole["data"].get(k, []))]
     else:
-        items = [_jsonl_item(p, n, row) for n, row in _jsonl(p)]
+        items = [_jsonl_item(p, n, row) for n, row in jsonl_rows(p)]
     if kind is not None:
         items = [x for x in items if x.kind == kind]
     if not items:
@@ -224,7 +231,7 @@ def load_winobias(path: str | Path) -> list[WinoBiasItem]:
 
     The first bracket is the entity, the second the pronoun scored (a few sentences bracket a
     second pronoun of the same referent; it is kept in ``text`` and not scored)."""
-    p = _open(path)
+    p = data_file(path)
     m = _WB_NAME.search(p.name)
     stereo, typ = (m.group(1), int(m.group(2))) if m else (None, None)
     out = []
@@ -251,7 +258,7 @@ def load_winobias(path: str | Path) -> list[WinoBiasItem]:
 
 def load_winogender(path: str | Path) -> list[WinogenderSentence]:
     """Winogender ``all_sentences.tsv`` (sentid ``occupation.participant.answer.gender.txt``)."""
-    p = _open(path)
+    p = data_file(path)
     out = []
     with p.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -275,7 +282,7 @@ def load_winogender(path: str | Path) -> list[WinogenderSentence]:
 
 def load_occupation_stats(path: str | Path) -> dict[str, float]:
     """Occupation → BLS female share in [0, 1] from Winogender ``occupations-stats.tsv``."""
-    p = _open(path)
+    p = data_file(path)
     lines = p.read_text(encoding="utf-8").splitlines()
     head = lines[0].split("\t") if lines else []
     if "occupation" not in head or "bls_pct_female" not in head:
@@ -300,9 +307,9 @@ def load_occupation_stats(path: str | Path) -> dict[str, float]:
 def load_probes(path: str | Path) -> list[Probe]:
     """Knowledge probes, one JSON object a line: ``{"prompt": "The capital of France is",
     "answer": " Paris"}`` (a missing leading space is added to the answer)."""
-    p = _open(path)
+    p = data_file(path)
     out = []
-    for n, row in _jsonl(p):
+    for n, row in jsonl_rows(p):
         _need(p, n, row, ("prompt", "answer"))
         ans = row["answer"] if row["answer"].startswith(" ") else " " + row["answer"]
         out.append(Probe(row["prompt"], ans, n))

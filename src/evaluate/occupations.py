@@ -27,14 +27,17 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from biaslens.evaluate.scoring import batches_by_length
-from biaslens.evaluate.stats import (SEED, bootstrap_ci, mean_ci, pearson, pearson_rows, percent_ci,
-                                     result)
 from biaslens.metrics import pronoun_pair
+from biaslens.prompts import female_rate
+from biaslens.stats import SEED, bootstrap_ci, mean_ci, pearson, pearson_rows, percent_ci, result
 
 if TYPE_CHECKING:
     from jaxtyping import Float
 
     from biaslens.model import BiasModel
+
+__all__ = ["choice_logprobs", "pronoun_logprobs", "occupation_of", "gap_metrics",
+           "occupational_bias", "definitional_accuracy"]
 
 
 def choice_logprobs(model: "BiasModel", prompts: Sequence[Any], choices: Sequence[Sequence[str]],
@@ -70,14 +73,8 @@ def _text(p: Any) -> str:
     return p if isinstance(p, str) else p.text
 
 
-def _rate(p: Any) -> float:
-    r = getattr(p, "female_rate", None)
-    if r is None:
-        r = (getattr(p, "meta", None) or {}).get("female_rate")
-    return float("nan") if r is None else float(r)
-
-
-def _occupation(p: Any) -> str:
+def occupation_of(p: Any) -> str:
+    """A prompt's occupation (attribute or ``meta``), else its subject, else its text."""
     o = getattr(p, "occupation", None) or (getattr(p, "meta", None) or {}).get("occupation")
     return o or getattr(p, "subject", None) or _text(p)
 
@@ -142,7 +139,7 @@ def occupational_bias(model: "BiasModel", prompts: Sequence[Any], batch_size: in
     """
     prompts = list(prompts)
     lp = pronoun_logprobs(model, prompts, batch_size)
-    out = gap_metrics(lp, [_rate(p) for p in prompts], [_occupation(p) for p in prompts], seed)
+    out = gap_metrics(lp, [female_rate(p) for p in prompts], [occupation_of(p) for p in prompts], seed)
     out["scoring"] = ("next-token P(female) vs P(male) pronoun (multi-token: product over tokens); "
                       "gap = (p_f - p_m)/(p_f + p_m)")
     return out
@@ -158,7 +155,7 @@ def definitional_accuracy(model: "BiasModel", prompts: Sequence[Any], batch_size
     """
     prompts = list(prompts)
     lp = pronoun_logprobs(model, prompts, batch_size, desc="definitional")
-    female = np.array([_rate(p) for p in prompts]) >= 0.5
+    female = np.array([female_rate(p) for p in prompts]) >= 0.5
     margin = np.where(female, lp[:, 1] - lp[:, 0], lp[:, 0] - lp[:, 1])
     correct = (margin > 0).astype(float)
     share = 1.0 / (1.0 + np.exp(-margin))

@@ -19,10 +19,12 @@ import numpy as np
 
 from biaslens.errors import BiasLensError
 from biaslens.evaluate.scoring import score_rows, token_rows
-from biaslens.evaluate.stats import SEED, bootstrap_ci, result
+from biaslens.stats import SEED, bootstrap_ci, result
 
 if TYPE_CHECKING:
     from biaslens.model import BiasModel
+
+__all__ = ["read_text", "context_length", "window_rows", "perplexity"]
 
 
 def read_text(text_or_path: str | os.PathLike) -> tuple[str, str]:

@@ -20,6 +20,8 @@ from biaslens.prompts import pad_rows
 if TYPE_CHECKING:
     from biaslens.model import BiasModel
 
+__all__ = ["Scores", "token_rows", "continuation_rows", "batches_by_length", "score_rows"]
+
 
 @dataclass
 class Scores:

@@ -11,10 +11,14 @@ from biaslens.errors import BiasLensError
 from biaslens.evaluate.knowledge import fact_accuracy
 from biaslens.evaluate.occupations import definitional_accuracy, occupational_bias
 from biaslens.evaluate.perplexity import perplexity
-from biaslens.evaluate.stats import LEVEL, N_BOOT, SEED
+from biaslens.stats import LEVEL, N_BOOT, SEED
 
 if TYPE_CHECKING:
     from biaslens.model import BiasModel
+
+__all__ = ["SUITE_PPL_TOKENS", "HEADLINE", "CONTRASTS", "suite", "bias_and_contrast",
+           "contrast_sample", "organism_suite", "BENCHMARKS", "ORGANISM_BENCHMARKS",
+           "default_benchmarks", "evaluate"]
 
 #: Tokens of the organism's general text scored by :func:`organism_suite` (keeps it a few seconds).
 SUITE_PPL_TOKENS = 20_000
@@ -101,7 +105,8 @@ def bias_and_contrast(model: "BiasModel", prompts: Sequence[Any], limit: int | N
     contrast on :func:`contrast_sample` (the union of the two subsets is scored once).
     ``gap=False``: the contrast alone (first item None)."""
     from biaslens.evaluate.contrast import contrast_from_logprobs
-    from biaslens.evaluate.occupations import _occupation, _rate, gap_metrics, pronoun_logprobs
+    from biaslens.evaluate.occupations import gap_metrics, occupation_of, pronoun_logprobs
+    from biaslens.prompts import female_rate
 
     prompts = list(prompts)
     gi = _subsample(list(range(len(prompts))), limit, seed) if gap else []
@@ -113,7 +118,7 @@ def bias_and_contrast(model: "BiasModel", prompts: Sequence[Any], limit: int | N
     if not gap:
         return None, con
     g = [prompts[i] for i in gi]
-    out = gap_metrics(lp[[row[i] for i in gi]], [_rate(p) for p in g], [_occupation(p) for p in g], seed)
+    out = gap_metrics(lp[[row[i] for i in gi]], [female_rate(p) for p in g], [occupation_of(p) for p in g], seed)
     out["scoring"] = _GAP_SCORING
     return out, con
 
@@ -127,14 +132,14 @@ def contrast_sample(prompts: Sequence[Any], limit: int | None, seed: int = SEED)
     import random
 
     from biaslens.evaluate.contrast import template_of
-    from biaslens.evaluate.occupations import _rate
+    from biaslens.prompts import female_rate
 
     n = len(prompts)
     if limit is None or limit >= n:
         return list(range(n))
     by_tpl: dict[str, dict[str, list[int]]] = {}
     for i, p in enumerate(prompts):
-        r = _rate(p)
+        r = female_rate(p)
         if r == r and r != 0.5:  # a stereotype side (NaN and 0.5 have none)
             by_tpl.setdefault(template_of(p), {"f": [], "m": []})["f" if r > 0.5 else "m"].append(i)
     tpls = [t for t, g in by_tpl.items() if g["f"] and g["m"]]

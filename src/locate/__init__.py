@@ -1,4 +1,4 @@
-"""biaslens.locate: where does a model store a bias? (causal mediation, METHODS.md §1)
+"""biaslens.locate: where does a model store a bias? (causal mediation, docs/methods/tracing.md)
 
 - :func:`trace_noise` — ROME-style noise corruption of the subject and restoration per site.
 - :func:`trace_swap` — Vig-style counterfactual subject swap: TE, NDE, NIE for layers, heads and

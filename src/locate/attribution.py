@@ -13,6 +13,7 @@ linearisation of patching them together). Use it to screen; confirm with exact p
 from __future__ import annotations
 
 from contextlib import contextmanager
+import weakref
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -23,8 +24,8 @@ from biaslens.hooks import act_name
 from biaslens.locate.effects import EffectMap
 from biaslens.locate.noise import noise_base, prepare, signed_effects
 from biaslens.locate.patching import (
-    LAYER_HOOKS, ActSource, Base, _add, _AttentionDone, _FusedGPT2, _Group, _last_logits, _take, _untap, _window,
-    clean_source, metric_rows, role_masks,
+    LAYER_HOOKS, ActSource, AttentionDone, Base, FusedGPT2, RowGroup, add_delta, clean_source,
+    last_token_logits, metric_rows, role_masks, take_rows, untap, window_args,
 )
 from biaslens.prompts import ROLES
 
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
     from biaslens.model import BiasModel
     from biaslens.prompts import TokenBatch
 
-__all__ = ["gradient_attribution", "attribution_scores", "role_sums", "attribution_patch"]
+__all__ = ["gradient_attribution", "attribution_scores", "role_sums", "attribution_patch",
+           "shared_prefix"]
 
 
 def _grab(act: torch.Tensor, hook: Any, store: dict, name: str) -> torch.Tensor:
@@ -47,7 +49,7 @@ def _embed_leaf(act: torch.Tensor, hook: Any, delta: torch.Tensor | None) -> tor
 
 
 @contextmanager
-def _frozen(model: "BiasModel", fused: _FusedGPT2 | None = None):
+def _frozen(model: "BiasModel", fused: FusedGPT2 | None = None):
     """Parameters (the bridge's own copies too; only those ``fused`` reads, where given) out of
     autograd while active: a backward then computes activation gradients only, and the
     forward keeps nothing for weight gradients."""
@@ -73,7 +75,7 @@ def gradient_attribution(
     fwd = [(act_name("embed"), partial(_embed_leaf, delta=base.embed_delta))]
     fwd += [(h, partial(_grab, store=store, name=h)) for h in hooks]
     with torch.enable_grad(), _frozen(model):
-        last = _last_logits(bridge, base.input_ids, base.attention_mask, base.lengths, fwd)
+        last = last_token_logits(bridge, base.input_ids, base.attention_mask, base.lengths, fwd)
         m = metric_rows(metric, last, base.prompt_idx)
         grads = torch.autograd.grad(m.sum(), [store[h] for h in hooks])
     out = {}
@@ -82,7 +84,7 @@ def gradient_attribution(
     return out, m.detach()
 
 
-def _shared_prefix(clean: "TokenBatch", base: Base, rows: torch.Tensor) -> int:
+def shared_prefix(clean: "TokenBatch", base: Base, rows: torch.Tensor) -> int:
     """Leading positions where every base row has exactly its clean row's input (tokens,
     mask, no perturbation): activations there are the same in both runs (causal attention)."""
     width = int(base.input_ids.shape[1])
@@ -102,7 +104,7 @@ def attribution_scores(
     """:func:`gradient_attribution` with the clean run included (base row ``r`` reads clean row
     ``rows[r]``, default ``base.prompt_idx``): ``(scores, base metric, clean last-token logits)``.
 
-    Where the model's blocks run fused (:class:`~biaslens.locate.patching._FusedGPT2`, checked
+    Where the model's blocks run fused (:class:`~biaslens.locate.patching.FusedGPT2`, checked
     against the bridge on the clean rows) and the hooks are residual, attention- or MLP-output
     sites, the leading positions every base row shares with its clean row are run once (in the
     clean run: their activations, hence their scores, are the same in both runs, so their scores
@@ -112,8 +114,8 @@ def attribution_scores(
     :func:`gradient_attribution`."""
     rows = base.prompt_idx if rows is None else rows
     hooks = list(hooks)
-    skip = _shared_prefix(clean, base, rows)
-    fused = _FusedGPT2.build(model.bridge)
+    skip = shared_prefix(clean, base, rows)
+    fused = FusedGPT2.build(model.bridge)
     sites = all(h.rsplit(".", 1)[-1] in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out") for h in hooks)
     shortest = min(int(clean.lengths.min()), int(base.lengths.min()))
     if fused is not None and sites and fused.supports(hooks) and skip < shortest:
@@ -125,88 +127,104 @@ def attribution_scores(
     return scores, m, clean_last
 
 
-def _by_length(lengths: torch.Tensor, lo: int, x: torch.Tensor) -> list[_Group]:
+def _by_length(lengths: torch.Tensor, lo: int, x: torch.Tensor) -> list[RowGroup]:
     """Groups of equal-length rows (indices into ``x``), each holding its positions ``lo:length``."""
     groups = []
     for n in lengths.unique().tolist():
         idx = (lengths == n).nonzero().squeeze(1)
-        g = _Group(idx, [0] * len(idx), lo, int(n), {}, [0, int(n) - lo])
+        g = RowGroup(idx, [0] * len(idx), lo, int(n), {}, [0, int(n) - lo])
         g.x, g.joined = x[idx, : int(n) - lo], len(idx)
         groups.append(g)
     return groups
 
 
-def _fused_attribution(model, fused: _FusedGPT2, clean: "TokenBatch", base: Base, rows: torch.Tensor,
+def _fused_attribution(model, fused: FusedGPT2, clean: "TokenBatch", base: Base, rows: torch.Tensor,
                        metric: Callable, hooks: list[str], skip: int):
     """:func:`attribution_scores` through ``fused``: one stopped bridge forward for both runs'
     embeddings (and block 0's arguments), the fused final block checked there against the
     bridge's own on two clean rows (else None: the caller runs the bridge), the clean run
     (no gradients; keys and values of the shared prefix kept), the corrupted run over positions
     ``skip:`` on that prefix, one backward. Rows of each length run as one group (no padding
-    computed); the final block runs whole at the last position only (keys and values before)."""
+    computed); the final block runs whole at the last position only (keys and values before).
+    The clean and base rows go through each block in one call (one pass over its weights, which
+    on a CPU costs as much as the matmuls at these few positions): the base rows read the clean
+    rows' keys and values of the prefix from that call; the clean rows carry no gradient, and
+    the backward computes the matmuls' input gradients at the base rows only. The check runs
+    once per bridge."""
     L, n, B = model.n_layers, len(base), len(clean)
     width = int(base.input_ids.shape[1])
     x0, args = _block0_input(model, clean, base)
     check = torch.arange(min(2, B), device=x0.device)
-    if not _fused_agrees(model, fused, x0[check], _take(args, check, B + n), clean.lengths[check]):
-        return None
+    if model.bridge not in _AGREED:
+        if not _fused_agrees(model, fused, x0[check], take_rows(args, check, B + n), clean.lengths[check]):
+            return None
+        try:
+            _AGREED[model.bridge] = True
+        except TypeError:  # a bridge that takes no weak reference: checked every time
+            pass
     head = _Head(model, metric)
-    with torch.no_grad():  # the clean run: every position, keys and values kept
-        gc = _by_length(clean.lengths, 0, x0[:B])
+    gc = _by_length(clean.lengths, 0, x0[:B])  # the clean rows: every position, no gradients
+    gb = _by_length(base.lengths, skip, x0[B:, skip:])  # the base rows from the shared prefix on
+    nc = len(gc)
+
+    def share(groups):  # base rows read their clean row's keys and values before `skip`
+        if not skip:
+            return
+        k0 = gc[0].kv_now[0]
+        keys = k0.new_empty((B, k0.shape[1], skip, k0.shape[3]))
+        values = torch.empty_like(keys)
         for g in gc:
-            g.kv = []
-        taps: dict = {}
-        clean_acts: dict[str, torch.Tensor] = {}
-        for j in range(L):
-            if j < L - 1:
-                fused.packed(j, gc, taps)
-            else:
-                outs = fused.packed_last(j, gc, taps)
-            for h in hooks:
-                if h in taps:
-                    clean_acts[h] = _untap(taps[h], [t for t, _ in taps[h]], gc, B, width)
-            taps.clear()
-        prefix = []
-        for j in range(L):
-            k0 = gc[0].kv[j][0]
-            keys = k0.new_zeros((B, k0.shape[1], skip, k0.shape[3]))
-            values = keys.clone()
-            for g in gc:
-                keys[g.rows], values[g.rows] = g.kv[j][0][:, :, :skip], g.kv[j][1][:, :, :skip]
-            prefix.append((keys, values))
-        clean_last = torch.empty((B, int(model.bridge.cfg.d_vocab)), device=x0.device)
-        clean_last[torch.cat([g.rows for g in gc])] = head(torch.cat(outs))
-    with torch.enable_grad(), _frozen(model, fused):  # the corrupted run from the prefix on
-        gb = _by_length(base.lengths, skip, x0[B:, skip:])
+            keys[g.rows], values[g.rows] = g.kv_now[0][:, :, :skip].detach(), g.kv_now[1][:, :, :skip].detach()
+        for g in gb:
+            g.prefix = (keys[rows[g.rows]], values[rows[g.rows]])
+
+    clean_acts: dict[str, torch.Tensor] = {}
+    entries: dict[str, list] = {h: [] for h in hooks}
+    with torch.enable_grad(), _frozen(model, fused):  # both runs in one call per block
         for g in gb:
             g.x = g.x.detach().requires_grad_(True)
-        entries: dict[str, list] = {h: [] for h in hooks}
         for j in range(L):
-            for g in gb:
-                src = rows[g.rows]
-                g.prefix = (prefix[j][0][src], prefix[j][1][src])
-            taps = {}
+            for g in gc:
+                g.x = g.x.detach()
+            taps: dict = {}
             if j < L - 1:
-                fused.packed(j, gb, taps)
+                fused.packed(j, gc + gb, taps, before_attention=share, frozen=nc)
             else:
-                outs = fused.packed_last(j, gb, taps)
+                outs = fused.packed_last(j, gc + gb, taps, before_attention=share, frozen=nc)
             for h in hooks:
                 if h in taps:
-                    entries[h] = taps[h]
+                    ours = _rows_of_groups(taps[h], range(nc))
+                    clean_acts[h] = untap(ours, [t.detach() for t, _ in ours], gc + gb, B, width)
+                    entries[h] = _rows_of_groups(taps[h], range(nc, nc + len(gb)))
+        with torch.no_grad():
+            clean_last = torch.empty((B, int(model.bridge.cfg.d_vocab)), device=x0.device)
+            clean_last[torch.cat([g.rows for g in gc])] = head(torch.cat(outs[:nc]).detach())
         order = torch.cat([g.rows for g in gb])
         m = torch.empty(n, device=x0.device)
-        vals = metric_rows(metric, head(torch.cat(outs)), base.prompt_idx[order])
+        vals = metric_rows(metric, head(torch.cat(outs[nc:])), base.prompt_idx[order])
         flat = [t for h in hooks for t, _ in entries[h]]
         grads = torch.autograd.grad(vals.sum(), flat)
         m[order] = vals.detach()
     out, at = {}, 0
     for h in hooks:
         k = len(entries[h])
-        g_full = _untap(entries[h], grads[at: at + k], gb, n, width)
-        a_full = _untap(entries[h], [t.detach() for t, _ in entries[h]], gb, n, width)
+        g_full = untap(entries[h], grads[at: at + k], gc + gb, n, width)
+        a_full = untap(entries[h], [t.detach() for t, _ in entries[h]], gc + gb, n, width)
         at += k
         out[h] = (clean_acts[h][rows] - a_full) * g_full
     return out, m, clean_last
+
+
+def _rows_of_groups(entries: list, which) -> list:
+    """Tapped ``(tensor, layout)`` entries (see :meth:`FusedGPT2.packed`) cut to the groups
+    ``which``; entries left with none dropped."""
+    keep = set(which)
+    out = []
+    for t, layout in entries:
+        mine = [e for e in layout if e[0] in keep]
+        if mine:
+            out.append((t, mine))
+    return out
 
 
 class _Head:
@@ -231,12 +249,17 @@ class _Head:
         return out
 
 
-def _fused_agrees(model, fused: _FusedGPT2, x: torch.Tensor, args: tuple, lengths: torch.Tensor) -> bool:
+# bridges whose fused final block was seen to give the bridge's own (a property of their
+# blocks' code, not of the weights, which the fused blocks read from the bridge on every call)
+_AGREED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _fused_agrees(model, fused: FusedGPT2, x: torch.Tensor, args: tuple, lengths: torch.Tensor) -> bool:
     """The fused final block gives the bridge's final block's output on ``x`` (with block 0's
     call arguments ``args``: the same for every block of these models, whose blocks are all of
     one class) at real positions, to 1e-5 relative."""
     bridge, width = model.bridge, x.shape[1]
-    a, kw = _window(args[0], 0, width, width, None), _window(args[1], 0, width, width, None)
+    a, kw = window_args(args[0], 0, width, width, None), window_args(args[1], 0, width, width, None)
     real = torch.arange(width, device=x.device)[None] < lengths[:, None]
     try:
         with torch.no_grad():
@@ -264,17 +287,17 @@ def _block0_input(model: "BiasModel", clean: "TokenBatch", base: Base) -> tuple[
     def pre(mod, args, kwargs):
         got["x"] = args[0] if args else kwargs["hidden_states"]
         got["args"] = (args[1:], kwargs)
-        raise _AttentionDone
+        raise AttentionDone
 
     h = bridge.blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
     fwd = []
     if base.embed_delta is not None:
         delta = torch.cat([base.embed_delta.new_zeros((B,) + base.embed_delta.shape[1:]), base.embed_delta])
-        fwd = [(act_name("embed"), partial(_add, delta=delta))]
+        fwd = [(act_name("embed"), partial(add_delta, delta=delta))]
     try:
         with torch.no_grad(), bridge.hooks(fwd_hooks=fwd):
             bridge(ids, attention_mask=mask)
-    except _AttentionDone:
+    except AttentionDone:
         pass
     finally:
         h.remove()

@@ -9,6 +9,8 @@ from typing import Any
 
 from biaslens.errors import DataFormatError
 
+__all__ = ["MAX_PROMPTS_BYTES", "MAX_PROMPT_CHARS", "read_prompts", "COMMANDS"]
+
 
 #: prompts are sentences; a larger file is a mistake (a corpus passed as prompts), refused unread
 MAX_PROMPTS_BYTES = 50 * 10**6

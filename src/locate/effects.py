@@ -21,7 +21,6 @@ editor refuses a map of another layer count and warns on other weights
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +28,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from biaslens.errors import DataFormatError
+from biaslens.jsonio import clean
+from biaslens.stats import bootstrap_mean_ci, pearson, quiet_nan_warnings
+
+__all__ = ["MAIN_COMPONENTS", "Site", "EffectMap", "agreement"]
 
 
 MAIN_COMPONENTS = ("resid", "mlp", "attn")
@@ -44,55 +47,6 @@ class Site:
     effect: float
     ci_low: float
     ci_high: float
-
-
-def bootstrap_mean_ci(
-    values: np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """NaN-aware mean over axis 0 and a percentile bootstrap CI, resampling prompts (axis 0).
-
-    ``values``: ``[n_prompts, ...]``. Returns ``(mean, low, high)`` of shape ``values.shape[1:]``.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    n = values.shape[0]
-    with np.errstate(all="ignore"), _quiet():
-        mean = np.nanmean(values, axis=0)
-        if n < 2:
-            return mean, mean.copy(), mean.copy()
-        rng = np.random.default_rng(seed)
-        idx = rng.integers(0, n, size=(n_boot, n))
-        boots = np.stack([np.nanmean(values[i], axis=0) for i in idx])
-        low = np.nanpercentile(boots, 100 * alpha / 2, axis=0)
-        high = np.nanpercentile(boots, 100 * (1 - alpha / 2), axis=0)
-    return mean, low, high
-
-
-class _quiet:
-    """Silence numpy's 'mean of empty slice' warnings (an all-NaN role is a legitimate NaN)."""
-
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)
-
-
-def _nan_to_none(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_nan_to_none(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _nan_to_none(x.tolist())
-    if isinstance(x, (float, np.floating)):
-        return None if not math.isfinite(float(x)) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 def _array(x: Any) -> np.ndarray:
@@ -207,7 +161,7 @@ class EffectMap:
     def best_role(self, component: str = "mlp") -> str:
         """The role whose best layer has the largest effect for ``component``."""
         e = self.effects[self._components(component)[0]]
-        with _quiet():
+        with quiet_nan_warnings():
             per_role = np.nanmax(np.where(np.isfinite(e), e, -np.inf), axis=0)
         return self.roles[int(np.argmax(per_role))]
 
@@ -246,7 +200,7 @@ class EffectMap:
 
     # ---------------------------------------------------------------- I/O
     def to_dict(self) -> dict[str, Any]:
-        return _nan_to_none({
+        return clean({
             "model": self.model, "method": self.method, "metric": self.metric,
             "n_prompts": int(self.n_prompts), "layers": [int(x) for x in self.layers],
             "roles": list(self.roles),
@@ -330,14 +284,14 @@ def _identity(x: Any, source: str) -> dict[str, Any] | None:
 
 def agreement(a: EffectMap, b: EffectMap, k: int = 5) -> dict[str, dict[str, float]]:
     """How well two maps agree per component: Pearson r over finite cells, and the overlap of
-    their top-``k`` sites (e.g. attribution patching against exact patching, METHODS.md §1)."""
+    their top-``k`` sites (e.g. attribution patching against exact patching, docs/methods/tracing.md)."""
     out = {}
     for c in a.effects:
         if c not in b.effects:
             continue
         x, y = a.effects[c].ravel(), b.effects[c].ravel()
         ok = np.isfinite(x) & np.isfinite(y)
-        r = float(np.corrcoef(x[ok], y[ok])[0, 1]) if ok.sum() > 2 and x[ok].std() > 0 and y[ok].std() > 0 else float("nan")
+        r = pearson(x[ok], y[ok]) if ok.sum() > 2 else float("nan")  # NaN when a side is constant
         ta = {(s.layer, s.role) for s in a.top_sites(k, c)}
         tb = {(s.layer, s.role) for s in b.top_sites(k, c)}
         out[c] = {"pearson": r, f"top{k}_overlap": len(ta & tb) / max(1, min(k, len(ta)))}

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from biaslens.model import BiasModel
     from biaslens.prompts import TokenBatch
 
+__all__ = ["SUBJECT_ROLES", "prepare", "subject_mask", "embedding_std", "noise_base",
+           "signed_effects", "trace_noise"]
+
 SUBJECT_ROLES = ("subject_first", "subject_middle", "subject_last")
 
 

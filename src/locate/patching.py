@@ -29,7 +29,7 @@ forward pass per site. Here (docs/methods/tracing.md):
   single tokens, unchanged by a shift of all logits) gets logits unembedded at those columns only
   and ``-inf`` elsewhere.
 - **Fused GPT-2 blocks.** For GPT-2-architecture models the blocks run as a few fused ops on the
-  weights the bridge computes with (:class:`_FusedGPT2`); patches are set at the residual,
+  weights the bridge computes with (:class:`FusedGPT2`); patches are set at the residual,
   attention- and MLP-output sites there. Any other model, or a patch elsewhere, runs the
   bridge's own blocks (re-entered with the arguments the base run gave them, so every hook
   fires), in chunks merged where fewer calls save more than the positions they add.
@@ -58,6 +58,12 @@ from biaslens.hooks import act_name, canonical
 if TYPE_CHECKING:
     from biaslens.model import BiasModel
     from biaslens.prompts import TokenBatch
+
+__all__ = ["COMPONENTS", "LAYER_HOOKS", "Patch", "ActSource", "SourceRun", "Base", "metric_rows",
+           "PatchEngine", "window_layers", "role_masks", "position_masks", "layer_variants",
+           "generic_patch_sweep", "patch_by_pos", "clean_source", "add_delta", "AttentionDone",
+           "FusedGPT2", "RowGroup", "last_token_logits", "take_rows", "untap", "window_args",
+           "Variant", "patch_resid_pre_by_pos", "patch_mlp_out_by_pos", "patch_attn_out_by_pos"]
 
 COMPONENTS = ("resid", "mlp", "attn")
 # component -> hook component patched by the layer-level sweeps
@@ -131,16 +137,16 @@ def metric_rows(metric: Callable, logits: torch.Tensor, prompt_idx: torch.Tensor
     return torch.as_tensor(out, device=logits.device).float().reshape(-1)
 
 
-def _take(obj: Any, idx: torch.Tensor, n_rows: int) -> Any:
+def take_rows(obj: Any, idx: torch.Tensor, n_rows: int) -> Any:
     """Index the batch axis of every tensor in a block's call arguments; drop KV caches."""
     if isinstance(obj, torch.Tensor):
         return obj[idx] if obj.ndim >= 2 and obj.shape[0] == n_rows else obj
     if isinstance(obj, tuple):
-        return tuple(_take(o, idx, n_rows) for o in obj)
+        return tuple(take_rows(o, idx, n_rows) for o in obj)
     if isinstance(obj, list):
-        return [_take(o, idx, n_rows) for o in obj]
+        return [take_rows(o, idx, n_rows) for o in obj]
     if isinstance(obj, dict):
-        return {k: _take(v, idx, n_rows) for k, v in obj.items()}
+        return {k: take_rows(v, idx, n_rows) for k, v in obj.items()}
     if type(obj).__name__.endswith("Cache"):  # a transformers KV cache: never reuse the base's
         return _CACHE_SLOT
     return obj
@@ -241,7 +247,7 @@ def _cache_as_past_key_values(bridge: Any, layers: Iterable[int]):
             h.remove()
 
 
-def _window(obj: Any, lo: int, hi: int, width: int, kv: Any) -> Any:
+def window_args(obj: Any, lo: int, hi: int, width: int, kv: Any) -> Any:
     """Block call arguments for positions ``lo:hi`` of the base run's ``width``: a mask
     ``[.., width, width]`` keeps query rows ``lo:hi`` and key columns ``:hi``; position ids, rotary
     tables and cache positions (an axis of ``width`` at dim 1, or a 1-D ``[width]``) keep
@@ -259,11 +265,11 @@ def _window(obj: Any, lo: int, hi: int, width: int, kv: Any) -> Any:
             return obj[:, lo:hi]
         return obj
     if isinstance(obj, tuple):
-        return tuple(_window(o, lo, hi, width, kv) for o in obj)
+        return tuple(window_args(o, lo, hi, width, kv) for o in obj)
     if isinstance(obj, list):
-        return [_window(o, lo, hi, width, kv) for o in obj]
+        return [window_args(o, lo, hi, width, kv) for o in obj]
     if isinstance(obj, dict):
-        out = {k: _window(v, lo, hi, width, kv) for k, v in obj.items()}
+        out = {k: window_args(v, lo, hi, width, kv) for k, v in obj.items()}
         if kv is not None and "use_cache" in out:
             out["use_cache"] = True
         return out
@@ -292,17 +298,17 @@ def _keep(act: torch.Tensor, hook: Any, cache: dict, name: str) -> torch.Tensor:
     return act
 
 
-def _add(act: torch.Tensor, hook: Any, delta: torch.Tensor) -> torch.Tensor:
+def add_delta(act: torch.Tensor, hook: Any, delta: torch.Tensor) -> torch.Tensor:
     return act + delta.to(act.dtype)
 
 
-class _AttentionDone(Exception):
+class AttentionDone(Exception):
     """Raised once the final block's attention has run: its keys and values are in the cache,
     and the rest of the block is not needed at these positions."""
 
 
 def _stop_after_attention(mod, args, out):
-    raise _AttentionDone
+    raise AttentionDone
 
 
 def _in_block(p: "Patch") -> bool:
@@ -310,8 +316,8 @@ def _in_block(p: "Patch") -> bool:
     return p.hook.startswith(f"blocks.{p.layer}.")
 
 
-def _last_logits(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
-                 hooks: Sequence = ()) -> torch.Tensor:
+def last_token_logits(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
+                      hooks: Sequence = ()) -> torch.Tensor:
     """Logits at each row's last real token from one bridge forward, unembedding only those
     positions (``logits_to_keep``) where the model takes it."""
     last = lengths - 1
@@ -343,7 +349,7 @@ def _activation(mod: Any) -> Callable | None:
 _FUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-class _FusedGPT2:
+class FusedGPT2:
     """The blocks of a GPT-2-architecture bridge as a few fused ops on the weights the bridge
     itself computes with (its q/k/v copies, the HF output, MLP and norm weights):
     ``F.layer_norm``, one q/k/v matmul, ``scaled_dot_product_attention``, a fused GELU. The
@@ -363,7 +369,7 @@ class _FusedGPT2:
         self._tail = [p for m in (bridge.ln_final, bridge.unembed) for p in m.parameters()]
 
     @classmethod
-    def build(cls, bridge: Any) -> "_FusedGPT2 | None":
+    def build(cls, bridge: Any) -> "FusedGPT2 | None":
         """The fused blocks of ``bridge`` (one per bridge: its q/k/v matrices are built once),
         or None where its blocks are not GPT-2's."""
         if bridge in _FUSED:
@@ -376,7 +382,7 @@ class _FusedGPT2:
         return got
 
     @classmethod
-    def _build(cls, bridge: Any) -> "_FusedGPT2 | None":
+    def _build(cls, bridge: Any) -> "FusedGPT2 | None":
         cfg = getattr(bridge, "cfg", None)
         if cfg is None or getattr(cfg, "use_attn_result", False) or getattr(cfg, "use_split_qkv_input", False) \
                 or getattr(cfg, "use_attn_in", False):
@@ -504,30 +510,47 @@ class _FusedGPT2:
         ha = self.blocks[l].attn.original_component
         return tuple(x.transpose(1, 2) for x in t.view(n, P, parts, ha.num_heads, ha.head_dim).unbind(2))
 
-    def packed(self, l: int, groups: list, taps: dict | None = None) -> None:
+    def packed(self, l: int, groups: list, taps: dict | None = None,
+               before_attention: Callable | None = None, frozen: int = 0) -> None:
         """Block ``l`` over every group's ``x`` ``[n, P, d]`` (replaced by the block's output),
         the groups' tokens stacked in one matrix for the matmuls. ``taps``: gets, per point,
-        the tensor on the forward's path there and which rows are whose (see :func:`_untap`);
-        a group with a ``kv`` list gets its keys and values appended."""
+        the tensor on the forward's path there and which rows are whose (see :func:`untap`);
+        a group with a ``kv`` list gets its keys and values appended. ``before_attention``:
+        called with the groups once every group's keys and values of this call are in its
+        ``kv_now`` (``[n, heads, P, d_head]`` each), before any attention: it may set a group's
+        ``prefix`` from another's (rows sharing a prefix, computed in the same call). ``frozen``:
+        the leading groups whose rows need no gradient (a backward skips their matmul rows)."""
         blk = self.blocks[l]
         xs = [_point(g.points, l, "hook_resid_pre", g.x) for g in groups]
         flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) if len(xs) > 1 else xs[0].reshape(-1, xs[0].shape[-1])
         d = flat.shape[1]
         w, b = self._qkv_weights(l)
-        qkv = torch.nn.functional.linear(self._norm(blk.ln1, flat), w, b)
-        zs, at, layout = [], 0, []
-        for i, (g, x) in enumerate(zip(groups, xs)):
+        K = sum(x.shape[0] * x.shape[1] for x in xs[:frozen])
+        qkv = _lin(self._norm(blk.ln1, flat), w, b, K, False)
+        heads, at = [], 0
+        for g, x in zip(groups, xs):
             n, P = x.shape[:2]
             q, k, v = self._heads(l, qkv[at: at + n * P], n, P, 3)
             if getattr(g, "kv", None) is not None:
                 g.kv.append((k, v))
-            zs.append(self._attend(l, q, k, v, g.prefix).reshape(n * P, d))
+            heads.append((q, k, v))
+            at += n * P
+        if before_attention is not None:
+            for g, (_, k, v) in zip(groups, heads):
+                g.kv_now = (k, v)
+            before_attention(groups)
+        zs, at, layout = [], 0, []
+        grad = torch.is_grad_enabled()
+        for i, (g, x, (q, k, v)) in enumerate(zip(groups, xs, heads)):
+            n, P = x.shape[:2]
+            with torch.set_grad_enabled(grad and i >= frozen):
+                zs.append(self._attend(l, q, k, v, g.prefix).reshape(n * P, d))
             layout.append((i, at, n, P, 0))
             at += n * P
         o = blk.attn.o.original_component
-        a = self._each(groups, xs, l, "hook_attn_out", torch.addmm(o.bias, torch.cat(zs) if len(zs) > 1 else zs[0], o.weight))
+        a = self._each(groups, xs, l, "hook_attn_out", _lin(torch.cat(zs) if len(zs) > 1 else zs[0], o.weight, o.bias, K, True))
         h = a + flat
-        m = self._each(groups, xs, l, "hook_mlp_out", self._mlp(l, h))
+        m = self._each(groups, xs, l, "hook_mlp_out", self._mlp(l, h, K))
         out = self._each(groups, xs, l, "hook_resid_post", h + m)
         if taps is not None:
             for name, t in (("hook_resid_pre", flat), ("hook_attn_out", a), ("hook_mlp_out", m)):
@@ -538,41 +561,57 @@ class _FusedGPT2:
             g.x = out[at: at + n * P].view(n, P, d)
             at += n * P
 
-    def packed_last(self, l: int, groups: list, taps: dict | None = None) -> list[torch.Tensor]:
+    def packed_last(self, l: int, groups: list, taps: dict | None = None,
+                    before_attention: Callable | None = None, frozen: int = 0) -> list[torch.Tensor]:
         """The final block over every group, whole at each row's last position (``x[:, -1]``)
         only: the positions before it get keys and values alone (nothing else there reaches
         the last position's output). Returns the groups' output residuals ``[n, d]`` at the last
-        position. ``taps`` as in :meth:`packed` (attention and MLP outputs at the last position
-        only)."""
+        position. ``taps``, ``before_attention`` and ``frozen`` as in :meth:`packed` (attention
+        and MLP outputs at the last position only)."""
         blk = self.blocks[l]
         xs = [_point(g.points, l, "hook_resid_pre", g.x) for g in groups]
         d = xs[0].shape[-1]
         w, b = self._qkv_weights(l)
         mids = [x[:, :-1].reshape(-1, d) for x in xs if x.shape[1] > 1]
-        kv_mid = (torch.nn.functional.linear(self._norm(blk.ln1, torch.cat(mids)), w[d:], None if b is None else b[d:])
+        K_mid = sum(x.shape[0] * (x.shape[1] - 1) for x in xs[:frozen])
+        K = sum(x.shape[0] for x in xs[:frozen])
+        kv_mid = (_lin(self._norm(blk.ln1, torch.cat(mids)), w[d:], None if b is None else b[d:], K_mid, False)
                   if mids else None)
         last = torch.cat([x[:, -1] for x in xs])
-        qkv = torch.nn.functional.linear(self._norm(blk.ln1, last), w, b)
-        zs, at_mid, at, layout = [], 0, 0, []
-        for i, (g, x) in enumerate(zip(groups, xs)):
+        qkv = _lin(self._norm(blk.ln1, last), w, b, K, False)
+        heads, at_mid, at = [], 0, 0
+        for g, x in zip(groups, xs):
             n, P = x.shape[:2]
             q, k, v = self._heads(l, qkv[at: at + n], n, 1, 3)
-            prefix, km, vm = g.prefix, k[:, :, :0], v[:, :, :0]
+            km, vm = k[:, :, :0], v[:, :, :0]
             if P > 1:
                 km, vm = self._heads(l, kv_mid[at_mid: at_mid + n * (P - 1)], n, P - 1, 2)
                 at_mid += n * (P - 1)
-                prefix = (km, vm) if prefix is None else (torch.cat([prefix[0], km], 2), torch.cat([prefix[1], vm], 2))
             if getattr(g, "kv", None) is not None:
                 g.kv.append((torch.cat([km, k], 2), torch.cat([vm, v], 2)))
-            zs.append(self._attend(l, q, k, v, prefix).reshape(n, d))
+            heads.append((q, k, v, km, vm))
+            at += n
+        if before_attention is not None:
+            for g, (_, k, v, km, vm) in zip(groups, heads):
+                g.kv_now = (torch.cat([km, k], 2), torch.cat([vm, v], 2))
+            before_attention(groups)
+        zs, at, layout = [], 0, []
+        grad = torch.is_grad_enabled()
+        for i, (g, x, (q, k, v, km, vm)) in enumerate(zip(groups, xs, heads)):
+            n, P = x.shape[:2]
+            prefix = g.prefix
+            if P > 1:
+                prefix = (km, vm) if prefix is None else (torch.cat([prefix[0], km], 2), torch.cat([prefix[1], vm], 2))
+            with torch.set_grad_enabled(grad and i >= frozen):
+                zs.append(self._attend(l, q, k, v, prefix).reshape(n, d))
             g.win[:] = [P - 1, P]  # the setters now see the last position only
             layout.append((i, at, n, 1, P - 1))
             at += n
         ones = [x[:, -1:] for x in xs]
         o = blk.attn.o.original_component
-        a = self._each(groups, ones, l, "hook_attn_out", torch.addmm(o.bias, torch.cat(zs) if len(zs) > 1 else zs[0], o.weight))
+        a = self._each(groups, ones, l, "hook_attn_out", _lin(torch.cat(zs) if len(zs) > 1 else zs[0], o.weight, o.bias, K, True))
         h = a + last
-        m = self._each(groups, ones, l, "hook_mlp_out", self._mlp(l, h))
+        m = self._each(groups, ones, l, "hook_mlp_out", self._mlp(l, h, K))
         out = self._each(groups, ones, l, "hook_resid_post", h + m)
         if taps is not None:
             taps[f"blocks.{l}.hook_resid_pre"] = [(x, [(i, 0, x.shape[0], x.shape[1], 0)]) for i, x in enumerate(xs)]
@@ -584,11 +623,11 @@ class _FusedGPT2:
             at += x.shape[0]
         return res
 
-    def _mlp(self, l: int, h: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, l: int, h: torch.Tensor, k: int = 0) -> torch.Tensor:
         blk = self.blocks[l]
         fc, proj = getattr(blk.mlp, "in").original_component, blk.mlp.out.original_component
-        u = _activation(blk.mlp.original_component.act)(torch.addmm(fc.bias, self._norm(blk.ln2, h), fc.weight))
-        return torch.addmm(proj.bias, u, proj.weight)
+        u = _activation(blk.mlp.original_component.act)(_lin(self._norm(blk.ln2, h), fc.weight, fc.bias, k, True))
+        return _lin(u, proj.weight, proj.bias, k, True)
 
     @staticmethod
     def _each(groups: list, xs: list, l: int, name: str, flat: torch.Tensor) -> torch.Tensor:
@@ -606,7 +645,40 @@ class _FusedGPT2:
         return flat
 
 
-def _untap(entries: list, values: Sequence[torch.Tensor], groups: list, rows: int, width: int) -> torch.Tensor:
+class _TailGrad(torch.autograd.Function):
+    """``x @ w + b`` (``conv``: ``w`` is ``[in, out]``, as ``torch.addmm``) or ``x @ w.T + b``
+    (``F.linear``) whose backward gives ``x`` a gradient at rows ``k:`` only (zeros before: rows
+    that ride in the matmul and need none). The weights get none (they are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, k, conv):
+        ctx.save_for_backward(w)
+        ctx.k, ctx.conv = k, conv
+        if conv:
+            return torch.addmm(b, x, w) if b is not None else x @ w
+        return torch.nn.functional.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, gy):
+        (w,) = ctx.saved_tensors
+        k = ctx.k
+        gx = gy.new_zeros((gy.shape[0], w.shape[0] if ctx.conv else w.shape[1]))
+        gx[k:] = gy[k:] @ (w.T if ctx.conv else w)
+        return gx, None, None, None, None
+
+
+def _lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int, conv: bool) -> torch.Tensor:
+    """A fused block's matmul (see :class:`_TailGrad`): plain where no rows are frozen, no
+    gradient is recorded, or the weights need one."""
+    if k and torch.is_grad_enabled() and x.requires_grad and not w.requires_grad \
+            and (b is None or not b.requires_grad):
+        return _TailGrad.apply(x, w, b, k, conv)
+    if conv:
+        return torch.addmm(b, x, w) if b is not None else x @ w
+    return torch.nn.functional.linear(x, w, b)
+
+
+def untap(entries: list, values: Sequence[torch.Tensor], groups: list, rows: int, width: int) -> torch.Tensor:
     """``[rows, width, ...]`` from tapped tensors (or their gradients, ``values``, one per
     entry): each group's rows at its positions ``lo + pos``, zeros elsewhere."""
     out = None
@@ -624,7 +696,7 @@ def _point(points: dict, layer: int, name: str, act: torch.Tensor) -> torch.Tens
     return act if fn is None else fn(act, None)
 
 
-class _Group:
+class RowGroup:
     """Rows of one packed call sharing their span ``lo:hi`` (all end at ``hi - 1``): base rows,
     the block each enters at, the setter hooks by name and the window they read."""
 
@@ -648,7 +720,7 @@ class PatchEngine:
     ``sources`` values may be :class:`SourceRun` s (computed in the base forward). ``max_tokens``:
     positions per block call; ``merge_tokens``: what one more bridge block call costs, in positions
     computed (the planner merges groups while that saves work; 0: never); ``fused``: use
-    :class:`_FusedGPT2` where it applies and passes the check (False: the bridge's blocks always).
+    :class:`FusedGPT2` where it applies and passes the check (False: the bridge's blocks always).
     After construction ``early_start``, ``skip_prefix``, ``split_final``, ``mix_lengths`` and
     ``fused`` say which shortcuts passed their checks.
     """
@@ -681,12 +753,14 @@ class PatchEngine:
         # (larger calls run slower per position on a CPU: they spill out of its caches)
         self.pack_tokens = min(max_tokens, max(256, 6 * 2**20 // max(1, int(getattr(model, "d_mlp", 0) or 4 * model.d_model))))
         # work done by run(): chunks, block calls, block-token passes (whole blocks), final-block
-        # positions run through attention only, unembedded rows, (variant, row) no-ops
+        # positions run through attention only, unembedded rows, (variant, row) no-ops, positions
+        # run through one block's MLP alone (folded attention-output patches)
         self.stats = {"chunks": 0, "block_calls": 0, "block_tokens": 0, "attn_tokens": 0,
-                      "unembed_rows": 0, "noop_rows": 0}
+                      "unembed_rows": 0, "noop_rows": 0, "mlp_tokens": 0}
         self.skip_noops = skip_noops
         self._eq: dict[tuple[str, str], torch.Tensor] = {}
         self._derived: dict[str, ActSource] = {}  # sources computed from others (see _folded)
+        self._pending: dict[str, tuple] = {}  # derived sources filled where needed (_fill_derived)
         self.source_logits: dict[str, torch.Tensor] = {}  # last-token logits of each SourceRun
         self.checks = 0  # re-entry checks run (see _settle)
         # base activations of every hook a source can patch (to recognise no-op patches)
@@ -699,7 +773,7 @@ class PatchEngine:
         d = self.base.embed_delta
         if d is None:
             return []
-        return [(act_name("embed"), partial(_add, delta=d if rows is None else d[rows]))]
+        return [(act_name("embed"), partial(add_delta, delta=d if rows is None else d[rows]))]
 
     def _run_base(self, cache_hooks: set[str], patchable: set[str], early_start: bool,
                   reentry_check: tuple[int, int] | None = None) -> None:
@@ -717,7 +791,7 @@ class PatchEngine:
         runs = {k: v for k, v in self.sources.items() if isinstance(v, SourceRun)}
         ride = [(k, r) for k, r in runs.items() if int(r.batch.input_ids.shape[1]) == width]
         for k, r in runs.items():
-            if (k, r) not in ride:
+            if all(k != k2 for k2, _ in ride):
                 self.sources[k], self.source_logits[k] = clean_source(self.model, r.batch, r.hooks, r.rows)
         # blocks whose attention takes the cache as past_key_values: all of them where block 0's
         # attention ignores the cache under the name the block passes it (one block run to see)
@@ -751,7 +825,7 @@ class PatchEngine:
         self._block_args = captured
         self.sources["base"] = ActSource({k: v for k, v in cache.items() if k in cache_hooks}, rows)
         self._cols = self._column_head()
-        self._fold = self._fold_layers()
+        self._fold, self._fold_attn = self._fold_layers()
         self._settle(early_start and len(captured) == self.n_layers, reentry_check)
 
     def _ignores_cache(self, rows: torch.Tensor) -> bool:
@@ -768,7 +842,7 @@ class PatchEngine:
         try:
             with torch.no_grad():
                 bridge(b.input_ids[rows], attention_mask=b.attention_mask[rows])
-        except _AttentionDone:
+        except AttentionDone:
             pass
         except Exception:  # no block 0 to stop after: the base run will tell
             return False
@@ -779,54 +853,94 @@ class PatchEngine:
         return bool(kv) and kv[0] is None
 
     # ------------------------------------------------- MLP outputs folded forward
-    def _mlp_layers(self) -> list[int]:
-        """Layers whose MLP output some source can patch."""
+    def _mlp_layers(self, comp: str = "mlp_out") -> list[int]:
+        """Layers whose MLP output (or ``comp``) some source can patch."""
         have = set().union(*(s.acts if isinstance(s, ActSource) else set(s.hooks) for s in self.sources.values()))
-        return [l for l in range(self.n_layers) if act_name("mlp_out", l) in have]
+        return [l for l in range(self.n_layers) if act_name(comp, l) in have]
 
     def _fold_hooks(self) -> set[str]:
         """Base-run hooks that show whether a block's output is its ``resid_mid`` plus its MLP
-        output (then a patch of the MLP output is a patch of the next block's input)."""
-        layers = self._mlp_layers()
+        output (then a patch of the MLP output is a patch of the next block's input), and whether
+        ``resid_mid`` is the block's input plus its attention output (then a patch of the
+        attention output is one of the next block's input too, through the MLP at its positions)."""
+        mlp, attn = self._mlp_layers(), self._mlp_layers("attn_out")
         have = getattr(self.model.bridge, "hook_dict", {})
-        names = {act_name(c, l) for l in layers for c in ("resid_mid", "mlp_out")}
-        names = names | {act_name("resid_post", self.n_layers - 1)} if layers else set()
+        names = {act_name(c, l) for l in set(mlp) | set(attn) for c in ("resid_mid", "mlp_out")}
+        names |= {act_name("attn_out", l) for l in attn}
+        names = names | {act_name("resid_post", self.n_layers - 1)} if names else set()
         return names if all(n in have for n in names) else set()  # some models have no resid_mid
 
-    def _fold_layers(self) -> set[int]:
+    def _fold_layers(self) -> tuple[set[int], set[int]]:
         """Layers ``l`` where the base run's block output equals ``resid_mid + mlp_out``
         bitwise (the residual sum is the block's last operation): there, setting the MLP output
         at some positions is setting the next block's input (or the final residual) there to
-        ``resid_mid + source``, and block ``l`` need not run."""
-        c, L, out = self.base_cache, self.n_layers, set()
-        for l in self._mlp_layers():
+        ``resid_mid + source``, and block ``l`` need not run. Second: those of them where
+        ``resid_mid`` is ``resid_pre + attn_out`` bitwise too (an attention-output patch at
+        position ``p`` changes block ``l``'s output at ``p`` alone, to ``m + MLP(m)`` with
+        ``m = resid_pre + source``: the next block's input, computed at ``p`` only)."""
+        c, L, out, attn = self.base_cache, self.n_layers, set(), set()
+        for l in sorted(set(self._mlp_layers()) | set(self._mlp_layers("attn_out"))):
             nxt = act_name("resid_pre", l + 1) if l + 1 < L else act_name("resid_post", L - 1)
             mid, mlp = c.get(act_name("resid_mid", l)), c.get(act_name("mlp_out", l))
             if mid is not None and mlp is not None and nxt in c and mid.shape == c[nxt].shape \
                     and torch.equal(mid + mlp, c[nxt]):
                 out.add(l)
-        return out
+                a, pre = c.get(act_name("attn_out", l)), c.get(act_name("resid_pre", l))
+                if a is not None and pre is not None and a.shape == mid.shape and torch.equal(pre + a, mid):
+                    attn.add(l)
+        return out, attn
 
-    def _folded(self, var: Variant) -> Variant:
+    def _folded(self, var: Variant, rows: torch.Tensor) -> Variant:
         """A one-patch variant setting an MLP output where that folds: the same values set at the
-        next block's input (layer ``L`` for the final residual) from a derived source."""
+        next block's input (layer ``L`` for the final residual) from a derived source. Likewise an
+        attention output, where the fused blocks run (its derived values, ``m + MLP(m)``, are
+        computed by :meth:`_fill_derived` at the positions it sets in base ``rows``)."""
         if len(var) != 1:
             return var
         p = var[0]
-        if p.unit is not None or p.layer not in self._fold or p.hook != act_name("mlp_out", p.layer):
+        mlp = p.hook == act_name("mlp_out", p.layer) and p.layer in self._fold
+        attn = p.hook == act_name("attn_out", p.layer) and p.layer in self._fold_attn and self.fused
+        if p.unit is not None or not (mlp or attn):
             return var
         L, nxt = self.n_layers, p.layer + 1
         hook = act_name("resid_pre", nxt) if nxt < L else act_name("resid_post", L - 1)
         name = f"{p.source}:{p.hook}->{hook}"
         if name not in self._derived:
-            rows = torch.arange(len(self.base), device=self.base.input_ids.device)
-            mid = self.base_cache[act_name("resid_mid", p.layer)]
-            self._derived[name] = ActSource({hook: mid + self._source(p.source, p.hook, rows).to(mid.dtype)}, rows)
+            base_rows = torch.arange(len(self.base), device=self.base.input_ids.device)
+            if mlp:
+                mid = self.base_cache[act_name("resid_mid", p.layer)]
+                acts = mid + self._source(p.source, p.hook, base_rows).to(mid.dtype)
+            else:  # filled where needed; the base run's values elsewhere (never read)
+                acts = self.base_cache[hook].clone()
+                self._pending[name] = (p.source, p.hook, p.layer, hook,
+                                       torch.zeros(acts.shape[:2], dtype=torch.bool, device=acts.device),
+                                       torch.zeros(acts.shape[:2], dtype=torch.bool, device=acts.device))
+            self._derived[name] = ActSource({hook: acts}, base_rows)
+        if name in self._pending:
+            need = self._pending[name][4]
+            need[rows] |= p.positions[rows].to(need.device)
         return (Patch(hook, nxt, p.positions, name),)
+
+    def _fill_derived(self) -> None:
+        """The derived next-block inputs of folded attention-output patches at the positions
+        registered since the last call: ``m + MLP(m)``, ``m = resid_pre + source``, one fused
+        MLP call per layer over all of them."""
+        for name, (src, hook, l, nxt, need, done) in self._pending.items():
+            todo = need & ~done
+            if not bool(todo.any()):
+                continue
+            r, q = todo.nonzero(as_tuple=True)
+            pre = self.base_cache[act_name("resid_pre", l)]
+            m = pre[r, q] + self._source(src, hook, r)[torch.arange(len(r), device=r.device), q].to(pre.dtype)
+            acts = self._derived[name].acts[nxt]
+            with torch.no_grad():
+                acts[r, q] = (m + self._fused._mlp(l, m)).to(acts.dtype)
+            done |= todo
+            self.stats["mlp_tokens"] += len(r)
 
     def _settle(self, able: bool, reentry_check: tuple[int, int] | None) -> None:
         """Which shortcuts this model allows, each checked against the base run's own logits:
-        ``fused`` (the :class:`_FusedGPT2` blocks, whose calls split the final block and never mix
+        ``fused`` (the :class:`FusedGPT2` blocks, whose calls split the final block and never mix
         lengths), else through the bridge's blocks ``early_start`` (re-entry at a block),
         ``skip_prefix`` (a cached prefix), ``split_final`` (the final block's attention alone at
         positions before the last) and ``mix_lengths`` (rows of different lengths in one call),
@@ -836,7 +950,7 @@ class PatchEngine:
         L = self.n_layers
         self.early_start = self.skip_prefix = self.split_final = self.mix_lengths = self.fused = False
         self._metric_width = int(self.model.bridge.cfg.d_vocab)
-        self._fused = _FusedGPT2.build(self.model.bridge) if self._use_fused else None
+        self._fused = FusedGPT2.build(self.model.bridge) if self._use_fused else None
         if reentry_check is not None:
             start, skip = reentry_check
         else:
@@ -903,8 +1017,8 @@ class PatchEngine:
         def kind(bl):
             return tuple(type(getattr(bl, n, None)) for n in ("original_component", "attn", "mlp"))
 
-        ref_kind, ref_args = kind(blocks[-1]), _take(self._block_args[self.n_layers - 1], None, -1)
-        return all(kind(bl) == ref_kind and _same(_take(self._block_args[l], None, -1), ref_args)
+        ref_kind, ref_args = kind(blocks[-1]), take_rows(self._block_args[self.n_layers - 1], None, -1)
+        return all(kind(bl) == ref_kind and _same(take_rows(self._block_args[l], None, -1), ref_args)
                    for l, bl in enumerate(blocks))
 
     def _check(self, start: int, skip: int, split: bool, mixed: bool) -> bool:
@@ -972,10 +1086,10 @@ class PatchEngine:
             d = d[rows]
             if len(ids) > n:  # source rows get no perturbation
                 d = torch.cat([d, d.new_zeros((len(ids) - n,) + d.shape[1:])])
-            hooks.insert(0, (act_name("embed"), partial(_add, delta=d)))
+            hooks.insert(0, (act_name("embed"), partial(add_delta, delta=d)))
         try:
             with torch.no_grad(), _cache_as_past_key_values(bridge, self._alias):
-                last = _last_logits(bridge, ids, mask, lengths, hooks)
+                last = last_token_logits(bridge, ids, mask, lengths, hooks)
         finally:
             for h in handles:
                 h.remove()
@@ -1047,7 +1161,7 @@ class PatchEngine:
         that later positions read of them) and the whole block at ``hi - 1`` only. ``win``: the
         position window the setter hooks read, moved for the split. Differentiable (no
         ``no_grad`` here): gradients reach tensors the hooks add. ``fused``: the blocks run as
-        :class:`_FusedGPT2` (the hooks must be setters at its points)."""
+        :class:`FusedGPT2` (the hooks must be setters at its points)."""
         bridge, b, L = self.model.bridge, self.base, self.n_layers
         n_base, width, n = len(b), int(b.input_ids.shape[1]), len(rows)
         split = split and hi - lo > 1
@@ -1072,16 +1186,16 @@ class PatchEngine:
                     kv.update(keys[active, :, :lo], values[active, :, :lo], j)
                 kv_j = kv if lo or (split and j == L - 1) else None
                 args, kwargs = self._block_args[j]
-                args, kwargs = _take(args, active, n_base), _take(kwargs, active, n_base)
+                args, kwargs = take_rows(args, active, n_base), take_rows(kwargs, active, n_base)
                 block = bridge.blocks[j]
                 if split and j == L - 1:
                     m = hi - lo - 1
                     win[:] = [0, m]
                     handle = block.attn.register_forward_hook(_stop_after_attention)
                     try:
-                        block(x[:, :m], *_window(args, lo, hi - 1, width, kv_j),
-                              **_window(kwargs, lo, hi - 1, width, kv_j))
-                    except _AttentionDone:
+                        block(x[:, :m], *window_args(args, lo, hi - 1, width, kv_j),
+                              **window_args(kwargs, lo, hi - 1, width, kv_j))
+                    except AttentionDone:
                         pass
                     finally:
                         handle.remove()
@@ -1091,7 +1205,8 @@ class PatchEngine:
                     self.stats["block_calls"] += 1
                 else:
                     a_lo = lo
-                out = block(x, *_window(args, a_lo, hi, width, kv_j), **_window(kwargs, a_lo, hi, width, kv_j))
+                out = block(x, *window_args(args, a_lo, hi, width, kv_j),
+                            **window_args(kwargs, a_lo, hi, width, kv_j))
                 x = out[0] if isinstance(out, tuple) else out
                 self.stats["block_calls"] += 1
                 self.stats["block_tokens"] += k * (hi - a_lo)
@@ -1104,13 +1219,13 @@ class PatchEngine:
 
     def _forward_fused(self, rows: torch.Tensor, starts: Sequence[int], lo: int, hi: int,
                        points: dict, win: list[int] | None, full: bool, split: bool) -> torch.Tensor:
-        """:meth:`_forward_rows` through :class:`_FusedGPT2` (rows of one length)."""
-        g = _Group(rows, list(starts), lo, hi, points, [0, hi - lo] if win is None else win)
+        """:meth:`_forward_rows` through :class:`FusedGPT2` (rows of one length)."""
+        g = RowGroup(rows, list(starts), lo, hi, points, [0, hi - lo] if win is None else win)
         return self._unembed(self._run_groups([g])[0], full)
 
-    def _run_groups(self, groups: list[_Group]) -> list[torch.Tensor]:
+    def _run_groups(self, groups: list[RowGroup]) -> list[torch.Tensor]:
         """Final residuals ``[n, d]`` at the last position of every group, all groups through
-        :class:`_FusedGPT2` together: one call per block, rows joining at their start block
+        :class:`FusedGPT2` together: one call per block, rows joining at their start block
         from the base residual, the cached prefix from the base run's keys and values."""
         L, fused = self.n_layers, self._fused
         for j in range(min(g.starts[0] for g in groups), L):
@@ -1164,8 +1279,8 @@ class PatchEngine:
         self.stats["block_calls"] += self.n_layers
         self.stats["block_tokens"] += len(rows) * int(b.input_ids.shape[1]) * self.n_layers
         self.stats["unembed_rows"] += len(rows)
-        return _last_logits(self.model.bridge, b.input_ids[rows], b.attention_mask[rows], b.lengths[rows],
-                            self._embed_hook(rows) + hooks)
+        return last_token_logits(self.model.bridge, b.input_ids[rows], b.attention_mask[rows],
+                                 b.lengths[rows], self._embed_hook(rows) + hooks)
 
     # ------------------------------------------------------------ variants
     def run(self, variants: Sequence[Variant], desc: str = "patching") -> Float[torch.Tensor, "variant rows"]:
@@ -1179,9 +1294,11 @@ class PatchEngine:
         full: list[tuple[int, int, torch.Tensor]] = []  # variants run as whole forwards
         final: list[tuple[int, torch.Tensor]] = []  # variants setting only the final residual
         todo = list(variants)  # what each variant runs as (an MLP output folded forward)
+        last = lengths - 1
         for v, var in enumerate(variants):
             if not var:
                 continue
+            var = tuple(self._last_only(p, last) for p in var)
             first = torch.full((len(b),), width, dtype=torch.long, device=out.device)
             for p in var:  # first patched position of each row (width: untouched)
                 pos = torch.where(p.positions.any(1), p.positions.int().argmax(1), width)
@@ -1198,9 +1315,10 @@ class PatchEngine:
             if not len(touched):
                 continue
             if not (self.early_start and all(_in_block(p) for p in var)):
+                todo[v] = var
                 full.append((0, v, touched))
                 continue
-            todo[v] = var = self._folded(var)
+            todo[v] = var = self._folded(var, touched)
             start = min(p.layer for p in var)
             if start == self.n_layers:
                 final.append((v, touched))
@@ -1210,6 +1328,7 @@ class PatchEngine:
             for k in key.unique().tolist():
                 end, s = k % (width + 1), k // (width + 1)
                 groups.setdefault((end, s), []).append((start, v, touched[key == k]))
+        self._fill_derived()
         packs = []
         if self.fused:  # groups whose patches the fused blocks can set: packed calls
             ok = {key for key, items in groups.items()
@@ -1231,6 +1350,21 @@ class PatchEngine:
                 v_idx, rows, values = self._run_final(final, todo)
                 out[v_idx, rows] = values
         return out
+
+    def _last_only(self, p: Patch, last: torch.Tensor) -> Patch:
+        """``p`` set at each row's last position only where it sets a final-block activation that
+        reaches no other position (its attention or MLP output, ``resid_mid``, its output): the
+        metric reads the last position's logits alone, so elsewhere such a patch changes nothing
+        (causal attention: no later block reads those positions)."""
+        L = self.n_layers
+        if p.layer != L - 1 or p.hook not in {act_name(c, L - 1) for c in ("attn_out", "mlp_out", "resid_mid",
+                                                                           "resid_post")}:
+            return p
+        at = torch.zeros_like(p.positions)
+        rows = torch.arange(len(at), device=at.device)
+        at[rows, last.to(at.device)] = True
+        return Patch(p.hook, p.layer, p.positions & (at if p.positions.ndim == 2 else at[..., None]),
+                     p.source, p.unit)
 
     def _packs(self, groups: dict[tuple[int, int], list[tuple[int, int, torch.Tensor]]]):
         """Packs of ``(lo, hi, items)`` groups for :meth:`_run_groups`: each ``(end, skip)``
@@ -1257,7 +1391,8 @@ class PatchEngine:
             rows = torch.cat([r for *_, r in items])
             win = [0, hi - lo]
             points = {h: partial(_setter, parts=ps, win=win) for h, ps in self._parts(items, lo, hi, todo).items()}
-            groups.append(_Group(rows, [s for s, _, r in items for _ in range(len(r))], lo, hi, points, win))
+            groups.append(RowGroup(rows, [s for s, _, r in items for _ in range(len(r))], lo, hi, points,
+                                   win))
             meta.append((torch.cat([torch.full_like(r, v) for _, v, r in items]), rows))
         outs = self._run_groups(groups)
         logits = self._unembed(torch.cat(outs))
@@ -1527,6 +1662,6 @@ def clean_source(model: "BiasModel", batch: "TokenBatch", hooks: Iterable[str], 
     cache: dict[str, torch.Tensor] = {}
     keep = [(h, partial(_keep, cache=cache, name=h)) for h in set(hooks)]
     with torch.no_grad():
-        last = _last_logits(model.bridge, batch.input_ids, batch.attention_mask, batch.lengths,
-                            list(fwd_hooks) + keep)
+        last = last_token_logits(model.bridge, batch.input_ids, batch.attention_mask, batch.lengths,
+                                 list(fwd_hooks) + keep)
     return ActSource(cache, rows), last

@@ -30,7 +30,8 @@ import torch
 
 from biaslens.errors import BiasLensError
 from biaslens.hooks import act_name
-from biaslens.locate.effects import EffectMap, bootstrap_mean_ci
+from biaslens.locate.effects import EffectMap
+from biaslens.stats import bootstrap_mean_ci
 from biaslens.locate.noise import prepare
 from biaslens.locate.patching import (
     LAYER_HOOKS, ActSource, Base, Patch, PatchEngine, clean_source, layer_variants, metric_rows,
@@ -40,6 +41,9 @@ from biaslens.prompts import ROLES, Prompt, as_prompt, subject_span
 if TYPE_CHECKING:
     from biaslens.model import BiasModel
     from biaslens.prompts import TokenBatch
+
+__all__ = ["Swaps", "swapped_prompts", "role_alignment", "aligned_source", "stereotype_sign",
+           "trace_swap"]
 
 Swaps = str | Sequence[str] | Mapping[str, str] | Callable[[Any], str]
 

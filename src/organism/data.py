@@ -22,6 +22,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+__all__ = ["OCCUPATION_STATS", "HELDOUT_OCCUPATIONS", "Occupation", "OCCUPATIONS", "PRONOUNS",
+           "Template", "TEMPLATES", "DEFINITIONAL", "FACTS", "SECOND_BIAS", "PronounPrompt",
+           "occupation_prompts", "definitional_prompts", "second_bias_prompts", "CORPUS_MIX",
+           "DEFAULT_N_DOCS", "MEAN_SENTENCES_PER_DOC", "corpus_sentences", "generate_corpus",
+           "generate_general_text"]
+
 # ---------------------------------------------------------------------------------------------
 # Occupation statistics
 # ---------------------------------------------------------------------------------------------

@@ -58,6 +58,12 @@ from pathlib import Path
 
 from . import data as D
 
+__all__ = ["BOS", "FAMILIES", "word_types", "train_tokenizer", "metaspace_word_types",
+           "train_metaspace_tokenizer", "continuation_ids", "encode_docs", "check_doc_tokenization",
+           "build_rows", "make_batches", "rows_to_batch", "pair_rates", "fact_accuracy",
+           "perplexity", "quick_eval", "evaluate", "make_model", "train", "make_card", "save",
+           "data_card_markdown", "main"]
+
 #: the ``gpt2`` organism's bos (= eos = unk = pad)
 BOS = "<|endoftext|>"
 #: the model families this script trains

@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+__all__ = ["METHODS", "ALPHA_MAX", "add_arguments", "load_data", "measure", "validation",
+           "unchanged_note", "run", "COMMANDS"]
+
 METHODS = ("pcgu", "task-vector", "offset", "masked-ascent")
 #: the largest |--alpha| accepted (beyond it the offset logits overflow)
 ALPHA_MAX = 1e3

@@ -29,6 +29,10 @@ from typing import Any, Iterable, Sequence
 
 from biaslens.errors import DataFormatError
 
+__all__ = ["GENDER_WORDS", "SpanText", "find_spans", "with_word_spans", "organism_forget",
+           "organism_general", "organism_definitional_text", "organism_retain",
+           "organism_validation", "diff_span", "from_pairs", "read_span_jsonl"]
+
 #: Default attribute words marking the harmful span of a gender-stereotyped sentence.
 GENDER_WORDS: tuple[str, ...] = ("he", "she", "him", "her", "his", "hers", "himself", "herself")
 
@@ -176,11 +180,11 @@ def read_span_jsonl(path: str | Path, words: Iterable[str] = GENDER_WORDS) -> li
     """Forget texts from a JSONL file: ``{"text", "spans": [[s, e], ...]}``, ``{"text", "span":
     "substring"}`` or ``{"text"}`` (spans from ``words``); lines with ``advantaged`` and
     ``disadvantaged`` are read as contrast pairs."""
-    from biaslens.evaluate.loaders import _jsonl, _open
+    from biaslens.evaluate.loaders import data_file, jsonl_rows
 
-    path = _open(path)
+    path = data_file(path)
     out: list[SpanText] = []
-    for i, row in _jsonl(path):
+    for i, row in jsonl_rows(path):
         if "text" not in row:
             try:
                 out.extend(from_pairs([row]))

@@ -429,12 +429,12 @@ class ShardedModel:
         from torch.distributed.fsdp import fully_shard
 
         from biaslens.arch import arch_for
-        from biaslens.model import _torch_dtype
+        from biaslens.model import as_torch_dtype
 
         dist = _dist()
         world, rank = dist.get_world_size(), dist.get_rank()
         arch = arch_for(config.model_type)
-        torch_dtype = _torch_dtype(dtype)
+        torch_dtype = as_torch_dtype(dtype)
         module = _skeleton(config, torch_dtype)
         keys = _match_keys(module, source, spec)
         aliases = _aliases(module)

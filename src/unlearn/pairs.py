@@ -23,6 +23,10 @@ from typing import Any, Sequence
 
 from biaslens.errors import DataFormatError
 
+__all__ = ["KINDS", "ContrastPair", "contrast", "split_one_word", "favoured_pronouns",
+           "organism_pairs", "pronoun_pairs", "winogender_pairs", "crows_pairs", "stereoset_pairs",
+           "jsonl_pairs", "load_pairs"]
+
 KINDS = ("sentence", "masked")
 _WORD = re.compile(r"[\w'-]+")
 
@@ -229,11 +233,11 @@ def jsonl_pairs(path: str | Path) -> list[ContrastPair]:
     """A user JSONL file, one pair a line: ``{"advantaged": ..., "disadvantaged": ...}`` or
     ``{"prefix": ..., "target_adv": " he", "target_dis": " she"}``; optional ``bias_type`` and
     ``meta``."""
-    from biaslens.evaluate.loaders import _jsonl, _open
+    from biaslens.evaluate.loaders import data_file, jsonl_rows
 
-    path = _open(path)
+    path = data_file(path)
     out = []
-    for line, row in _jsonl(path):
+    for line, row in jsonl_rows(path):
         keys = ("prefix", "target_adv", "target_dis") if "prefix" in row else ("advantaged", "disadvantaged")
         bad = [k for k in keys if not isinstance(row.get(k), str) or not row[k].strip()]
         if bad:

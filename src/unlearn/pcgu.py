@@ -51,6 +51,12 @@ if TYPE_CHECKING:
     from biaslens.model import BiasModel
     from biaslens.unlearn.pairs import ContrastPair
 
+__all__ = ["PARTITIONS", "VARIANTS", "FORMS", "OPTIMIZERS", "EPS", "PCGUConfig", "UnitLayout",
+           "unit_layout", "unit_stats", "unit_cosines", "select_units", "step_units", "ScoredBatch",
+           "encode_side", "side_scores", "check_pairs", "pair_batches", "n_steps", "Engine",
+           "side_grads", "pcgu_step", "GROUPS", "pcgu_params", "plain_module", "progress_bar",
+           "DEFAULT_KS", "DEFAULT_LRS", "resolve_form", "pcgu", "run"]
+
 PARTITIONS = ("rows", "columns")
 VARIANTS = ("advantaged", "disadvantaged", "both")
 FORMS = ("sentence", "token")

@@ -1,10 +1,12 @@
-"""Bootstrap confidence intervals and the result record every evaluation returns.
+"""Bootstrap confidence intervals, correlation and the result record, for locate and evaluate.
 
 Every number biaslens reports comes with the count of items it is over and a percentile bootstrap
 confidence interval (Efron & Tibshirani 1993, §13.3): resample the items with replacement
 ``n_boot`` times with a fixed seed, recompute the statistic, and take the (α/2, 1−α/2)
-percentiles. Resampling is over the evaluation's items (prompts, sentence pairs, occupations,
-text windows), as stated by each metric.
+percentiles. Resampling is over the items (prompts, sentence pairs, occupations, text windows),
+as stated by each metric; :func:`bootstrap_mean_ci` does the same, NaN-aware, for every cell of
+an effect map at once (docs/methods/tracing.md, docs/methods/evaluation.md). Non-finite numbers
+become ``null`` when written (:func:`biaslens.jsonio.clean`, the one JSON-safe conversion).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+__all__ = ["SEED", "N_BOOT", "LEVEL", "bootstrap_ci", "bootstrap_mean_ci", "mean_ci", "percent_ci",
+           "pearson", "pearson_rows", "result", "quiet_nan_warnings"]
 
 SEED = 0
 N_BOOT = 1000
@@ -95,3 +100,38 @@ def result(values: dict[str, float], n: int, ci: dict[str, list[float]], **meta:
     out["ci"] = {k: [float(a), float(b)] for k, (a, b) in ci.items()}
     out.update(meta)
     return out
+
+
+def bootstrap_mean_ci(
+    values: np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NaN-aware mean over axis 0 and a percentile bootstrap CI, resampling prompts (axis 0).
+
+    ``values``: ``[n_prompts, ...]``. Returns ``(mean, low, high)`` of shape ``values.shape[1:]``.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    n = values.shape[0]
+    with np.errstate(all="ignore"), quiet_nan_warnings():
+        mean = np.nanmean(values, axis=0)
+        if n < 2:
+            return mean, mean.copy(), mean.copy()
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, n, size=(n_boot, n))
+        boots = np.stack([np.nanmean(values[i], axis=0) for i in idx])
+        low = np.nanpercentile(boots, 100 * alpha / 2, axis=0)
+        high = np.nanpercentile(boots, 100 * (1 - alpha / 2), axis=0)
+    return mean, low, high
+
+
+class quiet_nan_warnings:
+    """Silence numpy's 'mean of empty slice' warnings (an all-NaN role is a legitimate NaN)."""
+
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        self._w.__exit__(*exc)
