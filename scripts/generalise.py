@@ -112,7 +112,7 @@ def _selection_kwargs(fn: Callable, data: dict[str, Any]) -> dict[str, Any]:
 
 def run_pcgu(model, ctx):
     """PCGU (Yu et al. 2023) on the default contrast pairs."""
-    from biaslens.unlearn.pcgu import pcgu
+    from biaslens.unlearn.partitioned import pcgu
 
     data = _unlearn_data(model, ctx)
     delta = pcgu(model, data["pairs"], progress=ctx["progress"], **_selection_kwargs(pcgu, data))
@@ -506,7 +506,7 @@ def main_table(res: dict[str, Any]) -> list[str]:
         f"{_f(b['definitional_share'])} | {_f(b['facts'])} | {_f(b['perplexity'])} | |",
     ]
     for r in res["rows"]:
-        label = f"{r['method']} ({r['kind']})"
+        label = f"{r['method']} ({r['kind']})" + (" †" if r.get("rerun") is False else "")
         if "changes" not in r:
             lines.append(f"| {label} | raised | {_f(r.get('seconds'), '{:.0f} s')} | "
                          f"`{_oneline(r.get('error', ''))}` | | | | | | | | "
@@ -692,6 +692,9 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"**unlearning** — cut ≥ {ub['cut']:.0%}, perplexity up ≤ {ub['ppl_rise']:.0%}, definitional down ≤ "
         f"{ub['definitional_drop'] * 100:g} points.",
         "",
+        *(["† rows kept from the record's earlier run (`--update` re-ran only "
+           f"{', '.join(meta.get('methods', []))}); everything else was measured in this run.", ""]
+          if any(r.get("rerun") is False for res in results for r in res["rows"]) else []),
         "## Summary",
         "",
         *summary_lines(results),
@@ -726,8 +729,8 @@ def _clean(x: Any) -> Any:
 
 
 #: the modules the methods and measures live in, imported before the first row
-MODULES = ("biaslens.edit.least_squares", "biaslens.edit.tune", "biaslens.edit.baselines", "biaslens.edit.dama",
-           "biaslens.edit.leace", "biaslens.unlearn.common", "biaslens.unlearn.select", "biaslens.unlearn.pcgu",
+MODULES = ("biaslens.edit.least_squares", "biaslens.edit.tune", "biaslens.edit.baselines", "biaslens.edit.projection",
+           "biaslens.edit.erasure", "biaslens.unlearn.common", "biaslens.unlearn.select", "biaslens.unlearn.partitioned",
            "biaslens.unlearn.task_vector", "biaslens.unlearn.masked_ascent", "biaslens.unlearn.offset",
            "biaslens.evaluate.suite", "biaslens.evaluate.contrast", "biaslens.defaults")
 
@@ -760,6 +763,26 @@ def _command(argv: list[str]) -> str:
 # ------------------------------------------------------------------------------------ main
 
 
+def _merge(record: Path, new: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    """The earlier record's results with the rows of ``methods`` replaced by ``new``'s (same
+    organism; base numbers from the new run, which must match the earlier base weights)."""
+    if not record.is_file():
+        return new
+    old = {r["model"]: r for r in json.loads(record.read_text(encoding="utf-8"))["results"]}
+    out = []
+    for res in new:
+        prev = old.get(res["model"])
+        if prev is None or prev.get("base_hash") != res.get("base_hash"):
+            out.append(res)
+            continue
+        fresh = {r["method"]: r for r in res["rows"]}
+        rows = [fresh.pop(r["method"]) if r["method"] in fresh else {**r, "rerun": False}
+                for r in prev["rows"]]
+        out.append({**res, "rows": rows + list(fresh.values()),
+                    "seconds": prev.get("seconds", 0.0)})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--organisms", default=",".join(ORGANISMS), help="comma-separated model specs")
@@ -775,6 +798,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
     ap.add_argument("--progress", action="store_true", help="show the methods' progress bars")
+    ap.add_argument("--update", action="store_true",
+                    help="re-run only --methods and replace their rows in the existing JSON record "
+                         "next to --out (the other rows, and their dates, are kept and marked)")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite the markdown from the JSON record next to --out (no model is run)")
     args = ap.parse_args(argv)
@@ -821,6 +847,8 @@ def main(argv: list[str] | None = None) -> int:
                                     ppl_tokens=ppl_tokens))
         del model
     total = time.perf_counter() - t0
+    if args.update:
+        results = _merge(args.out.with_suffix(".json"), results, methods)
     meta = {"date": datetime.date.today().isoformat(), "seed": args.seed, "threads": torch.get_num_threads(),
             "limit": limit, "ppl_tokens": ppl_tokens, "methods": methods, "organisms": organisms, "total_seconds": total,
             "argv": _command(argv if argv is not None else sys.argv[1:]),

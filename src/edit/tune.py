@@ -79,8 +79,10 @@ class TuneGrid:
     The search starts at index ``start`` of (λ, keep weight) and moves to the best neighbour
     (feasible before infeasible, then lower contrast, then less violation) until none is better."""
 
-    mom2_per_column: tuple[float, ...] = (0.05, 0.15, 0.5, 1.5)
-    keep_weights: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
+    #: wide on purpose: the search only walks to neighbours, and the scale that balances the
+    #: data term differs by role (organism-llama at its subject role needed 50 per column)
+    mom2_per_column: tuple[float, ...] = (0.05, 0.15, 0.5, 1.5, 5.0, 15.0, 50.0, 150.0)
+    keep_weights: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
     top_layers: int = 2
     #: a layer joins the windows only with at least this fraction of the best layer's effect
     min_effect_ratio: float = 0.25
@@ -207,7 +209,7 @@ class Validation:
         the perplexity windows for :meth:`score`. Returns the base numbers."""
         import numpy as np
 
-        from biaslens.evaluate.perplexity import context_length, window_rows
+        from biaslens.evaluate.fluency import context_length, window_rows
         from biaslens.evaluate.scoring import continuation_rows, token_rows
 
         if not self.prompts:
@@ -303,7 +305,7 @@ class Validation:
         import torch
 
         from biaslens.errors import VocabularyError
-        from biaslens.evaluate.occupations import pronoun_logprobs
+        from biaslens.evaluate.probes import pronoun_logprobs
         from biaslens.metrics import pronoun_ids
 
         try:
