@@ -6,7 +6,7 @@
 One run, CPU only, every process on one thread. For each measured configuration:
 
 (a) one process: ``biaslens.load`` (the whole model), one step of the PCGU loop that
-    ``pcgu_fsdp`` runs (:func:`biaslens.unlearn.pcgu.run` with the one-process engine: the
+    ``pcgu_fsdp`` runs (:func:`biaslens.unlearn.partitioned.run` with the one-process engine: the
     like-for-like baseline), ``delta.save``, then (main configuration only) ``biaslens.export``;
     for the main configuration also, in a process of its own, the public :func:`biaslens.unlearn.pcgu`
     on the same step (no strength selection, no keep term);
@@ -21,7 +21,7 @@ Each process records its peak resident set size (``resource.getrusage(RUSAGE_SEL
 after its imports (the baseline: interpreter, torch, transformers with the GPT-2 modelling code,
 TransformerLens and biaslens — the same set in every process; on the ranks also the gloo process
 group), after loading, at the start of the step (after PCGU's snapshot of the trained tensors),
-after ``g_a``, after ``g_d`` (the benchmark wraps :func:`biaslens.unlearn.pcgu.side_grads` to take
+after ``g_a``, after ``g_d`` (the benchmark wraps :func:`biaslens.unlearn.partitioned.side_grads` to take
 these two marks; nothing else changes), after the step and its delta, after saving the delta and
 after the export. "Net" is a peak minus the baseline. The ratio compares each rank's peak through
 load + step + delta with the one process's. Model building and the delta comparison run in their
@@ -92,7 +92,7 @@ def _imports() -> None:
     import biaslens.delta  # noqa: F401
     import biaslens.export  # noqa: F401
     import biaslens.unlearn.distributed  # noqa: F401
-    import biaslens.unlearn.pcgu  # noqa: F401
+    import biaslens.unlearn.partitioned  # noqa: F401
 
 
 def _setup(a) -> Marks:
@@ -106,7 +106,7 @@ def _setup(a) -> Marks:
     if a.allocator == "fixed" and not fixed_mmap_threshold():
         raise SystemExit("could not fix the mmap threshold (not glibc?); run with --allocator default")
     m = Marks()
-    pcgu_mod = sys.modules["biaslens.unlearn.pcgu"]
+    pcgu_mod = sys.modules["biaslens.unlearn.partitioned"]
     inner = pcgu_mod.side_grads
 
     def side_grads(*args, **kw):  # instrumentation only: the same call, with RSS marks around it
@@ -131,7 +131,7 @@ def _single_kwargs(a) -> dict:
     term (both run in one process only), where this version of ``pcgu`` has them."""
     import inspect
 
-    from biaslens.unlearn.pcgu import pcgu
+    from biaslens.unlearn.partitioned import pcgu
 
     extra = {k: v for k, v in (("validation", None), ("keep_weight", 0.0)) if k in inspect.signature(pcgu).parameters}
     return {**_pcgu_kwargs(a), **extra}
@@ -142,7 +142,7 @@ def worker_single(a) -> None:
     import biaslens
     from biaslens.export import export
     from biaslens.unlearn import organism_pairs
-    from biaslens.unlearn.pcgu import Engine, PCGUConfig, pcgu, run
+    from biaslens.unlearn.partitioned import Engine, PCGUConfig, pcgu, run
 
     m.mark("imports")
     model = biaslens.load(a.model)

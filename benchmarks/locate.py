@@ -205,21 +205,28 @@ def main(argv=None) -> int:
     mem: dict[str, float] = {}
     res: dict[str, object] = {}
 
+    cpu: dict[str, list[float]] = {k: [] for k in times}
+
     def timed(key, fn):
         with PeakRSS() as pk:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn()
             times[key].append(time.perf_counter() - t0)
+            cpu[key].append(time.process_time() - c0)
         mem[key] = max(mem.get(key, 0.0), pk.mb)
         res[key] = out
 
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     order = [("tl", s.tl), ("ours", s.ours), ("all", lambda: s.ours(skip_noops=False)), ("attr", s.attribution)]
     for r in range(rounds):
         for key, fn in (order if r % 2 == 0 else order[::-1]):
             timed(key, fn)
             print(f"  round {r + 1}: {key} {times[key][-1]:.2f}s", flush=True)
 
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t = {k: sum(v) / len(v) for k, v in times.items()}
+    tc = {k: sum(v) / len(v) for k, v in cpu.items()}
+    cratio = {k: tc["tl"] / tc[k] for k in ("ours", "all", "attr")}
     tl = res["tl"]
     ours, eng = res["ours"]
     every, eng_all = res["all"]
@@ -236,7 +243,9 @@ def main(argv=None) -> int:
     # ---- work in MACs: one block pass of one position = 12 d^2 (q, k, v, output: 4 d^2; MLP: 8 d^2)
     c_block, c_kv, c_mlp, c_head = 12 * d * d, 2 * d * d, 8 * d * d, d * V
     work_tl = (n_sites + 1) * B * T * (L * c_block + c_head)  # 216 patched forwards + the clean run
-    base_run = 2 * B * T * L * c_block + 2 * B * c_head  # the engine's base forward, clean rows riding along
+    # the engine's base forward, clean rows riding along, stopped at the final norm (the metric's
+    # columns unembedded at the last tokens; the full logits only if someone reads them)
+    base_run = 2 * B * T * L * c_block + B * d * (len(eng._cols[0]) if eng._cols is not None else V)
 
     def engine_work(st):
         return (st["block_tokens"] * c_block + st["attn_tokens"] * c_kv + st["mlp_tokens"] * c_mlp
@@ -270,15 +279,18 @@ def main(argv=None) -> int:
         f"(shared with other jobs), torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
         f"each method run {rounds} time(s) in alternating order, mean wall time.",
         "",
-        "| method | wall time (s) | wall ratio vs TL | work ratio (MACs) | target | peak extra RSS (MB) | check |",
-        "|---|---:|---:|---:|---:|---:|---|",
-        f"| TransformerLens `patching` (1 forward per site, + clean cache) | {t['tl']:.1f} | 1.0x | 1.0x | | "
+        "| method | wall time (s) | wall ratio vs TL | CPU time (s) | CPU-time ratio | work ratio (MACs) | target | peak extra RSS (MB) | check |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| TransformerLens `patching` (1 forward per site, + clean cache) | {t['tl']:.1f} | 1.0x | {tc['tl']:.1f} | 1.0x | 1.0x | | "
         f"{mem['tl']:.0f} | |",
         f"| biaslens exact (`PatchEngine` + `patch_by_pos`) | {t['ours']:.2f} | **{ratio['ours']:.1f}x** | "
+        f"{tc['ours']:.2f} | {cratio['ours']:.1f}x | "
         f"{wratio['ours']:.1f}x | >= 20x | {mem['ours']:.0f} | max abs diff vs TL {diff:.1e} |",
         f"| biaslens exact, no-op skipping off (every site computed) | {t['all']:.2f} | **{ratio['all']:.1f}x** | "
+        f"{tc['all']:.2f} | {cratio['all']:.1f}x | "
         f"{wratio['all']:.1f}x | >= 10x | {mem['all']:.0f} | max abs diff vs TL {diff_all:.1e} |",
         f"| biaslens attribution patching (`attribution_scores`) | {t['attr']:.2f} | **{ratio['attr']:.0f}x** | "
+        f"{tc['attr']:.2f} | {cratio['attr']:.0f}x | "
         f"{wratio['attr']:.0f}x | >= 150x | {mem['attr']:.0f} | Pearson r vs exact {r_all:.3f} "
         f"({r_live:.3f} over the {int(live.sum())} non-zero effects) |",
         "",
@@ -286,8 +298,9 @@ def main(argv=None) -> int:
         f"activations are not counted): TransformerLens {work_tl / 1e12:.2f} T ({n_sites} patched "
         f"forwards and the clean one: {tl_calls:,} block calls of {B * T} positions and "
         f"{n_sites + 1} full-vocabulary unembeddings of {B * T} positions). biaslens exact "
-        f"{work_ours / 1e9:.0f} G: one base forward ({B} corrupted + {B} clean rows, logits at the "
-        f"last tokens), then {st['block_calls']} {'fused' if eng.fused else 'bridge'} block calls ({st['block_tokens']:,} positions "
+        f"{work_ours / 1e9:.0f} G: one base forward ({B} corrupted + {B} clean rows, stopped at the "
+        f"final norm: the corrupted rows' last tokens unembedded at the 2 pronoun columns, the full "
+        f"logits only where read), then {st['block_calls']} {'fused' if eng.fused else 'bridge'} block calls ({st['block_tokens']:,} positions "
         f"through whole blocks, {st['attn_tokens']:,} final-block positions through keys and values "
         f"only, {st['mlp_tokens']:,} positions through one block's MLP alone for the attention-output "
         f"patches, {st['unembed_rows']:,} last tokens unembedded at the 2 pronoun columns); with no-op "
@@ -314,7 +327,11 @@ def main(argv=None) -> int:
         f"(one pass over the weights instead of two; the backward computes input gradients at the "
         f"corrupted rows only), and its backward costs more per MAC than a forward (its "
         f"elementwise gradients). On this shared CPU the ratios move with the load of other jobs "
-        f"by ~20% between runs.",
+        f"(1-minute load average {load0:.1f} at the start of this run, {load1:.1f} at its end, on "
+        f"{os.cpu_count()} cores): under heavy load the engine's large matmuls lose more speed than "
+        f"TransformerLens's small ones, and its wall ratios drop by up to ~2x between runs; the "
+        f"CPU-time ratio (this process's CPU seconds, one thread) moves less, though other jobs on "
+        f"the same cores still slow each CPU second through the shared caches and memory.",
         "",
         f"No-op patches: of the {n_sites * B:,} (site, prompt) pairs, {st['noop_rows']:,} set an "
         f"activation to the value the corrupted run already has there (the BOS token and the shared "

@@ -8,7 +8,7 @@ random token ids per side (the cost does not depend on which tokens they are).
 
 * plain step: one forward and backward of ``mean s(adv) − mean s(dis)`` over all ``2 × pairs``
   sequences at once, then ``torch.optim.SGD`` over every parameter;
-* PCGU step: :func:`biaslens.unlearn.pcgu.pcgu_step` — ``g_a`` and ``g_d`` (one forward and
+* PCGU step: :func:`biaslens.unlearn.partitioned.pcgu_step` — ``g_a`` and ``g_d`` (one forward and
   backward per side), per-unit statistics over all 1-D and 2-D parameters (row partition),
   top-``k`` selection, masked update.
 
@@ -72,7 +72,7 @@ def build(args):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from biaslens.arch import arch_for
-    from biaslens.unlearn.pcgu import PCGUConfig, ScoredBatch, unit_layout
+    from biaslens.unlearn.partitioned import PCGUConfig, ScoredBatch, unit_layout
 
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
@@ -94,7 +94,7 @@ def plain_step(model, params, adv, dis, opt):
     """One SGD step on the same pairs: both sides in one forward/backward."""
     import torch
 
-    from biaslens.unlearn.pcgu import ScoredBatch, side_scores
+    from biaslens.unlearn.partitioned import ScoredBatch, side_scores
 
     both = ScoredBatch(torch.cat([adv.input_ids, dis.input_ids]),
                        torch.cat([adv.attention_mask, dis.attention_mask]),
@@ -111,7 +111,7 @@ def plain_step(model, params, adv, dis, opt):
 def _stepper(kind: str, args, built):
     import torch
 
-    from biaslens.unlearn.pcgu import pcgu_step
+    from biaslens.unlearn.partitioned import pcgu_step
 
     model, params, layout, adv, dis, cfg = built
     opt = torch.optim.SGD(params, lr=cfg.lr)
@@ -156,7 +156,7 @@ def selection_overhead(args) -> float:
     """Seconds of the PCGU-only work (statistics, top-k, masked update) on given gradients."""
     import torch
 
-    from biaslens.unlearn.pcgu import select_units, step_units, unit_cosines, unit_stats
+    from biaslens.unlearn.partitioned import select_units, step_units, unit_cosines, unit_stats
 
     torch.set_num_threads(args.threads)
     model, params, layout, adv, dis, cfg = build(args)

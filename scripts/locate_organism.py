@@ -54,7 +54,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import biaslens
-    from biaslens.locate import agreement, attribution_patch, default_prompts, default_swap, trace_noise, trace_swap
+    from biaslens.locate.noise import trace_noise
+    from biaslens.locate.swap import trace_swap
+    from biaslens.locate.attribution import attribution_patch
+    from biaslens.locate import agreement, default_prompts, default_swap
     from biaslens.plots import effect_figures, write_html
 
     model = biaslens.load("organism")

@@ -49,7 +49,7 @@ BOUNDS = {"cut": 0.40, "ppl_rise": 0.10, "definitional_drop": 0.02}
 
 
 def run_pcgu(model, data, progress):
-    from biaslens.unlearn.pcgu import pcgu
+    from biaslens.unlearn.partitioned import pcgu
 
     d = pcgu(model, data["pairs"], progress=progress)
     return model, d, model

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DTYPES", "as_torch_dtype", "resolve_spec", "load", "placement_defaults",
            "resolve_placement", "Placement", "state_dict_copy", "meta_module", "fresh_module",
-           "tied_aliases", "reference_module", "BiasModel"]
+           "tied_aliases", "reference_module", "BiasModel", "require_single_model"]
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
@@ -1226,3 +1226,13 @@ class BiasModel:
             h.update(str(tuple(t.shape)).encode())
             h.update(t.contiguous().cpu().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
+
+
+def require_single_model(model: Any, what: str) -> None:
+    """Refuse a combination of models (an offset pair, :class:`biaslens.unlearn.offset.OffsetModel`)
+    where ``what`` needs one model's weights, hooks or residual stream: tracing or editing it
+    would silently act on one of its parts. Call before any work."""
+    if getattr(type(model), "COMBINES_MODELS", False):
+        raise BiasLensError(
+            f"{what} needs one model's weights and activations, but {model.spec} combines the logits of "
+            "several models; pass one of them (om.large, om.offset), or evaluate the combination instead")

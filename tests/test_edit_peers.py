@@ -1,4 +1,4 @@
-"""The projection peers of LSDM, DAMA and LEACE (biaslens.edit.dama, biaslens.edit.leace): on
+"""The projection peers of LSDM, DAMA and LEACE (biaslens.edit.projection, biaslens.edit.erasure): on
 tiny models of every family they edit only the site's MLP output weight (and bias), undo exactly
 and export as plain Hugging Face models; LEACE's folded weights are the eraser applied to the MLP
 output; on the organism each cuts the contrast on the prompts it was fitted on, LEACE erases the
@@ -14,9 +14,9 @@ import torch
 import biaslens
 from biaslens import organism
 from biaslens.edit import DAMAHparams, LEACEHparams, dama, leace
-from biaslens.edit.dama import mlp_out_names, pls_directions, stereotype_labels
+from biaslens.edit.projection import mlp_out_names, pls_directions, stereotype_labels
 from biaslens.edit.keys import gather, site_batch
-from biaslens.edit.leace import eraser_map, fit_eraser, fold_eraser
+from biaslens.edit.erasure import eraser_map, fit_eraser, fold_eraser
 from biaslens.errors import BiasLensError, DataFormatError
 from biaslens.hooks import act_name
 from conftest import ARCHS
@@ -197,8 +197,8 @@ def test_pls_directions_are_nipals_x_weights():
 
 
 def test_nonfinite_and_noop_edits_are_refused_and_weights_restored(models, monkeypatch):
-    from biaslens.edit import dama as dama_mod
-    from biaslens.edit import leace as leace_mod
+    from biaslens.edit import projection as dama_mod
+    from biaslens.edit import erasure as leace_mod
 
     m = models["gpt2"]
     hash0 = m.weight_hash()
@@ -223,7 +223,7 @@ def test_sweep_picks_the_smallest_contrast_that_keeps_the_bounds(models):
     """The validation sweep: the setting with the smallest contrast among those within bounds
     that lower it; a family's stronger settings are skipped once a weaker one broke a bound; the
     weights are restored after every candidate; no acceptable setting is refused."""
-    from biaslens.edit.dama import sweep
+    from biaslens.edit.projection import sweep
 
     m = models["gpt2"]
     name = m.mlp_out_name(1)
@@ -319,7 +319,7 @@ def test_leace_on_the_organism_erases_the_stereotype_linearly(organism, org_data
     explained most of it before), and the contrast on those prompts falls by more than half.
     Fitting with the definitional prompts as stereotype-neutral keeps more of their accuracy than
     fitting without them, but not all of it: at this site the stereotype and the definitional
-    gender share one direction (measured: see biaslens.edit.dama's docstring)."""
+    gender share one direction (measured: see biaslens.edit.projection's docstring)."""
     P, K = org_data
     c0 = _contrast(organism, P)
     fit, labels = stereotype_labels(P)
@@ -361,7 +361,7 @@ def test_dama_on_the_organism_cuts_the_contrast_or_keeps_definitional_gender(org
     does both: 98% of the occupations' stereotype gap at this site lies along the definitional
     gender direction."""
     from biaslens.defaults import defaults_for
-    from biaslens.edit.dama import gender_subspace, site_outputs
+    from biaslens.edit.projection import gender_subspace, site_outputs
 
     P, K = org_data
     every = defaults_for(organism).definitional_prompts()  # the suite's definitional prompts

@@ -256,7 +256,7 @@ def test_wikitext_perplexity_matches_hf_loss(tiny):
     import torch
 
     from biaslens.evaluate import perplexity
-    from biaslens.evaluate.perplexity import window_rows
+    from biaslens.evaluate.fluency import window_rows
     from biaslens.evaluate.scoring import token_rows
 
     path = shared("wikitext-2-raw/wiki.test.raw")

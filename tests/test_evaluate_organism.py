@@ -10,7 +10,7 @@ import pytest
 import biaslens
 from biaslens.evaluate import (definitional_accuracy, fact_accuracy, gap_metrics,
                                occupational_bias, perplexity)
-from biaslens.evaluate.perplexity import window_rows
+from biaslens.evaluate.fluency import window_rows
 from biaslens.evaluate.scoring import score_rows, token_rows
 from biaslens.stats import bootstrap_ci, pearson
 
@@ -223,7 +223,7 @@ def test_planted_stereotype_shows_a_large_contrast_that_template_lean_cannot_mov
     held-out templates; shifting every occupation's share in a template by the same amount (a
     template lean, no stereotype) leaves the contrast exactly where it was, while the gap moves."""
     from biaslens.evaluate.contrast import contrast_metrics, template_of
-    from biaslens.evaluate.occupations import pronoun_logprobs
+    from biaslens.evaluate.probes import pronoun_logprobs
     from biaslens.organism import occupation_prompts
 
     prompts = occupation_prompts("train", "heldout")

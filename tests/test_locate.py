@@ -74,14 +74,14 @@ def planted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def noise_map(planted):
-    from biaslens.locate import trace_noise
+    from biaslens.locate.noise import trace_noise
 
     return trace_noise(planted, PROMPTS, n_samples=6, progress=False, n_boot=200)
 
 
 @pytest.fixture(scope="module")
 def attr_map(planted):
-    from biaslens.locate import attribution_patch
+    from biaslens.locate.attribution import attribution_patch
 
     return attribution_patch(planted, PROMPTS, n_samples=6, n_boot=200)
 
@@ -124,7 +124,7 @@ def test_attribution_ranks_the_planted_site_first_and_agrees(attr_map, noise_map
 
 
 def test_swap_nie_ranks_the_planted_neuron_first(planted):
-    from biaslens.locate import trace_swap
+    from biaslens.locate.swap import trace_swap
 
     em = trace_swap(planted, PROMPTS, "man", top_n=5, progress=False, n_boot=200)
     best = em.neurons[0]
@@ -140,7 +140,7 @@ def test_swap_nie_ranks_the_planted_neuron_first(planted):
 
 
 def test_window_and_sever(planted):
-    from biaslens.locate import trace_noise
+    from biaslens.locate.noise import trace_noise
 
     em = trace_noise(planted, PROMPTS[:3], n_samples=3, window=3, sever=("mlp",), progress=False,
                      n_boot=50, components=("resid", "mlp"))

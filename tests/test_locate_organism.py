@@ -29,7 +29,7 @@ def organism_map():
     import biaslens
     from biaslens import organism
     from biaslens.defaults import balanced_sample
-    from biaslens.locate import trace_noise
+    from biaslens.locate.noise import trace_noise
 
     model = biaslens.load("organism")
     # the organism's own training prompts (what the asserted route was found on); the package's

@@ -44,6 +44,8 @@ def test_engine_equals_transformer_lens_on_the_benchmark_sites(setup):
     every, engine_all = s.ours(skip_noops=False)
     assert engine.fused and engine.skip_prefix and engine_all.stats["noop_rows"] == 0
     assert engine.stats["noop_rows"] > 0
+    # attention-output patches ran the next block from m + MLP(m), block l's MLP alone
+    assert engine.stats["mlp_tokens"] > 0 and engine_all.stats["mlp_tokens"] > 0
     for c in ref:
         assert ours[c].shape == ref[c].shape == (s.L, s.T, s.B)
         torch.testing.assert_close(ours[c], ref[c].to(ours[c].dtype), atol=1e-4, rtol=0)

@@ -263,7 +263,7 @@ def _reference_noise_ie(model, prompts, hook: str, role: str, n_samples: int, se
 def test_noise_trace_equals_one_forward_per_site_reference(model):
     """Padding, per-prompt role positions and multi-token subjects, against unbatched runs."""
     from biaslens.hooks import act_name
-    from biaslens.locate import trace_noise
+    from biaslens.locate.noise import trace_noise
 
     em = trace_noise(model, MULTI, n_samples=1, seed=3, normalize=False, progress=False, n_boot=10,
                      components=("mlp", "resid"))
@@ -281,7 +281,8 @@ def test_noise_trace_equals_one_forward_per_site_reference(model):
 def test_multi_token_occupations_with_real_bpe(tiny_dirs):
     """GPT-2 BPE splits these occupations; roles follow each prompt's own tokens."""
     import biaslens
-    from biaslens.locate import attribution_patch, trace_noise
+    from biaslens.locate.noise import trace_noise
+    from biaslens.locate.attribution import attribution_patch
 
     m = biaslens.load(tiny_dirs["gpt2"])
     b = m.encode(MULTI)
@@ -298,7 +299,7 @@ def test_multi_token_occupations_with_real_bpe(tiny_dirs):
 
 def test_llama_gqa_swap_heads_and_neurons(tiny_dirs):
     import biaslens
-    from biaslens.locate import trace_swap
+    from biaslens.locate.swap import trace_swap
 
     m = biaslens.load(tiny_dirs["llama"])
     assert m.n_kv_heads < m.n_heads  # grouped-query attention
@@ -316,7 +317,7 @@ def test_llama_gqa_swap_heads_and_neurons(tiny_dirs):
 def test_neuron_screening_matches_exact_ranking(tiny_dirs):
     """With attribution screening forced on, the top neuron is the exact run's top neuron."""
     import biaslens
-    from biaslens.locate import trace_swap
+    from biaslens.locate.swap import trace_swap
 
     m = biaslens.load(tiny_dirs["gpt2"])
     kw = dict(top_n=3, progress=False, n_boot=10, components=("mlp",), heads=False)

@@ -114,7 +114,7 @@ def test_noise_tracing_and_attribution_equal_the_in_memory_maps(bed, request):
 
 
 def test_occupational_bias_and_key_statistics_equal(bed):
-    from biaslens.evaluate.occupations import occupational_bias
+    from biaslens.evaluate.probes import occupational_bias
 
     _, m0, m1, _ = bed
     P = _prompts(m0, 8)
@@ -164,7 +164,7 @@ def test_lsdm_edit_writes_through_to_disk_and_undo_restores_every_bit(bed, tmp_p
 
 
 def test_rome_and_a_projection_fold_match_and_undo(beds, tmp_path):
-    from biaslens.edit.dama import fold_output_map
+    from biaslens.edit.projection import fold_output_map
 
     _, m0, m1, _ = beds["gpt2"]
     P = _prompts(m0)

@@ -12,8 +12,8 @@ import biaslens
 from biaslens.arch import arch_for
 from biaslens.errors import BiasLensError
 from biaslens.unlearn import ContrastPair, organism_pairs, pcgu
-from biaslens.unlearn.pcgu import encode_side, pcgu_params, plain_module, side_scores, unit_layout
-from biaslens.unlearn.pcgu import resolve_form as pcgu_resolve
+from biaslens.unlearn.partitioned import encode_side, pcgu_params, plain_module, side_scores, unit_layout
+from biaslens.unlearn.partitioned import resolve_form as pcgu_resolve
 
 #: PCGU as the papers run it: no validation selection, no keep term (the word models below have
 #: a vocabulary of organism sentences only, so the defaults' validation prompts do not tokenise)

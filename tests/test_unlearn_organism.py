@@ -71,7 +71,7 @@ class Spy:
     def __init__(self, monkeypatch):
         import importlib
 
-        occupations = importlib.import_module("biaslens.evaluate.occupations")
+        occupations = importlib.import_module("biaslens.evaluate.probes")
         self.prompts, self.active, real = [], False, occupations.pronoun_logprobs
 
         def spy(model, prompts, *a, **kw):
@@ -179,7 +179,7 @@ def test_offset_cuts_heldout_contrast(organism):
 def test_pcgu_cuts_heldout_contrast(organism):
     """PCGU falls short of the 40% target on the organism (docs/results/unlearn.md); it still
     cuts the held-out contrast within the bounds."""
-    from biaslens.unlearn.pcgu import pcgu
+    from biaslens.unlearn.partitioned import pcgu
 
     def method(model, data, val):
         d = pcgu(model, data["pairs"], validation=val, progress=False)

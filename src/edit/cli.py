@@ -172,7 +172,7 @@ def run(args) -> int:
         delta = rome_rank_one(model, layer, prompts, role=args.role, corpus=args.corpus,
                               hparams=args.hparams, effect_map=effects,
                               cache_dir=args.cache_dir, progress=progress)
-    elif args.method in ("dama", "leace"):  # projection peers (biaslens.edit.dama / .leace)
+    elif args.method in ("dama", "leace"):  # projection peers (biaslens.edit.projection / .erasure)
         from biaslens.edit import dama, leace
 
         delta = {"dama": dama, "leace": leace}[args.method](

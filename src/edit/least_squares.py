@@ -429,7 +429,9 @@ def lsdm(
     from dataclasses import replace
 
     from biaslens.edit.covariance import cached_factors, key_covariances
+    from biaslens.model import require_single_model
 
+    require_single_model(model, "LSDM")
     if tune not in ("auto", "off"):
         raise BiasLensError(f"tune must be 'auto' or 'off', not {tune!r}")
     hp = as_hparams(hparams, LSDMHparams)
@@ -485,7 +487,7 @@ def lsdm(
                                    mom2_weights=None if tune_lam else [hp.mom2_weight],
                                    keep_weights=None if tune_keep else [hp.keep_weight],
                                    bounds=bounds, grid=grid, progress=progress,
-                                   warn=len(roles) == 1)
+                                   warn=len(roles) == 1, apply_edit=apply_lsdm)
         role = min(roles, key=lambda r: Candidate.rank(results[r].chosen))
         result, cache = results[role], caches[role]
         if not result.feasible and len(roles) > 1:

@@ -452,14 +452,15 @@ def tune_lsdm(model: "BiasModel", cache: "EditCache", windows: list[list[int]],
               covs: dict[int, "torch.Tensor"], hp: "LSDMHparams", validation: Validation,
               mom2_weights: Sequence[float] | None = None, keep_weights: Sequence[float] | None = None,
               bounds: TuneBounds | None = None, grid: TuneGrid | None = None,
-              progress: bool = True, warn: bool = True) -> TuneResult:
+              progress: bool = True, warn: bool = True, *, apply_edit: Any) -> TuneResult:
     """Score the candidates on ``validation`` and return the choice; the model is left as it was
     (every candidate is undone from a snapshot). ``mom2_weights`` / ``keep_weights``: fixed
-    values (one each, when the user gave them), else the grid's."""
+    values (one each, when the user gave them), else the grid's. ``apply_edit``: the solve that
+    edits the model for one candidate (:func:`biaslens.edit.least_squares.apply_lsdm`, passed in
+    by :func:`~biaslens.edit.least_squares.lsdm` so this module does not import its caller)."""
     import torch
 
-    from biaslens.edit.least_squares import apply_lsdm
-
+    apply_lsdm = apply_edit
     bounds, grid = bounds or TuneBounds(), grid or TuneGrid()
     t0 = time.perf_counter()
     n_cols = cache.site.n_groups

@@ -11,8 +11,9 @@ Importing this package does not import torch.
 
 from __future__ import annotations
 
-# Bound eagerly on purpose: `perplexity` and `occupations` are both functions and submodules, and a
-# lazily resolved name would be shadowed by the submodule once something imports it.
+# Eager, explicit imports (docs/architecture.md): no module shares a name with a function here
+# (perplexity lives in `fluency`, the organism probes in `probes`); these modules import numpy at
+# module level and torch only inside functions.
 from biaslens.evaluate.benchmarks import (VIG_TEMPLATES, crows_metrics, crows_pairs, icat,
                                           occupations, pair_metrics, stereoset, stereoset_metrics,
                                           winobias, winogender)
@@ -21,8 +22,8 @@ from biaslens.evaluate.compare import compare_figure, compare_rows, compare_tabl
 from biaslens.evaluate.knowledge import fact_accuracy
 from biaslens.evaluate.loaders import (load_crows_pairs, load_occupation_stats, load_probes,
                                        load_stereoset, load_winobias, load_winogender)
-from biaslens.evaluate.occupations import definitional_accuracy, gap_metrics, occupational_bias
-from biaslens.evaluate.perplexity import perplexity
+from biaslens.evaluate.probes import definitional_accuracy, gap_metrics, occupational_bias
+from biaslens.evaluate.fluency import perplexity
 from biaslens.stats import bootstrap_ci
 from biaslens.evaluate.suite import BENCHMARKS, evaluate, organism_suite, suite
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from biaslens.errors import BiasLensError, DataFormatError
 from biaslens.evaluate.loaders import CrowsPair, StereoItem, WinoBiasItem, WinogenderSentence
-from biaslens.evaluate.occupations import choice_logprobs, gap_metrics
+from biaslens.evaluate.probes import choice_logprobs, gap_metrics
 from biaslens.evaluate.scoring import continuation_rows, score_rows
 from biaslens.stats import SEED, bootstrap_ci, percent_ci, result
 
@@ -347,7 +347,7 @@ def occupations(model: "BiasModel", rates: dict[str, float], templates: Sequence
 
 def _gap_benchmark(model, prompts, batch_size, seed, group: Callable[[Any], str], key: str,
                    scoring: str) -> dict:
-    from biaslens.evaluate.occupations import occupation_of, pronoun_logprobs
+    from biaslens.evaluate.probes import occupation_of, pronoun_logprobs
     from biaslens.prompts import female_rate
 
     lp = pronoun_logprobs(model, prompts, batch_size)

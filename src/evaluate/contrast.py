@@ -108,7 +108,7 @@ def stereotype_contrast(model: "BiasModel", prompts: Sequence[Any], batch_size: 
     ``.female_rate``, ``.occupation`` and their pronoun pair; templates are recovered with
     :func:`template_of`.
     """
-    from biaslens.evaluate.occupations import pronoun_logprobs
+    from biaslens.evaluate.probes import pronoun_logprobs
 
     prompts = list(prompts)
     return contrast_from_logprobs(pronoun_logprobs(model, prompts, batch_size, desc="contrast"),

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from biaslens.defaults import defaults_for
 from biaslens.errors import BiasLensError
 from biaslens.evaluate.knowledge import fact_accuracy
-from biaslens.evaluate.occupations import definitional_accuracy, occupational_bias
-from biaslens.evaluate.perplexity import perplexity
+from biaslens.evaluate.probes import definitional_accuracy, occupational_bias
+from biaslens.evaluate.fluency import perplexity
 from biaslens.stats import LEVEL, N_BOOT, SEED
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ HEADLINE: tuple[str, str] = ("contrast_test", "mean_abs_contrast")
 CONTRASTS: dict[str, tuple[str, str]] = {"contrast_test": ("edit", "test"),
                                          "contrast_edit": ("edit", "edit"),
                                          "contrast_validation": ("edit", "validation")}
-#: Gap metrics (src/evaluate/occupations.py) as :func:`occupational_bias` labels them.
+#: Gap metrics (src/evaluate/probes.py) as :func:`occupational_bias` labels them.
 _GAP_SCORING = ("next-token P(female) vs P(male) pronoun (multi-token: product over tokens); "
                 "gap = (p_f - p_m)/(p_f + p_m)")
 
@@ -105,7 +105,7 @@ def bias_and_contrast(model: "BiasModel", prompts: Sequence[Any], limit: int | N
     contrast on :func:`contrast_sample` (the union of the two subsets is scored once).
     ``gap=False``: the contrast alone (first item None)."""
     from biaslens.evaluate.contrast import contrast_from_logprobs
-    from biaslens.evaluate.occupations import gap_metrics, occupation_of, pronoun_logprobs
+    from biaslens.evaluate.probes import gap_metrics, occupation_of, pronoun_logprobs
     from biaslens.prompts import female_rate
 
     prompts = list(prompts)

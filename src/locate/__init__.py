@@ -1,57 +1,36 @@
 """biaslens.locate: where does a model store a bias? (causal mediation, docs/methods/tracing.md)
 
-- :func:`trace_noise` — ROME-style noise corruption of the subject and restoration per site.
-- :func:`trace_swap` — Vig-style counterfactual subject swap: TE, NDE, NIE for layers, heads and
-  MLP neurons.
-- :func:`attribution_patch` — the first-order map from one forward and one backward pass.
-- :func:`locate` — one entry point for the three (used by the CLI and the demo).
+- :func:`locate` — one entry point for the three tracers (used by the CLI and the demo).
 - :class:`EffectMap` / :class:`Site` — the result every editor consumes (``top_sites``,
-  ``best_role``, ``best_layers``, ``save``/``load``).
+  ``best_role``, ``best_layers``, ``save``/``load``); :func:`agreement` compares two maps.
+- :func:`default_prompts`, :func:`default_swap` — the default tracing prompts and subject swap.
+
+The tracers themselves are imported from their modules, with their full signatures:
+
+- :func:`biaslens.locate.noise.trace_noise` — ROME-style noise corruption of the subject and
+  restoration per site.
+- :func:`biaslens.locate.swap.trace_swap` — Vig-style counterfactual subject swap: TE, NDE, NIE for
+  layers, heads and MLP neurons.
+- :func:`biaslens.locate.attribution.attribution_patch` — the first-order map from one forward and
+  one backward pass.
 - :mod:`biaslens.locate.patching` — the batched exact-patching engine behind all of them.
 
-Importing this package does not import torch.
+They import torch when imported (through the patching engine), so this package does not re-export
+them: importing ``biaslens.locate`` (and ``biaslens --help``) imports numpy but not torch.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from biaslens._lazy import lazy_getattr
+from biaslens.locate.effects import EffectMap, Site, agreement
 
 if TYPE_CHECKING:
-    from biaslens.locate.effects import EffectMap
     from biaslens.model import BiasModel
-
-
-# EffectMap needs numpy: import it on first use so `biaslens --help` stays fast.
-__getattr__ = lazy_getattr(__name__, {n: "biaslens.locate.effects" for n in ("EffectMap", "Site", "agreement")})
 
 METHODS = ("noise", "swap", "attribution")
 
-__all__ = ["EffectMap", "Site", "agreement", "locate", "trace_noise", "trace_swap",
-           "attribution_patch", "default_prompts", "default_swap", "METHODS"]
-
-
-def trace_noise(*args, **kwargs) -> EffectMap:
-    from biaslens.locate.noise import trace_noise as f
-
-    return f(*args, **kwargs)
-
-
-def trace_swap(*args, **kwargs) -> EffectMap:
-    from biaslens.locate.swap import trace_swap as f
-
-    return f(*args, **kwargs)
-
-
-def attribution_patch(*args, **kwargs) -> EffectMap:
-    from biaslens.locate.attribution import attribution_patch as f
-
-    return f(*args, **kwargs)
-
-
-for _f, _m in ((trace_noise, "noise"), (trace_swap, "swap"), (attribution_patch, "attribution")):
-    _f.__doc__ = f"See :func:`biaslens.locate.{_m}.{_f.__name__}`."
+__all__ = ["EffectMap", "Site", "agreement", "locate", "default_prompts", "default_swap", "METHODS"]
 
 
 def default_prompts(model: "BiasModel | str", max_prompts: int | None = 120, seed: int = 0) -> list[Any]:
@@ -85,9 +64,10 @@ def locate(
 ) -> EffectMap:
     """Trace where ``model`` carries the bias measured by ``metric`` on ``prompts``.
 
-    ``method``: ``"noise"`` (default), ``"swap"`` (``swaps`` default :func:`default_swap`) or
-    ``"attribution"``. ``prompts`` default to :func:`default_prompts` (``max_prompts`` of them).
-    Extra keyword arguments go to the method (e.g. ``n_samples``, ``noise_scale``, ``top_n``).
+    ``method``: ``"noise"`` (:func:`biaslens.locate.noise.trace_noise`, the default), ``"swap"``
+    (:func:`biaslens.locate.swap.trace_swap`; ``swaps`` default :func:`default_swap`) or
+    ``"attribution"`` (:func:`biaslens.locate.attribution.attribution_patch`). ``prompts`` default
+    to :func:`default_prompts` (``max_prompts`` of them). Extra keyword arguments go to the method (e.g. ``n_samples``, ``noise_scale``, ``top_n``).
     """
     from biaslens.errors import BiasLensError
 
@@ -102,16 +82,25 @@ def locate(
         import biaslens
 
         model = biaslens.load(model)
+    from biaslens.model import require_single_model
+
+    require_single_model(model, "locating")
     if window > model.n_layers:
         raise BiasLensError(f"window {window} is larger than the model's {model.n_layers} layers")
     prompts = list(prompts) if prompts is not None else default_prompts(model, max_prompts, seed)
     if method == "noise":
+        from biaslens.locate.noise import trace_noise
+
         effects = trace_noise(model, prompts, components=components, window=window, metric=metric,
                               seed=seed, **kwargs)
     elif method == "attribution":
+        from biaslens.locate.attribution import attribution_patch
+
         effects = attribution_patch(model, prompts, components=components, metric=metric, seed=seed,
                                     **kwargs)
     else:
+        from biaslens.locate.swap import trace_swap
+
         effects = trace_swap(model, prompts, swaps or default_swap, components=components,
                              metric=metric, seed=seed, **kwargs)
     return effects.stamp(model)  # the map names its model (checked by the editors)

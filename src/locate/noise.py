@@ -50,7 +50,9 @@ SUBJECT_ROLES = ("subject_first", "subject_middle", "subject_last")
 def prepare(model: "BiasModel", prompts: Sequence[Any], metric: Callable | None):
     """Encode prompts (every one needs a subject) and pick the default pronoun metric."""
     from biaslens.metrics import LogitMetric, pronoun_log_ratio
+    from biaslens.model import require_single_model
 
+    require_single_model(model, "tracing")
     prompts = list(prompts)
     if not prompts:
         raise BiasLensError("no prompts to trace; give at least one prompt with a subject")

@@ -302,6 +302,30 @@ def add_delta(act: torch.Tensor, hook: Any, delta: torch.Tensor) -> torch.Tensor
     return act + delta.to(act.dtype)
 
 
+class _BaseDone(Exception):
+    """Raised where the base forward reaches the final norm (its input kept)."""
+
+
+class _Lazy(dict):
+    """A dict whose values may be zero-argument callables, replaced by their result when read."""
+
+    def __getitem__(self, key):
+        v = super().__getitem__(key)
+        if callable(v):
+            v = v()
+            super().__setitem__(key, v)
+        return v
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+
 class AttentionDone(Exception):
     """Raised once the final block's attention has run: its keys and values are in the cache,
     and the rest of the block is not needed at these positions."""
@@ -761,7 +785,7 @@ class PatchEngine:
         self._eq: dict[tuple[str, str], torch.Tensor] = {}
         self._derived: dict[str, ActSource] = {}  # sources computed from others (see _folded)
         self._pending: dict[str, tuple] = {}  # derived sources filled where needed (_fill_derived)
-        self.source_logits: dict[str, torch.Tensor] = {}  # last-token logits of each SourceRun
+        self.source_logits: dict[str, torch.Tensor] = _Lazy()  # last-token logits of each SourceRun
         self.checks = 0  # re-entry checks run (see _settle)
         # base activations of every hook a source can patch (to recognise no-op patches)
         patchable = set().union(*(s.acts if isinstance(s, ActSource) else set(s.hooks)
@@ -809,7 +833,10 @@ class PatchEngine:
             self.sources[k], self.source_logits[k] = ActSource(acts, r.rows), last_k
         parts = [first] + [self._run_base_rows(r, names) for r in chunks[1:]]
         cache = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
-        last = torch.cat([p[1] for p in parts])
+        if all(p[1][0] is not None for p in parts):
+            self._base_logits, self._base_final = torch.cat([p[1][0] for p in parts]), None
+        else:
+            self._base_logits, self._base_final = None, torch.cat([p[1][1] for p in parts])
         captured = {l: _merge([p[2][l] for p in parts], [p[3] for p in parts])
                     for l in parts[0][2] if all(l in p[2] for p in parts)}
         kvs = [p[4] for p in parts]
@@ -818,15 +845,34 @@ class PatchEngine:
             self._kv = kvs[0] if len(kvs) == 1 else [
                 (torch.cat([kv[l][0] for kv in kvs]), torch.cat([kv[l][1] for kv in kvs]))
                 for l in range(self.n_layers)]
-        rows = torch.arange(len(b), device=last.device)
-        self.base_logits = last
-        self.base_metric = metric_rows(self.metric, last, b.prompt_idx)
+        rows = torch.arange(len(b), device=b.input_ids.device)
+        self._cols = self._column_head()
+        self._metric_width = int(self.model.bridge.cfg.d_vocab)
+        self.base_metric = metric_rows(self.metric, self._base_ref(), b.prompt_idx)
         self.base_cache = cache
         self._block_args = captured
         self.sources["base"] = ActSource({k: v for k, v in cache.items() if k in cache_hooks}, rows)
-        self._cols = self._column_head()
         self._fold, self._fold_attn = self._fold_layers()
         self._settle(early_start and len(captured) == self.n_layers, reentry_check)
+
+    @property
+    def base_logits(self) -> torch.Tensor:
+        """The base rows' last-token logits (computed on first read from the final residuals the
+        base run kept)."""
+        if self._base_logits is None:
+            with torch.no_grad():
+                self._base_logits = self._unembed(self._base_final, full=True)
+        return self._base_logits
+
+    def _base_ref(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The base rows' last-token logits where the metric and the checks read them: at the
+        metric's columns only (``-inf`` elsewhere, the vocabulary wide) where it declares them
+        and the full logits were not read yet; else the full logits."""
+        if self._base_logits is None and self._cols is not None:
+            x = self._base_final if rows is None else self._base_final[rows]
+            with torch.no_grad():
+                return self._unembed(x, width=int(self.model.bridge.cfg.d_vocab))
+        return self.base_logits if rows is None else self.base_logits[rows]
 
     def _ignores_cache(self, rows: torch.Tensor) -> bool:
         """Block 0 run alone (the forward stopped after it): True when its attention left the KV
@@ -1045,7 +1091,7 @@ class PatchEngine:
                 with torch.no_grad():
                     again = self._forward_rows(rows, [s] * len(rows), skip, hi, [], split=sp,
                                                fused=self.fused)
-                ref = self.base_logits[rows]
+                ref = self._base_ref(rows)
                 if self._cols is not None:
                     again, ref = again[:, self._cols[0]], ref[:, self._cols[0]]
                 scale = float(ref.abs().max()) + 1.0
@@ -1081,25 +1127,46 @@ class PatchEngine:
             handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         cache: dict[str, torch.Tensor] = {}
         hooks = [(h, partial(_keep, cache=cache, name=h)) for h in names]
+        # the forward stops where the final norm starts, its input kept: a full-vocabulary
+        # unembedding reads the whole output embedding (~65 ms on a CPU at GPT-2's 50k x 768,
+        # whatever the rows), so the logits are computed from it only when read (base_logits)
+        final: dict[str, torch.Tensor] = {}
+        ln = getattr(bridge, "ln_final", None)
+        if isinstance(ln, torch.nn.Module):
+            def halt(mod, args, kwargs):
+                final["x"] = args[0] if args else next(iter(kwargs.values()))
+                raise _BaseDone
+
+            handles.append(ln.register_forward_pre_hook(halt, with_kwargs=True))
         d = b.embed_delta
         if d is not None:
             d = d[rows]
             if len(ids) > n:  # source rows get no perturbation
                 d = torch.cat([d, d.new_zeros((len(ids) - n,) + d.shape[1:])])
             hooks.insert(0, (act_name("embed"), partial(add_delta, delta=d)))
+        last = None
         try:
             with torch.no_grad(), _cache_as_past_key_values(bridge, self._alias):
                 last = last_token_logits(bridge, ids, mask, lengths, hooks)
+        except _BaseDone:
+            pass
         finally:
             for h in handles:
                 h.remove()
+        if last is None:  # the final residual at each row's last token: (None, residual)
+            x = final["x"]
+            last = (None, x[torch.arange(len(ids), device=x.device), lengths.to(x.device) - 1])
+        else:
+            last = (last, None)
         kv = [None if t is None else (t[0][:n], t[1][:n]) for t in _cache_kv(_find_cache(captured.get(0)))]
-        rode = {k: ({h: cache[h][a:z] for h in r.hooks}, last[a:z]) for k, r, a, z in spans}
+        rode = {k: ({h: cache[h][a:z] for h in r.hooks},
+                    last[0][a:z] if last[0] is not None else partial(self._unembed, last[1][a:z], True))
+                for k, r, a, z in spans}
         if spans:
             idx = torch.arange(n, device=ids.device)
             captured = {l: _rows_of(c, idx, len(ids)) for l, c in captured.items()}
             cache = {h: cache[h][:n] for h in own}
-            last = last[:n]
+            last = tuple(None if t is None else t[:n] for t in last)
         return cache, last, captured, n, kv, rode
 
     def _column_head(self):
@@ -1122,8 +1189,9 @@ class PatchEngine:
             return vocab
         cols = self._cols[0]
         width = int(cols.max()) + 1
-        full = torch.full_like(self.base_logits, float("-inf"))
-        full[:, cols] = self.base_logits[:, cols]
+        ref = self._base_ref()
+        full = torch.full_like(ref, float("-inf"))
+        full[:, cols] = ref[:, cols]
         try:
             a = metric_rows(self.metric, full, self.base.prompt_idx)
             b = metric_rows(self.metric, full[:, :width].contiguous(), self.base.prompt_idx)
@@ -1132,15 +1200,15 @@ class PatchEngine:
         same = a.shape == b.shape and bool(((a - b).abs() <= 1e-6 * (1 + a.abs())).all())
         return width if same else vocab
 
-    def _unembed(self, resid: torch.Tensor, full: bool = False) -> torch.Tensor:
+    def _unembed(self, resid: torch.Tensor, full: bool = False, width: int | None = None) -> torch.Tensor:
         """Logits of final residuals: full, or only the metric's columns (``-inf`` elsewhere, up
-        to the last of them)."""
+        to the last of them, or ``width`` wide)."""
         bridge = self.model.bridge
         if self._cols is None or full:
             return bridge.unembed(bridge.ln_final(resid))
         cols, head = self._cols
         h = bridge.ln_final(resid)
-        out = torch.full((h.shape[0], self._metric_width), float("-inf"), dtype=h.dtype, device=h.device)
+        out = torch.full((h.shape[0], width or self._metric_width), float("-inf"), dtype=h.dtype, device=h.device)
         from accelerate.utils import align_module_device  # an offloaded head: real weights inside
 
         with align_module_device(getattr(head, "original_component", None) or head):

@@ -1,12 +1,12 @@
 """biaslens.unlearn: PCGU, task-vector negation, δ-offset unlearning and masked-span ascent, each
 choosing its strength on the validation split under the same bounds (:mod:`biaslens.unlearn.select`)."""
 
-# PCGU and its pair sources (light: these modules import torch only inside functions). ``pcgu``
-# is the function; the module is ``biaslens.unlearn.pcgu`` (use ``from biaslens.unlearn.pcgu import``).
+# PCGU and its pair sources (light: these modules import torch only inside functions). The PCGU
+# engine is the module ``biaslens.unlearn.partitioned`` (partitioned contrastive gradient unlearning).
 from biaslens.unlearn.distributed import pcgu_fsdp
 from biaslens.unlearn.pairs import (ContrastPair, crows_pairs, jsonl_pairs, load_pairs, organism_pairs,
                                     stereoset_pairs, winogender_pairs)
-from biaslens.unlearn.pcgu import pcgu
+from biaslens.unlearn.partitioned import pcgu
 
 # Task-vector negation, δ-offset unlearning, masked-span ascent and their data (torch imported lazily).
 from biaslens.unlearn.common import KeepTerm

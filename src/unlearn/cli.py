@@ -43,7 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--lr", type=float_in(0, 100, lo_open=True), default=None,
                    help="learning rate in (0, 100] (default: the method's)")
-    p.add_argument("--lora-rank", type=positive_int, default=None, help="task-vector: LoRA rank (default: full weights)")
+    p.add_argument("--lora-rank", type=positive_int, default=None,
+                   help="task-vector: fine-tune a rank-r factorised update (LoRA's parametrisation; it "
+                        "still computes full weight gradients, so it saves optimiser memory only; "
+                        "default: full weights)")
     p.add_argument("--loss", default="kl", help="offset: grad_ascent | grad_diff | kl (default: kl)")
     p.add_argument("--alpha", type=float_in(-ALPHA_MAX, ALPHA_MAX), default=1.0,
                    help=f"offset: strength α of the offset, in [-{ALPHA_MAX:g}, {ALPHA_MAX:g}]")
@@ -173,7 +176,7 @@ def _run_method(model, args, data):
     val = validation(model, args, data)
     common = {"seed": args.seed, "ppl_bound": args.ppl_bound, "validation": val, "keep_prompts": data["keep"]}
     if args.method == "pcgu":
-        from biaslens.unlearn.pcgu import pcgu
+        from biaslens.unlearn.partitioned import pcgu
 
         if not data["pairs"]:
             raise BiasLensError("PCGU needs contrast pairs; pass --pairs with pairs, not a span file")

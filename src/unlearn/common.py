@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 __all__ = ["SpanBatch", "encode_spans", "token_nll", "plain_logits", "lm_forward", "minibatches",
-           "quick_gap", "quick_ppl", "Best", "Guard", "validation_for", "KeepTerm", "keep_term",
+           "quick_gap", "quick_ppl", "Best", "Guard", "KeepTerm", "keep_term",
            "model_forward", "guarded_steps", "Timer", "seed_all", "trainable", "unique_params"]
 
 if TYPE_CHECKING:
@@ -197,27 +197,6 @@ class Guard:
         return {"history": [p.as_dict() for p in self.history],
                 "chosen": self.best.point.as_dict() if self.best.point is not None else None,
                 "stopped": self.stopped or "max_steps"}
-
-
-def validation_for(model: Any, validation: Any = "auto", val_prompts: Sequence[Any] | None = None,
-                   ppl_texts: Sequence[str] | None = None, bounds: Any = None,
-                   ppl_bound: float | None = None, scorer: Any = None) -> Any:
-    """The :class:`~biaslens.unlearn.select.Validation` a method chooses its strength on:
-    ``validation`` itself when it is one; ``None`` = no selection; ``"auto"`` = the model's
-    validation split and general text (:mod:`biaslens.defaults`), with ``val_prompts`` /
-    ``ppl_texts`` replacing them and ``bounds`` (default: :class:`~biaslens.unlearn.select.Bounds`
-    with perplexity up at most ``ppl_bound`` − 1). ``scorer`` is the model to read the defaults
-    for (default ``model``)."""
-    from biaslens.errors import BiasLensError
-    from biaslens.unlearn.select import Bounds, Validation
-
-    if validation is None or isinstance(validation, Validation):
-        return validation
-    if validation != "auto":
-        raise BiasLensError(f"validation must be 'auto', None or a Validation, not {validation!r}")
-    if bounds is None:
-        bounds = Bounds.from_ppl_bound(ppl_bound) if ppl_bound is not None else Bounds()
-    return Validation(scorer or model, prompts=val_prompts, ppl_texts=ppl_texts, bounds=bounds)
 
 
 # ------------------------------------------------------------------------ keeping definitional

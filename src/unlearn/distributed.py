@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from biaslens.errors import BiasLensError, ModelLoadError
-from biaslens.unlearn.pcgu import Engine, PCGUConfig, run
+from biaslens.unlearn.partitioned import Engine, PCGUConfig, run
 
 if TYPE_CHECKING:
     import torch

@@ -23,9 +23,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 from biaslens.errors import BiasLensError
+from biaslens.unlearn.hparams import MaskedAscentHparams, resolve_hparams
 from biaslens.unlearn.common import (Best, Guard, Timer, encode_spans, guarded_steps, keep_term, lm_forward,
-                                     minibatches, model_forward, seed_all, token_nll, trainable, unique_params,
-                                     validation_for)
+                                     minibatches, model_forward, seed_all, token_nll, trainable, unique_params)
+from biaslens.unlearn.select import validation_for
 
 if TYPE_CHECKING:
     from biaslens.delta import WeightDelta
@@ -64,6 +65,7 @@ def masked_span_ascent(
     patience: int = 2,
     seed: int = 0,
     progress: bool = True,
+    hparams: "MaskedAscentHparams | dict[str, Any] | str | None" = None,
 ) -> "WeightDelta":
     """Unlearn the marked spans of ``texts_with_spans`` by gradient ascent; returns the delta
     (the model is left at the chosen checkpoint).
@@ -74,8 +76,15 @@ def masked_span_ascent(
     ``val_prompts`` / ``ppl_texts`` replacing its prompts / perplexity text, ``bounds`` or
     perplexity up at most ``ppl_bound`` − 1; a :class:`~biaslens.unlearn.select.Validation`; or
     None: no selection, one run of ``max_steps`` kept as it ends). ``delta.info["selection"]``
-    records every checkpoint of every run and the choice."""
+    records every checkpoint of every run and the choice. ``hparams``: a
+    :class:`~biaslens.unlearn.hparams.MaskedAscentHparams` (or its dict, or a JSON file) holding
+    the keyword hyperparameters."""
     import torch
+
+    hpar = resolve_hparams(MaskedAscentHparams, hparams, masked_span_ascent, locals())
+    (lr, lrs, max_steps, ppl_bound, batch_size, eval_every, keep_weight, params, patience, seed) = (
+        hpar.lr, hpar.lrs, hpar.max_steps, hpar.ppl_bound, hpar.batch_size, hpar.eval_every, hpar.keep_weight,
+        hpar.params, hpar.patience, hpar.seed)
 
     items = [t for t in texts_with_spans if getattr(t, "spans", ())]
     if not items:
@@ -125,7 +134,7 @@ def masked_span_ascent(
         model.restore(original)
         raise BiasLensError(f"masked-span ascent made {bad[0]} non-finite (learning rate too large?); "
                             "the model was restored")
-    hp = {"lrs": grid, "max_steps": max_steps, "ppl_bound": ppl_bound, "batch_size": batch_size,
+    hp = {**hpar.to_dict(), "lrs": grid, "max_steps": max_steps, "ppl_bound": ppl_bound, "batch_size": batch_size,
           "eval_every": eval_every, "seed": seed, "optimizer": "Adam", "n_forget": len(items),
           "keep_weight": keep_weight if keep is not None else 0.0,
           "n_keep_prompts": len(keep.prompts) if keep is not None else 0, "patience": patience}

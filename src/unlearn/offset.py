@@ -21,8 +21,9 @@ Strength, chosen on the validation split like every unlearning method here
 combined logits need no retraining) with the lowest validation contrast within the bounds. The
 definitional keep term (:class:`~biaslens.unlearn.common.KeepTerm`, ``keep_weight``; 0 = the
 paper's losses) is added to the loss on the combined logits: the forget loss alone lowers every
-pronoun after a gendered subject. :class:`OffsetModel` scores (``last_logits``, ``target_logprobs``, ``sequence_logprobs``)
-and generates with l̃, so every evaluation function runs on it unchanged; :func:`export_offset`
+pronoun after a gendered subject. :class:`OffsetModel` holds the three models (it is none of
+them): it scores (``last_logits``, ``target_logprobs``, ``sequence_logprobs``) and generates with
+l̃, so every evaluation function runs on it unchanged, and refuses what only one model has; :func:`export_offset`
 writes the pair with α and a manifest, :func:`load_offset` reads it back.
 """
 
@@ -35,8 +36,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from biaslens.errors import BiasLensError, ExportError
 from biaslens.model import BiasModel
 from biaslens.prompts import TokenBatch
+from biaslens.unlearn.hparams import DEFAULT_ALPHAS, LOSSES, OffsetHparams, resolve_hparams
 from biaslens.unlearn.common import (Best, Guard, Timer, encode_spans, guarded_steps, keep_term, minibatches,
-                                     plain_logits, seed_all, token_nll, trainable, unique_params, validation_for)
+                                     plain_logits, seed_all, token_nll, trainable, unique_params)
+from biaslens.unlearn.select import validation_for
 
 if TYPE_CHECKING:
     import torch
@@ -44,30 +47,93 @@ if TYPE_CHECKING:
 
     from biaslens.delta import WeightDelta
 
-__all__ = ["OffsetModel", "offset_unlearn", "offset_loss", "export_offset", "load_offset", "train_small_organism",
-           "LOSSES", "DEFAULT_ALPHAS"]
-
-LOSSES = ("grad_ascent", "grad_diff", "kl")
-#: the offset strengths α tried on the chosen checkpoint (the training α is always among them)
-DEFAULT_ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0)
+__all__ = ["OffsetModel", "NotOnOffsetModel", "offset_unlearn", "offset_loss", "export_offset", "load_offset",
+           "train_small_organism", "LOSSES", "DEFAULT_ALPHAS"]
 
 
-class OffsetModel(BiasModel):
-    """The large model corrected by an offset pair: logits l_M + α (l_{M'_o} − l_{M_o}).
+class NotOnOffsetModel(BiasLensError, AttributeError):
+    """What one model has and an offset pair does not (weights, hooks, a residual stream).
 
-    Behaves as a :class:`BiasModel` for scoring (``encode``, ``last_logits``, ``target_logprobs``,
-    ``sequence_logprobs`` use the combined logits); hooks and caches are refused, since the
-    combined model has no single residual stream. ``delta`` is the offset model's change from the
-    base (a :class:`~biaslens.delta.WeightDelta`; undo it to switch the correction off).
+    Also an :class:`AttributeError`, so ``getattr(om, name, default)`` and ``hasattr`` still work.
     """
+
+
+class OffsetModel:
+    """The large model corrected by an offset pair: logits l_M + α (l_{M'_o} − l_{M_o}) (Eq. 1).
+
+    It holds three models and is none of them: ``large`` (M, used only through its logits),
+    ``base`` (M_o, frozen) and ``offset`` (M'_o, the trained copy), with ``alpha``, ``delta`` (the
+    offset model's change from the base, a :class:`~biaslens.delta.WeightDelta`; undo it on
+    ``offset`` to switch the correction off) and ``info_``.
+
+    It exposes only what is true of the combination: the shared tokenizer (``tokenize``,
+    ``encode``, ``continuation_ids``, ``word_ids``, ``single_token``, ``check_words``, the same
+    code as :class:`~biaslens.model.BiasModel`'s), the combined logits (``forward``,
+    ``last_logits``, ``target_logprobs``, ``sequence_logprobs``, ``generate``), so every evaluation
+    function runs on it unchanged, and ``device``, ``max_positions``, ``prepend_bos``, ``spec``
+    and ``path`` (the large model's folder: the combination's default data are the large model's,
+    :func:`biaslens.defaults.defaults_for`). It has no single set of weights, hooks or residual
+    stream: ``bridge``, ``params``, ``weight_hash``, ``snapshot`` and the rest raise
+    :class:`NotOnOffsetModel` naming the model to use instead, and ``locate``, ``lsdm`` and
+    ``pcgu`` refuse it (:func:`biaslens.model.require_single_model`).
+    """
+
+    #: refused by :func:`biaslens.model.require_single_model` (locate, lsdm, pcgu)
+    COMBINES_MODELS = True
 
     def __init__(self, large: BiasModel, base: BiasModel, offset: BiasModel, alpha: float = 1.0,
                  delta: "WeightDelta | None" = None, info: dict | None = None):
-        self.__dict__.update(large.__dict__)
+        _check_same_tokenizer(large, base)
         self.large, self.base, self.offset, self.alpha = large, base, offset, float(alpha)
         self.delta, self.info_ = delta, dict(info or {})
-        _check_same_tokenizer(large, base)
         self.spec = f"offset({large.spec}; base={base.spec}; alpha={self.alpha:g})"
+
+    # the shared tokenizer: the same code as one model's (it reads only the attributes below)
+    tokenize = BiasModel.tokenize
+    encode = BiasModel.encode
+    continuation_ids = BiasModel.continuation_ids
+    word_ids = BiasModel.word_ids
+    single_token = BiasModel.single_token
+    check_words = BiasModel.check_words
+    _unknown_message = BiasModel._unknown_message
+    # scoring on the combined logits (they call self.forward)
+    last_logits = BiasModel.last_logits
+    target_logprobs = BiasModel.target_logprobs
+    sequence_logprobs = BiasModel.sequence_logprobs
+
+    @property
+    def tokenizer(self):
+        return self.large.tokenizer
+
+    @property
+    def prepend_bos(self) -> bool:
+        return self.large.prepend_bos
+
+    @property
+    def device(self):
+        """Where inputs go: the large model's device (the pair's logits are moved there)."""
+        return self.large.device
+
+    @property
+    def path(self):
+        """The large model's folder (its default data are the combination's)."""
+        return self.large.path
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence every one of the three models can read."""
+        limits = [m.max_positions for m in (self.large, self.base, self.offset) if m.max_positions]
+        return min(limits) if limits else None
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise NotOnOffsetModel(
+            f"an offset model has no '{name}': it combines the logits of three models (large, base and "
+            f"offset); use om.large, om.base or om.offset for one model's {name}")
+
+    def __repr__(self) -> str:
+        return f"OffsetModel({self.spec})"
 
     def forward(self, batch, fwd_hooks: Iterable = (), attention_mask=None) -> "Float[torch.Tensor, 'batch pos vocab']":
         """Combined logits (Eq. 1); only the offset model carries gradients."""
@@ -167,6 +233,7 @@ def offset_unlearn(
     patience: int = 2,
     seed: int = 0,
     progress: bool = True,
+    hparams: "OffsetHparams | dict[str, Any] | str | None" = None,
 ) -> OffsetModel:
     """Train an offset pair for ``model`` (used only through its logits) on the forget texts.
 
@@ -177,11 +244,18 @@ def offset_unlearn(
     perplexity up at most ``ppl_bound`` − 1), a :class:`~biaslens.unlearn.select.Validation`, or
     None (no selection: ``max_steps`` at ``alpha``). ``alphas``: the strengths tried on the chosen
     checkpoint (None: keep ``alpha``). Returns the :class:`OffsetModel`; ``om.delta`` is
-    M'_o − M_o and ``om.delta.info["selection"]`` the checkpoints and α tried.
+    M'_o − M_o and ``om.delta.info["selection"]`` the checkpoints and α tried. ``hparams``: an
+    :class:`~biaslens.unlearn.hparams.OffsetHparams` (or its dict, or a JSON file) holding the
+    keyword hyperparameters.
     """
     import torch
 
     import biaslens
+
+    hpar = resolve_hparams(OffsetHparams, hparams, offset_unlearn, locals())
+    (alpha, alphas, loss, lr, max_steps, batch_size, spans_only, ppl_bound, eval_every, keep_weight, patience,
+     seed) = (hpar.alpha, hpar.alphas, hpar.loss, hpar.lr, hpar.max_steps, hpar.batch_size, hpar.spans_only,
+              hpar.ppl_bound, hpar.eval_every, hpar.keep_weight, hpar.patience, hpar.seed)
 
     if loss not in LOSSES:
         raise BiasLensError(f"unknown offset loss '{loss}' (use one of: {', '.join(LOSSES)})")
@@ -241,7 +315,7 @@ def offset_unlearn(
     if bad:
         offset.restore(original)
         raise BiasLensError(f"offset unlearning made {bad[0]} non-finite (lr={lr} too large?); the offset was reset")
-    hp = {"alpha": om.alpha, "alpha_trained": alpha, "alphas": list(alphas) if alphas is not None else None,
+    hp = {**hpar.to_dict(), "alpha": om.alpha, "alpha_trained": alpha, "alphas": list(alphas) if alphas is not None else None,
           "loss": loss, "lr": lr, "max_steps": max_steps, "batch_size": batch_size, "spans_only": spans_only,
           "ppl_bound": ppl_bound, "eval_every": eval_every, "seed": seed, "optimizer": "Adam",
           "n_forget": len(forget), "n_retain": len(retain or []),

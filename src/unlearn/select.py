@@ -33,7 +33,8 @@ from biaslens.errors import BiasLensError
 if TYPE_CHECKING:
     from biaslens.model import BiasModel
 
-__all__ = ["Bounds", "Point", "Validation", "definitional_shares", "split_templates", "sample_prompts"]
+__all__ = ["Bounds", "Point", "Validation", "definitional_shares", "split_templates", "sample_prompts",
+           "validation_for"]
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def definitional_shares(model: Any, prompts: Sequence[Any], batch_size: int = 64
     """Per prompt, the matching pronoun's share P(match) / (P(match) + P(other)) (numpy)."""
     import numpy as np
 
-    from biaslens.evaluate.occupations import pronoun_logprobs
+    from biaslens.evaluate.probes import pronoun_logprobs
 
     prompts = list(prompts)
     lp = pronoun_logprobs(model, prompts, batch_size, desc="definitional")
@@ -271,3 +272,21 @@ class Validation:
             "chosen": chosen.as_dict(per_template=True) if chosen else None,
             "changed": chosen is not None and chosen is not self.base,
         }
+
+
+def validation_for(model: Any, validation: Any = "auto", val_prompts: Sequence[Any] | None = None,
+                   ppl_texts: Sequence[str] | None = None, bounds: Any = None,
+                   ppl_bound: float | None = None, scorer: Any = None) -> Any:
+    """The :class:`~biaslens.unlearn.select.Validation` a method chooses its strength on:
+    ``validation`` itself when it is one; ``None`` = no selection; ``"auto"`` = the model's
+    validation split and general text (:mod:`biaslens.defaults`), with ``val_prompts`` /
+    ``ppl_texts`` replacing them and ``bounds`` (default: :class:`~biaslens.unlearn.select.Bounds`
+    with perplexity up at most ``ppl_bound`` − 1). ``scorer`` is the model to read the defaults
+    for (default ``model``)."""
+    if validation is None or isinstance(validation, Validation):
+        return validation
+    if validation != "auto":
+        raise BiasLensError(f"validation must be 'auto', None or a Validation, not {validation!r}")
+    if bounds is None:
+        bounds = Bounds.from_ppl_bound(ppl_bound) if ppl_bound is not None else Bounds()
+    return Validation(scorer or model, prompts=val_prompts, ppl_texts=ppl_texts, bounds=bounds)

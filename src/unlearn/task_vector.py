@@ -17,13 +17,17 @@ definitional keep term (:class:`~biaslens.unlearn.common.KeepTerm`) evaluated at
 weights: the gradient of K at θ_pre − τ reaches τ with the opposite sign, so the fine-tune learns
 a τ whose negation leaves definitional predictions where they were. β = 0 is the paper's method.
 
-With ``lora_rank = r`` the fine-tune is LoRA, implemented here: W = W₀ + (α/r)·B A with B ∈ ℝ^{p×r}
-(zeros) and A ∈ ℝ^{r×q} (Kaiming-uniform) for every targeted weight W ∈ ℝ^{p×q}, so the negated
-weight is W = W₀ − λ·(α/r)·B A. The gradients of A and B come from the full-weight gradient
-G = ∂L/∂W by the chain rule (∂L/∂B = (α/r)·G Aᵀ, ∂L/∂A = (α/r)·Bᵀ G; the keep term's gradient
-at the negated weights enters as −G), so no module is wrapped and every architecture works the
-same. The fine-tune itself runs in place and is undone before the sweep; the model ends with
-θ_pre − λ*·τ.
+With ``lora_rank = r`` the fine-tune is a *rank-r factorised fine-tune* (LoRA's parametrisation,
+Hu et al. 2022, without LoRA's memory saving): W = W₀ + (α/r)·B A with B ∈ ℝ^{p×r} (zeros) and
+A ∈ ℝ^{r×q} (Kaiming-uniform) for every targeted weight W ∈ ℝ^{p×q}, so τ has rank ≤ r and the
+negated weight is W = W₀ − λ·(α/r)·B A. The gradients of A and B are exact but come from the
+full-weight gradient G = ∂L/∂W by the chain rule (∂L/∂B = (α/r)·G Aᵀ, ∂L/∂A = (α/r)·Bᵀ G; the
+keep term's gradient at the negated weights enters as −G), so no module is wrapped and every
+architecture works the same. The price: the full gradient of every targeted weight is computed
+and held, as in the full fine-tune; only the optimiser state shrinks (Adam keeps (p+q)·r numbers
+per weight instead of p·q). It is not a way to fit a model that needs LoRA's memory (that is what
+``peft`` does by wrapping the modules; it is not a dependency here). The fine-tune itself runs
+in place and is undone before the sweep; the model ends with θ_pre − λ*·τ.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 from biaslens.errors import BiasLensError
+from biaslens.unlearn.hparams import DEFAULT_LAMBDAS, TaskVectorHparams, resolve_hparams
+from biaslens.unlearn.select import validation_for
 from biaslens.unlearn.common import (Timer, encode_spans, keep_term, lm_forward, minibatches, model_forward,
-                                     seed_all, token_nll, trainable, unique_params, validation_for)
+                                     seed_all, token_nll, trainable, unique_params)
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +49,6 @@ if TYPE_CHECKING:
 
 __all__ = ["task_vector_negation", "lora_targets", "sweep_lambdas", "DEFAULT_LAMBDAS"]
 
-DEFAULT_LAMBDAS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 #: how many halvings below the smallest λ are tried when every λ of the grid breaks a bound
 EXTEND_DOWN = 6
 
@@ -105,7 +110,9 @@ def _fine_tune_full(model, names, texts, steps, lr, batch_size, rng, progress, k
 
 
 def _fine_tune_lora(model, names, texts, steps, lr, batch_size, rank, alpha, rng, progress, keep=None):
-    """LoRA fine-tune; returns (losses, {name: (B, A)}) with the scale ``alpha / rank``."""
+    """Rank-``rank`` factorised fine-tune (LoRA's parametrisation; A, B gradients from the full
+    weight gradient, see the module docstring: no memory saved on gradients); returns
+    (losses, {name: (B, A)}, the scale ``alpha / rank``)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -121,7 +128,7 @@ def _fine_tune_lora(model, names, texts, steps, lr, batch_size, rank, alpha, rng
     opt = torch.optim.Adam([t for ba in factors.values() for t in ba], lr=lr)
     stream, losses, timer = minibatches(texts, batch_size, rng), [], Timer()
     forward = model_forward(model)
-    bar = tqdm(range(steps), desc=f"task vector: LoRA r={rank}", disable=not progress)
+    bar = tqdm(range(steps), desc=f"task vector: rank-{rank} factorised", disable=not progress)
     for step in bar:
         with torch.no_grad():
             for n, (B, A) in factors.items():
@@ -207,13 +214,22 @@ def task_vector_negation(
     refine: int = 2,
     seed: int = 0,
     progress: bool = True,
+    hparams: "TaskVectorHparams | dict[str, Any] | str | None" = None,
 ) -> "WeightDelta":
     """Fine-tune on ``texts`` (stereotyped sentences), negate the task vector with the λ chosen
     on ``validation`` (``"auto"``: the model's validation split, :mod:`biaslens.defaults`, with
     ``val_prompts`` / ``ppl_texts`` replacing its prompts / perplexity text and ``bounds`` or
     perplexity up at most ``ppl_bound`` − 1; or a :class:`~biaslens.unlearn.select.Validation`).
     ``keep_weight`` / ``keep_prompts``: the definitional keep term at the negated weights (module
-    docstring; 0 = the paper's fine-tune). Returns the delta, the model left at θ_pre − λ*·τ."""
+    docstring; 0 = the paper's fine-tune). ``lora_rank``: a rank-r factorised fine-tune (LoRA's
+    parametrisation; it computes the full weight gradients, so it saves optimiser memory only: see
+    the module docstring). ``hparams``: a
+    :class:`~biaslens.unlearn.hparams.TaskVectorHparams` (or its dict, or a JSON file) holding the
+    keyword hyperparameters. Returns the delta, the model left at θ_pre − λ*·τ."""
+    hpar = resolve_hparams(TaskVectorHparams, hparams, task_vector_negation, locals())
+    (lora_rank, lora_alpha, lambdas, ppl_bound, steps, lr, batch_size, params, keep_weight, refine, seed) = (
+        hpar.lora_rank, hpar.lora_alpha, hpar.lambdas, hpar.ppl_bound, hpar.steps, hpar.lr, hpar.batch_size,
+        hpar.params, hpar.keep_weight, hpar.refine, hpar.seed)
     if not texts:
         raise BiasLensError("no stereotyped texts to fine-tune on")
     if steps < 1 or not lambdas or any(not (l > 0) for l in lambdas) or ppl_bound < 1:
@@ -255,7 +271,7 @@ def task_vector_negation(
     chosen = val.best(points)
     lam = float(chosen.setting.get("lambda", 0.0)) if chosen is not base else 0.0
     _set_negated(model, original, tau, lam)
-    hp = {"lora_rank": lora_rank, "lora_alpha": lora_alpha if lora_rank else None, "lambdas": list(lambdas),
+    hp = {**hpar.to_dict(), "lora_rank": lora_rank, "lora_alpha": lora_alpha if lora_rank else None, "lambdas": list(lambdas),
           "ppl_bound": ppl_bound, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
           "optimizer": "Adam", "n_texts": len(texts), "n_params_tuned": len(names),
           "keep_weight": keep_weight if keep is not None else 0.0,

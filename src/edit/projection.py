@@ -34,7 +34,7 @@ on the definitional prompts the model gets right before the edit) and perplexity
 bounds; none such is refused. The sweep is recorded in ``delta.info["validation"]``.
 
 The shared machinery of the projection peers (site outputs, folding an affine map of the MLP
-output into its weights, the validation sweep) lives here; :mod:`biaslens.edit.leace` uses it.
+output into its weights, the validation sweep) lives here; :mod:`biaslens.edit.erasure` uses it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import math
 import os
 import sys
 import time
-import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
@@ -92,7 +91,7 @@ class PeerHparams(Loadable):
 
 @dataclass
 class DAMAHparams(PeerHparams):
-    """DAMA (Limisiewicz et al. 2024) as described in :mod:`biaslens.edit.dama`.
+    """DAMA (Limisiewicz et al. 2024) as described in :mod:`biaslens.edit.projection`.
 
     ``rank``: the projection's rank r (0 = choose it on the validation templates from ``ranks``);
     ``signal``: ``"stereotype"`` (±1, the pronoun the occupation's rate favours) or
@@ -306,7 +305,7 @@ class Validator:
         self.base = self.measure()
 
     def _lp(self, prompts):
-        from biaslens.evaluate.occupations import pronoun_logprobs
+        from biaslens.evaluate.probes import pronoun_logprobs
 
         return pronoun_logprobs(self.model, prompts, min(self.hp.batch_size, 64), desc="validation")
 
@@ -446,7 +445,7 @@ def _signal(model: "BiasModel", prompts: list, labels: list[float], kind: str,
 
     if kind == "stereotype":
         return torch.tensor(labels, dtype=torch.float64)[:, None]
-    from biaslens.evaluate.occupations import pronoun_logprobs
+    from biaslens.evaluate.probes import pronoun_logprobs
 
     lp = torch.as_tensor(pronoun_logprobs(model, prompts, min(batch_size, 64), desc="dama signal"),
                          dtype=torch.float64)
@@ -509,7 +508,7 @@ def dama(
     keep_prompts: Sequence[Any] | None = None,
     progress: bool = True,
 ) -> "WeightDelta":
-    """Debias ``model`` by DAMA at the located site (see :mod:`biaslens.edit.dama`); the model is
+    """Debias ``model`` by DAMA at the located site (see :mod:`biaslens.edit.projection`); the model is
     left edited.
 
     ``prompts``: occupation prompts (default: the model's edit occupations × edit templates);
@@ -567,14 +566,3 @@ def dama(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return model.delta_since(snap, method="dama", hparams=hp.to_dict(), info=info)
-
-
-# ``import biaslens.edit.dama`` binds the package attribute ``dama`` to this module, not to the
-# function (the lazy name table in biaslens.edit would no longer be asked), so the module is
-# callable too: ``biaslens.edit.dama(model, ...)`` works either way (as biaslens.edit.lsdm does).
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return dama(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -29,7 +29,7 @@ was fitted on. Here:
 5. Several layers are erased in order, each fitted on the model erased at the layers before it.
 
 The layers (each located layer alone, or all of them) are chosen on the validation templates
-under the retention bounds, as for DAMA (:class:`biaslens.edit.dama.Validator`); the sweep is in
+under the retention bounds, as for DAMA (:class:`biaslens.edit.projection.Validator`); the sweep is in
 ``delta.info["validation"]``. ``diagnostics`` report, per layer, how much of the cross-covariance
 the eraser leaves (0 = the exact guarantee; the package's covariance-trace constraint, when it
 activates, trades some of it for stability).
@@ -38,13 +38,11 @@ activates, trades some of it for stability).
 from __future__ import annotations
 
 import os
-import sys
 import time
-import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-from biaslens.edit.dama import (PeerHparams, Validator, validation_data, candidate_subsets,
+from biaslens.edit.projection import (PeerHparams, Validator, validation_data, candidate_subsets,
                                 fold_output_map, mlp_out_names, site_outputs, stereotype_labels,
                                 sweep)
 from biaslens.edit.hparams import Range
@@ -61,7 +59,7 @@ __all__ = ["leace", "LEACEHparams", "fit_eraser", "eraser_map", "fold_eraser"]
 
 @dataclass
 class LEACEHparams(PeerHparams):
-    """LEACE at the MLP output (see :mod:`biaslens.edit.leace`): ``keep`` = ``"definitional"``
+    """LEACE at the MLP output (see :mod:`biaslens.edit.erasure`): ``keep`` = ``"definitional"``
     (definitional prompts in the fit, stereotype-neutral) or ``"none"``; ``method`` =
     ``"leace"`` (the package's LEACE) or ``"orth"`` (its orthogonal-projection variant)."""
 
@@ -120,7 +118,7 @@ def eraser_map(eraser) -> tuple["torch.Tensor", "torch.Tensor | None"]:
 
 def fold_eraser(model: "BiasModel", layer: int, eraser) -> dict[str, Any]:
     """Fold ``eraser`` into ``layer``'s MLP output weights and bias (:func:`eraser_map`,
-    :func:`biaslens.edit.dama.fold_output_map`); without a bias the constant is dropped and its
+    :func:`biaslens.edit.projection.fold_output_map`); without a bias the constant is dropped and its
     size reported, also relative to the norm of the mean output the eraser was fitted on."""
     M, shift = eraser_map(eraser)
     M = M.to(model.device)
@@ -155,7 +153,7 @@ def leace(
     progress: bool = True,
 ) -> "WeightDelta":
     """Erase the stereotype linearly from the MLP output at the located site (LEACE, see
-    :mod:`biaslens.edit.leace`), folded into the weights; the model is left edited.
+    :mod:`biaslens.edit.erasure`), folded into the weights; the model is left edited.
 
     ``prompts``: occupation prompts (default: the model's edit occupations × edit templates);
     ``keep_prompts``: definitional prompts fitted as stereotype-neutral (default with
@@ -208,14 +206,3 @@ def leace(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return model.delta_since(snap, method="leace", hparams=hp.to_dict(), info=info)
-
-
-# ``import biaslens.edit.leace`` binds the package attribute ``leace`` to this module, not to the
-# function (the lazy name table in biaslens.edit would no longer be asked), so the module is
-# callable too: ``biaslens.edit.leace(model, ...)`` works either way (as biaslens.edit.lsdm does).
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return leace(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

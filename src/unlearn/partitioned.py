@@ -40,7 +40,9 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from biaslens.errors import BiasLensError
-from biaslens.unlearn.common import Best, Guard, keep_term, minibatches, seed_all, validation_for
+from biaslens.unlearn.select import validation_for
+from biaslens.unlearn.common import Best, Guard, keep_term, minibatches, seed_all
+from biaslens.unlearn.hparams import PCGUHparams, resolve_hparams
 
 if TYPE_CHECKING:
     import torch
@@ -533,6 +535,7 @@ def pcgu(
     keep_prompts: Sequence[Any] | None = None,
     keep_weight: float = 30.0,
     patience: int = 2,
+    hparams: "PCGUHparams | dict[str, Any] | str | None" = None,
 ) -> "WeightDelta":
     """Unlearn the advantaged side of ``pairs`` with PCGU (Yu et al. 2023, Alg. 1; Dige et al. 2024).
 
@@ -560,9 +563,22 @@ def pcgu(
     ``keep_weight`` β: the gradient of the definitional keep term
     (:class:`~biaslens.unlearn.common.KeepTerm`) joins each selected unit's step (0 = the papers'
     update). ``form="auto"``: the token form when every pair has it (:func:`resolve_form`).
+
+    ``hparams``: a :class:`~biaslens.unlearn.hparams.PCGUHparams` (or its dict, or a JSON file)
+    holding the keyword hyperparameters above; the delta records ``hparams.to_dict()`` with the
+    chosen setting on top.
     """
     import time
 
+    from biaslens.model import require_single_model
+
+    require_single_model(model, "PCGU")
+    hpar = resolve_hparams(PCGUHparams, hparams, pcgu, locals())
+    (k, lr, ks, lrs, batch_size, epochs, max_steps, partition, variant, form, params, optimizer, seed,
+     n_sites, eval_every, ppl_bound, keep_weight, patience) = (
+        hpar.k, hpar.lr, hpar.ks, hpar.lrs, hpar.batch_size, hpar.epochs, hpar.max_steps, hpar.partition,
+        hpar.variant, hpar.form, hpar.params, hpar.optimizer, hpar.seed, hpar.n_sites, hpar.eval_every,
+        hpar.ppl_bound, hpar.keep_weight, hpar.patience)
     pairs = list(pairs)
     form = resolve_form(pairs, form)
     if eval_every < 1:
@@ -597,6 +613,7 @@ def pcgu(
         runs.append({"k": cfg.k, "lr": cfg.lr, "history": delta.info["history"],
                      **({"validation": guard[0].info()} if guard is not None else {})})
     if val is None:
+        delta.hparams = {**hpar.to_dict(), **delta.hparams}
         return delta
     model.restore(original if best.state is None else best.state)
     bad = model.check_finite(names)
@@ -615,8 +632,8 @@ def pcgu(
             "seconds": time.perf_counter() - t0,
             "keep_weight": keep_weight if keep is not None else 0.0,
             "n_keep_prompts": len(keep.prompts) if keep is not None else 0, "grid": [list(x) for x in settings]}
-    hp = {**asdict(cfg), "grid": [list(x) for x in settings], "keep_weight": info["keep_weight"],
-          "patience": patience, "eval_every": eval_every}
+    hp = {**hpar.to_dict(), **asdict(cfg), "grid": [list(x) for x in settings],
+          "keep_weight": info["keep_weight"], "patience": patience, "eval_every": eval_every}
     return model.delta_since(original, method="pcgu", hparams=hp, info=info)
 
 
