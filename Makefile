@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 TEST_WORKERS ?= 2
 PYTEST_ARGS := -q -m "not slow" --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: setup lock demo test test-latest test-all bench clean
+.PHONY: setup lock demo test test-latest test-all test-unit test-integration test-acceptance bench clean
 
 # Every package at its locked version (requirements.lock, written by `make lock`), then biaslens itself
 # without dependencies; `pip check` stops a lock that misses something pyproject.toml requires.
@@ -42,7 +42,7 @@ lock:
 	$(PY) scripts/lock.py
 
 # Canary: a throwaway venv with the newest releases pyproject.toml allows, the same tests; always exits 0.
-# CANARY_PYTEST_ARGS='tests/test_model.py -x' narrows the run.
+# CANARY_PYTEST_ARGS='tests/integration/test_model.py -x' narrows the run.
 # (One plain command, no shell in between: a timeout's SIGTERM reaches the script, which cleans up.)
 test-latest: export PYTEST_ARGS := $(PYTEST_ARGS)
 test-latest:
@@ -50,6 +50,11 @@ test-latest:
 
 test-all: .venv/.installed
 	$(PY) -m pytest -q
+
+# One tier alone: tests/unit (functions and small random models), tests/integration (Hugging Face
+# and TransformerLens parity, offload, FSDP), tests/acceptance (the organisms and the CLI main path).
+test-unit test-integration test-acceptance: test-%: .venv/.installed
+	$(PY) -m pytest $(PYTEST_ARGS) tests/$*
 
 bench: .venv/.installed
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done

@@ -104,7 +104,7 @@ def make_prompts(model, n: int):
 
 
 class Setup:
-    """The benchmark's model, prompts, sites and metric (shared with tests/test_locate_parity.py)."""
+    """The benchmark's model, prompts, sites and metric (shared with tests/integration/test_locate_parity.py)."""
 
     def __init__(self, model, n_prompts: int):
         import torch

@@ -9,7 +9,7 @@ the verdict is the closing `CANARY:` line.
 Runs on the system python3 with the standard library only (it must not depend on .venv).
 Environment:
   PYTEST_ARGS         the `make test` arguments (the Makefile passes its own)
-  CANARY_PYTEST_ARGS  extra pytest arguments appended to them, e.g. "tests/test_model.py -x"
+  CANARY_PYTEST_ARGS  extra pytest arguments appended to them, e.g. "tests/integration/test_model.py -x"
 """
 
 from __future__ import annotations

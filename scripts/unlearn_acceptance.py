@@ -322,7 +322,7 @@ def notes(record: dict) -> list[str]:
         "its most contrastive units are the pronouns' own tied unembedding rows; masked-span ascent ran 100 steps "
         "at lr 1e-5; the task-vector λ grid started at 0.25, so a task vector strong enough to break the "
         "perplexity bound at every λ (a full fine-tune of a real GPT-2) kept λ = 0 — the grid now halves below "
-        "its smallest λ and bisects next to the best (tested in `tests/test_unlearn_parts.py`; the planted-bias "
+        "its smallest λ and bisects next to the best (tested in `tests/unit/test_unlearn_parts.py`; the planted-bias "
         "GPT-2 itself is not in this repository). Every method chose on the occupational *gap* (which a template's "
         "lean moves) on the *training* templates, and only perplexity was bounded: the CLI's task vector never "
         "saw a definitional check, hence −80% with definitional accuracy 0.979 → 0.844.",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
 #: notebooks that run whole tuned edits or every unlearning method (minutes each on 2 cores):
 #: in `make test-all`, not in the default suite; the others run in every `make test`
 SLOW = {"02_edit_and_export", "03_unlearning_compared"}

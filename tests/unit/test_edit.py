@@ -380,7 +380,7 @@ def test_hparams_json_roundtrip_and_unknown_fields(tmp_path):
 
 def test_auto_site_runs_tracing_and_records_the_map(models, corpus, cache):
     """With tuning off, ``layers="auto"`` is the traced map's two best layers (tuned windows come
-    from the same map: tests/test_tune.py)."""
+    from the same map: tests/unit/test_tune.py)."""
     m = models["llama"]
     delta = lsdm(m, edit_prompts(2), corpus=corpus, hparams=LSDMHparams(**HP), keep_prompts=[],
                  cache_dir=cache, progress=False, tune="off")

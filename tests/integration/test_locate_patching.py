@@ -6,7 +6,7 @@
 - Noise tracing equals a one-forward-per-site reference built with the bridge's own hooks.
 - Every family (GPT-2, NeoX, OPT, LLaMA) on the engine's own path equals TransformerLens; the
   fused GPT-2 blocks equal the bridge's blocks; attribution through them equals the bridge's
-  gradients. The GPT-2-small benchmark's sites are checked in tests/test_locate_parity.py (slow).
+  gradients. The GPT-2-small benchmark's sites are checked in tests/integration/test_locate_parity.py (slow).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 
 from biaslens.errors import BiasLensError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scaling.py"
 
 
 @pytest.fixture(scope="module")

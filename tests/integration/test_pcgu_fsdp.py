@@ -18,10 +18,10 @@ import biaslens
 from biaslens.errors import BiasLensError, ModelLoadError
 from biaslens.unlearn import organism_pairs, pcgu
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_pcgu import word_model  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARGS = dict(k=300, lr=0.1, batch_size=15, max_steps=3)
 
 

@@ -19,7 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "locate.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "locate.py"
 
 
 @pytest.fixture(scope="module")
