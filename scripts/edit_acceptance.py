@@ -132,7 +132,7 @@ def sites(model, fields: dict, tuning: dict, emap, cache, extra: list[list[int]]
 def organism_run(name: str, args) -> dict:
     import biaslens
     from biaslens.defaults import defaults_for
-    from biaslens.edit.least_squares import trace
+    from biaslens.edit.site import trace
 
     model = biaslens.load(name)
     d = defaults_for(model)

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from biaslens.locate.swap import trace_swap
     from biaslens.locate.attribution import attribution_patch
     from biaslens.locate import agreement, default_prompts, default_swap
-    from biaslens.plots import effect_figures, write_html
+    from biaslens.locate.plots import effect_figures, write_html
 
     model = biaslens.load("organism")
     prompts = default_prompts(model, args.prompts, args.seed)

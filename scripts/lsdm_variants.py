@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     import biaslens
     from biaslens.defaults import defaults_for
     from biaslens.edit import lsdm
-    from biaslens.edit.least_squares import trace
+    from biaslens.edit.site import trace
     from biaslens.edit.tune import TuneGrid
     from edit_acceptance import contrast, measure
 

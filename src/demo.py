@@ -11,30 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from biaslens.evaluate.runs import BEFORE_AFTER_ROWS
+
 __all__ = ["HEADLINE", "before_after_rows", "per_template_contrast", "run_demo", "COMMANDS"]
 
-# metric rows of the before/after table: (benchmark, metric, label, lower_is_better); the first
-# row is the headline, the stereotype contrast on held-out templates (src/evaluate/contrast.py)
-HEADLINE = (
-    ("contrast_test", "mean_abs_contrast",
-     "stereotype contrast (mean |contrast| over templates), edit occupations × test templates", True),
-    ("contrast_test", "mean_contrast",
-     "signed stereotype contrast, edit occupations × test templates", True),
-    ("contrast_validation", "mean_abs_contrast",
-     "stereotype contrast, edit occupations × validation templates", True),
-    ("contrast_edit", "mean_abs_contrast", "stereotype contrast, edit occupations × edit templates", True),
-    ("occupations_heldout_templates", "mean_abs_gap",
-     "occupational pronoun gap, edit occupations × test templates", True),
-    ("occupations_heldout_templates", "signed_gap",
-     "signed gap toward the stereotype, edit occupations × test templates", True),
-    ("occupations_train", "mean_abs_gap", "occupational pronoun gap, edit occupations × edit templates", True),
-    ("occupations_train", "corr_bls", "correlation with BLS % female, edit prompts", True),
-    ("occupations", "mean_abs_gap", "gap, held-out occupations × test templates", True),
-    ("definitional", "accuracy", "definitional gender accuracy (king → he)", False),
-    ("facts", "accuracy", "factual probe accuracy", False),
-    ("perplexity", "perplexity", "perplexity on general text", True),
-    ("second_bias", "mean_abs_gap", "second bias type gap (age → slow/quick; transfer)", True),
-)
+# the before/after table's rows (the headline first) are the library's choice
+# (biaslens.evaluate.runs.BEFORE_AFTER_ROWS); HEADLINE is that table, kept under its demo name
+HEADLINE = BEFORE_AFTER_ROWS
 
 
 def _get(suite: dict, bench: str, metric: str):
@@ -126,11 +109,9 @@ def run_demo(model_spec: str, out: str | Path, device: str = "cpu", dtype: str =
     edit_layers = "auto" if layers == "auto" else [int(x) for x in layers.split(",")]
     edit, keep = None, None
     if edit_prompts_n:
-        from biaslens.defaults import balanced_sample, defaults_for
+        from biaslens.defaults import defaults_for
 
-        d = defaults_for(model)
-        edit = balanced_sample(d.occupation_prompts("edit", "edit"), edit_prompts_n)
-        keep = balanced_sample(d.definitional_prompts("edit"), edit_prompts_n)
+        edit, keep = defaults_for(model).edit_sample(edit_prompts_n)
     delta = lsdm(model, edit, layers=edit_layers, role="auto", effect_map=effects, keep_prompts=keep)
     site = dict(delta.info.get("site") or {})
     stamp(f"edited {', '.join(delta.names)} (site {site})")
@@ -160,7 +141,7 @@ def run_demo(model_spec: str, out: str | Path, device: str = "cpu", dtype: str =
 def _write_report(out: Path, model_spec: str, effects, site: dict, delta, before: dict,
                   after: dict) -> Path:
     """``out/report.html``: the heatmaps, the edit, before/after and the exported model."""
-    from biaslens.plots import effect_figures
+    from biaslens.locate.plots import effect_figures
     from biaslens.report import Report
 
     from biaslens.evaluate.compare import headline, per_template_rows

@@ -17,7 +17,12 @@ has no ``subject_middle``). Effects are averaged per role across prompts (docs/m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+
+if TYPE_CHECKING:
+    import torch
+    from jaxtyping import Int
 
 __all__ = ["ROLES", "SINGLE_ROLES", "Prompt", "as_prompt", "female_rate", "subject_span",
            "roles_from_offsets", "pad_rows", "TokenBatch"]
@@ -36,11 +41,46 @@ SINGLE_ROLES: tuple[str, ...] = ("subject_first", "subject_last", "last")
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prompt and the substring playing the subject; ``meta`` carries anything else."""
+    """A prompt and the substring playing the subject, with the two facts the pronoun metrics
+    read typed: ``pronouns``, the ``(male, female)`` continuations compared after it (None: the
+    default he/she pair, :func:`biaslens.metrics.pronoun_pair`), and ``female_rate``, the
+    occupation's share of women (None: no occupation statistic). ``meta`` carries anything else;
+    a ``meta`` holding ``"female_rate"`` or ``"male"``/``"female"`` (a prompts file's extra keys)
+    fills the typed fields when they are not given (the pair only when both words are). Read the
+    rate with :func:`female_rate`, the pair with :func:`biaslens.metrics.pronoun_pair`."""
 
     text: str
     subject: str | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    pronouns: tuple[str, str] | None = field(default=None, compare=False, hash=False)
+    female_rate: float | None = field(default=None, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        meta = self.meta or {}
+        rate = self.female_rate if self.female_rate is not None else meta.get("female_rate")
+        object.__setattr__(self, "female_rate", None if rate is None else float(rate))
+        pair = self.pronouns
+        if pair is None and isinstance(meta.get("male"), str) and isinstance(meta.get("female"), str) \
+                and meta["male"] and meta["female"]:
+            pair = (meta["male"], meta["female"])
+        elif pair is not None:
+            if len(pair) != 2 or not all(isinstance(w, str) and w for w in pair):
+                from biaslens.errors import BiasLensError
+
+                raise BiasLensError(f"a prompt's pronouns are a (male, female) pair of words such "
+                                    f"as (' he', ' she'), not {pair!r}")
+            pair = (pair[0], pair[1])
+        object.__setattr__(self, "pronouns", pair)
+
+    @property
+    def male(self) -> str | None:
+        """The male continuation (``pronouns[0]``), None without a pair."""
+        return self.pronouns[0] if self.pronouns else None
+
+    @property
+    def female(self) -> str | None:
+        """The female continuation (``pronouns[1]``), None without a pair."""
+        return self.pronouns[1] if self.pronouns else None
 
 
 def as_prompt(p: Any) -> Prompt:
@@ -56,13 +96,18 @@ def as_prompt(p: Any) -> Prompt:
         meta = dict(vars(p)) if hasattr(p, "__dict__") else {}
         if not meta and hasattr(p, "__dataclass_fields__"):
             meta = {k: getattr(p, k) for k in p.__dataclass_fields__}
-        return Prompt(p.text, getattr(p, "subject", None), meta)
+        male, female = getattr(p, "male", None), getattr(p, "female", None)
+        words = isinstance(male, str) and isinstance(female, str) and male and female
+        pair = (male, female) if words else None
+        rate = female_rate(p)
+        return Prompt(p.text, getattr(p, "subject", None), meta, pair, None if rate != rate else rate)
     raise TypeError(f"cannot make a prompt from {type(p).__name__}")
 
 
 def female_rate(p: Any) -> float:
-    """A prompt's female rate (the occupation's share of women: attribute ``female_rate`` or
-    ``meta["female_rate"]``); NaN when it has none."""
+    """A prompt's female rate (the occupation's share of women), the one way every module reads
+    it: the typed field :attr:`Prompt.female_rate` (or the attribute of another prompt type, e.g.
+    the organism's ``PronounPrompt``), else ``meta["female_rate"]``; NaN when it has none."""
     r = getattr(p, "female_rate", None)
     if r is None:
         r = (getattr(p, "meta", None) or {}).get("female_rate")
@@ -132,9 +177,9 @@ class TokenBatch:
     ``roles[role][i]``: positions of ``role`` in prompt ``i``.
     """
 
-    input_ids: Any  # torch.LongTensor [batch, pos]
-    attention_mask: Any  # torch.LongTensor [batch, pos]
-    lengths: Any  # torch.LongTensor [batch]
+    input_ids: Int[torch.Tensor, "batch pos"]
+    attention_mask: Int[torch.Tensor, "batch pos"]
+    lengths: Int[torch.Tensor, " batch"]
     roles: dict[str, list[list[int]]]
     prompts: list[Prompt]
 

@@ -1,7 +1,7 @@
 """Self-contained HTML pages: plotly figures (plotly.js inlined once), tables and text.
 
 Every HTML file biaslens writes goes through :meth:`Report.write` (the demo's ``report.html``, the
-locate heatmaps through :func:`write_figures` / :func:`biaslens.plots.write_html`, the evaluate and
+locate heatmaps through :func:`write_figures` / :func:`biaslens.locate.plots.write_html`, the evaluate and
 compare charts): one standalone page that opens offline, written atomically
 (:func:`biaslens.io.write_text`) and carrying biaslens's generator tag, so ``--force`` may replace
 it later (:func:`biaslens.outdir.written_by_biaslens`).

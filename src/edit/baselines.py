@@ -19,15 +19,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from biaslens.edit.hparams import CDAHparams, ROMEHparams
 from biaslens.edit.keys import check_role, gather, site_batch
-from biaslens.edit.least_squares import (as_hparams, default_keep_prompts, default_prompts,
-                                         guarded_edit,
-                                resolve_corpus, resolve_site)
+from biaslens.edit.common import as_hparams, default_keep_prompts, default_prompts, guarded_edit, resolve_corpus
+from biaslens.edit.site import resolve_site
 from biaslens.edit.solve import rank_one_update
 from biaslens.errors import BiasLensError
 from biaslens.hooks import act_name
 from biaslens.metrics import pronoun_pair
+from biaslens.prompts import female_rate
 
 if TYPE_CHECKING:
+    from biaslens.locate.effects import EffectMap
     import torch
 
     from biaslens.delta import WeightDelta
@@ -45,10 +46,8 @@ def counterfactual_texts(prompts: Sequence[Any], keep_prompts: Sequence[Any] = (
         texts += [p.text + male, p.text + female]
     for p in keep_prompts:
         male, female = pronoun_pair(p)
-        rate = getattr(p, "female_rate", None)
-        if rate is None:
-            rate = (getattr(p, "meta", None) or {}).get("female_rate")
-        if rate is None:
+        rate = female_rate(p)
+        if rate != rate:  # NaN: the prompt has no rate
             raise BiasLensError("keep prompts need a female_rate of 0 or 1 (male or female word)")
         texts.append(p.text + (female if rate >= 0.5 else male))
     return texts
@@ -60,7 +59,7 @@ def counterfactual_finetune(
     prompts: Sequence[Any] | None = None,
     keep_prompts: Sequence[Any] | None = None,
     hparams: CDAHparams | dict | str | os.PathLike | None = None,
-    effect_map: Any = None,
+    effect_map: "EffectMap | str | os.PathLike | None" = None,
     progress: bool = True,
 ) -> "WeightDelta":
     """Fine-tune the MLP output weights of ``layers`` on counterfactually augmented sentences
@@ -135,7 +134,7 @@ def rome_rank_one(
     role: str = "auto",
     corpus: str | os.PathLike | None = None,
     hparams: ROMEHparams | dict | str | os.PathLike | None = None,
-    effect_map: Any = None,
+    effect_map: "EffectMap | str | os.PathLike | None" = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> "WeightDelta":

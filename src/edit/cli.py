@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["METHODS", "add_arguments", "read_occupations", "occupation_prompts", "measure", "run",
-           "summary", "summary_line", "COMMANDS"]
+__all__ = ["METHODS", "add_arguments", "read_occupations", "occupation_prompts", "run",
+           "summary_line", "COMMANDS"]
 
 METHODS = ("lsdm", "cda", "rome", "dama", "leace")
 
@@ -82,57 +82,22 @@ def read_occupations(path: str | Path) -> list[tuple[str, float, str]]:
 
 
 def occupation_prompts(model, rows: list[tuple[str, float, str]]) -> list:
-    """The rows × the model's edit templates (the organism's training templates, else the bank's).
+    """The rows × the model's edit templates (:meth:`biaslens.defaults.Defaults.user_occupation_prompts`).
     An occupation the tokenizer cannot represent is refused (:meth:`BiasModel.check_words`)."""
-    from biaslens.defaults import defaults_for, fill_templates
+    from biaslens.defaults import defaults_for
 
     if hasattr(model, "check_words"):
         model.check_words([name for name, _, _ in rows], "--occupations")
-    d = defaults_for(model)
-    if not d.organism:
-        return fill_templates(rows, "edit")
-    from biaslens import organism
-    from biaslens.organism.data import PronounPrompt
-
-    return [PronounPrompt(t.text.format(occupation=name), name, name, rate, t.form,
-                          *organism.PRONOUNS[t.form], t.split, "train")
-            for name, rate, _ in rows for t in organism.TEMPLATES if t.split == "train"]
-
-
-def measure(model, prompts=None, corpus=None, limit: int | None = None) -> dict:
-    """The model's default suite (:func:`biaslens.evaluate.suite`, the stereotype contrast on
-    held-out templates first); with the edit ``prompts`` (``--occupations``, ``--max-prompts``)
-    their gap replaces ``occupations_train`` and their contrast ``contrast_edit`` (one scoring
-    pass; when fewer than two of their templates have both a female- and a male-stereotyped
-    occupation, ``contrast_edit`` stays the default prompts' and says so in ``note``), with a
-    user ``corpus`` its perplexity is added."""
-    from biaslens import evaluate
-    from biaslens.evaluate.suite import bias_and_contrast
-
-    out = evaluate.suite(model, limit=limit)
-    if prompts is not None:
-        try:
-            out["occupations_train"], con = bias_and_contrast(model, prompts)
-        except ValueError:  # no template with both stereotype sides: the gap alone
-            out["occupations_train"], con = evaluate.occupational_bias(model, prompts), None
-        if con is not None and con["n"] >= 2:
-            out["contrast_edit"] = {**con, "split": "the edit prompts x edit templates"}
-        else:
-            out["contrast_edit"]["note"] = ("fewer than two templates of the edit prompts have both "
-                                            "a female- and a male-stereotyped occupation; this "
-                                            "contrast is on the default edit prompts")
-        out["occupations_train"]["split"] = "the edit prompts"
-    if corpus:
-        out["perplexity_corpus"] = evaluate.perplexity(model, corpus, max_tokens=20_000, per_line=True)
-    return out
+    return defaults_for(model).user_occupation_prompts(rows)
 
 
 def run(args) -> int:
     import biaslens
     from biaslens.edit import counterfactual_finetune, lsdm, rome_rank_one
     from biaslens.edit.keys import check_role
-    from biaslens.edit.least_squares import parse_layers
+    from biaslens.edit.site import parse_layers
     from biaslens.errors import BiasLensError
+    from biaslens.evaluate.runs import edit_measures, edit_summary
     from biaslens.export import export
     from biaslens.outdir import prepare, staging
 
@@ -155,14 +120,12 @@ def run(args) -> int:
     prompts = occupation_prompts(model, rows) if rows is not None else None
     keep = None
     if args.max_prompts:
-        from biaslens.defaults import balanced_sample, defaults_for
+        from biaslens.defaults import defaults_for
 
-        d = defaults_for(model)
-        prompts = balanced_sample(prompts or d.occupation_prompts("edit", "edit"), args.max_prompts)
-        keep = balanced_sample(d.definitional_prompts("edit"), args.max_prompts)
+        prompts, keep = defaults_for(model).edit_sample(args.max_prompts, prompts)
     progress = not args.quiet
     print(f"biaslens edit: measuring {args.model} before the edit", file=sys.stderr)
-    before = measure(model, prompts, args.corpus, args.limit)
+    before = edit_measures(model, prompts, args.corpus, args.limit)
     if args.method == "lsdm":
         delta = lsdm(model, prompts, layers=layers, role=args.role, effect_map=effects,
                      corpus=args.corpus, hparams=args.hparams, keep_prompts=keep,
@@ -182,11 +145,11 @@ def run(args) -> int:
         delta = counterfactual_finetune(model, layers, prompts, keep_prompts=keep, hparams=args.hparams,
                                         effect_map=effects, progress=progress)
     print("biaslens edit: measuring after the edit", file=sys.stderr)
-    after = measure(model, prompts, args.corpus, args.limit)
+    after = edit_measures(model, prompts, args.corpus, args.limit)
     report = {"model": args.model, "method": args.method, "site": delta.info.get("site"),
               "effect_map": delta.info.get("effect_map"), "hyperparameters": delta.hparams,
               "diagnostics": delta.info.get("diagnostics"), "changed_tensors": delta.stats(),
-              "before": before, "after": after, "summary": summary(before, after)}
+              "before": before, "after": after, "summary": edit_summary(before, after)}
     from biaslens import jsonio
 
     with staging(out, args.force, command="edit") as tmp:  # OUT = model/ + report.json, as one
@@ -199,39 +162,9 @@ def run(args) -> int:
     return 0
 
 
-def summary(before: dict, after: dict) -> dict:
-    """Headline numbers before and after, the headline first: the stereotype contrast on
-    held-out templates (src/evaluate/contrast.py) with its relative ``cut``, CIs (the cut's a
-    paired bootstrap over templates) and ``per_template`` rows; then the contrast on edit (and
-    validation) templates, the gaps, definitional and fact accuracy, perplexity."""
-    import math
-
-    from biaslens.evaluate.contrast import contrast_change
-
-    out: dict = {}
-    for name in ("contrast_test", "contrast_edit", "contrast_validation"):
-        if name in before and name in after:
-            ch = contrast_change(before[name], after[name])
-            row = {"before": ch["before"], "after": ch["after"], "cut": ch["cut"], "ci": ch["ci"],
-                   "n": ch["n"]}
-            if name == "contrast_test":
-                row["per_template"] = ch["per_template"]
-            out[f"{name}.mean_abs_contrast"] = row
-    keys = [("occupations_heldout_templates", "mean_abs_gap"), ("occupations", "mean_abs_gap"),
-            ("occupations_train", "mean_abs_gap"), ("definitional", "accuracy"),
-            ("facts", "accuracy"), ("perplexity", "perplexity")]
-    for a, b in keys:
-        if a in before and a in after:
-            vb, va = float(before[a][b]), float(after[a][b])
-            out[f"{a}.{b}"] = {"before": vb, "after": va}
-            if vb and math.isfinite(vb) and math.isfinite(va):
-                out[f"{a}.{b}"]["change"] = (va - vb) / abs(vb)
-    return out
-
-
 def summary_line(key: str, row: dict) -> str:
-    """One printed line of :func:`summary`: before -> after, and for a contrast the cut with its
-    CI."""
+    """One printed line of :func:`biaslens.evaluate.runs.edit_summary`: before -> after, and for
+    a contrast the cut with its CI."""
     line = f"{key:<40} {row['before']:>10.4f} -> {row['after']:>10.4f}"
     if "cut" in row:
         lo, hi = row["ci"]["cut"]

@@ -7,7 +7,7 @@ dimension), of least mean squared change after which no linear classifier predic
 from ``x'`` better than a constant: the class-conditional means of ``x'`` coincide on the data it
 was fitted on. Here:
 
-1. Site: layers and token role from :func:`biaslens.edit.least_squares.resolve_site`.
+1. Site: layers and token role from :func:`biaslens.edit.site.resolve_site`.
 2. ``x``: the MLP output (``hook_mlp_out``) at the site token of the edit prompts; the concept:
    the stereotype direction of the prompt's occupation (1 female rate > 0.5, 0 below; rate 0.5
    is skipped).
@@ -49,6 +49,7 @@ from biaslens.edit.hparams import Range
 from biaslens.errors import BiasLensError
 
 if TYPE_CHECKING:
+    from biaslens.locate.effects import EffectMap
     import torch
 
     from biaslens.delta import WeightDelta
@@ -147,7 +148,7 @@ def leace(
     prompts: Sequence[Any] | None = None,
     layers: str | list[int] = "auto",
     role: str = "auto",
-    effect_map: Any = None,
+    effect_map: "EffectMap | str | os.PathLike | None" = None,
     hparams: LEACEHparams | dict | str | os.PathLike | None = None,
     keep_prompts: Sequence[Any] | None = None,
     progress: bool = True,
@@ -165,8 +166,8 @@ def leace(
     edit is refused and the weights restored.
     """
     from biaslens.edit.keys import check_role, site_batch
-    from biaslens.edit.least_squares import (as_hparams, default_keep_prompts, default_prompts,
-                                             guarded_edit, resolve_site)
+    from biaslens.edit.common import as_hparams, default_keep_prompts, default_prompts, guarded_edit
+    from biaslens.edit.site import resolve_site
 
     hp = as_hparams(hparams, LEACEHparams)
     prompts = default_prompts(model) if prompts is None else list(prompts)

@@ -27,181 +27,30 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from biaslens.edit.common import (as_hparams, default_keep_prompts, default_prompts, explicit_fields,
+                                  guarded_edit, resolve_corpus)
 from biaslens.edit.hparams import LSDMHparams
 from biaslens.edit.keys import check_role, gather, group_mean, site_batch
+from biaslens.edit.site import best_edit_role, check_layers, parse_layers, resolve_site, site_map, summary
 from biaslens.edit.solve import least_squares_update
 from biaslens.errors import BiasLensError
 from biaslens.prompts import SINGLE_ROLES
 from biaslens.hooks import act_name
 
 if TYPE_CHECKING:
+    from biaslens.locate.effects import EffectMap
     import torch
     from jaxtyping import Float
 
     from biaslens.delta import WeightDelta
     from biaslens.model import BiasModel
 
-__all__ = ["default_prompts", "default_keep_prompts", "resolve_corpus", "trace", "best_edit_role",
-           "site_map", "resolve_site", "check_layers", "parse_layers", "EditCache", "template_mean",
-           "occupation_basis", "solve_layer", "apply_lsdm", "output_change_ratio", "lsdm",
-           "explicit_fields", "guarded_edit", "as_hparams"]
+__all__ = ["EditCache", "template_mean", "occupation_basis", "solve_layer", "apply_lsdm",
+           "output_change_ratio", "lsdm"]
 
 
 # ------------------------------------------------------------------------------------ defaults
-def default_prompts(model: "BiasModel") -> list:
-    """The model's edit prompts: edit occupations × edit templates (:mod:`biaslens.defaults`)."""
-    from biaslens.defaults import defaults_for
-
-    return defaults_for(model).occupation_prompts("edit", "edit")
-
-
-def default_keep_prompts(model: "BiasModel") -> list:
-    """The model's definitional keep prompts (definitional words × edit templates)."""
-    from biaslens.defaults import defaults_for
-
-    return defaults_for(model).definitional_prompts("edit")
-
-
-def resolve_corpus(model: "BiasModel", corpus: str | os.PathLike | None) -> Path:
-    """``corpus``, or the model's default general text for key statistics."""
-    if corpus is not None:
-        return Path(corpus)
-    from biaslens.defaults import defaults_for
-
-    return defaults_for(model).corpus
-
-
 # ------------------------------------------------------------------------------------ the site
-def _summary(effect_map, role: str, layers: list[int]) -> dict[str, Any]:
-    import numpy as np
-
-    mlp = np.asarray(effect_map.effects["mlp"])
-    roles = list(effect_map.roles)
-    per_role = {r: float(np.max(np.where(np.isfinite(mlp[:, j]), mlp[:, j], -np.inf)))
-                for j, r in enumerate(roles)}
-    return {
-        "method": getattr(effect_map, "method", None),
-        "metric": getattr(effect_map, "metric", None),
-        "n_prompts": getattr(effect_map, "n_prompts", None),
-        "mlp_best_effect_by_role": per_role,
-        "mlp_effect_at_site": {int(l): float(mlp[effect_map.layers.index(l), roles.index(role)])
-                               for l in layers if l in effect_map.layers and role in roles},
-        "top_mlp_sites": [
-            {"layer": int(s.layer), "role": s.role, "effect": float(s.effect)}
-            for s in effect_map.top_sites(k=5, component="mlp")
-        ],
-    }
-
-
-def trace(model: "BiasModel", prompts: Sequence[Any], max_prompts: int = 256, seed: int = 0):
-    """Noise tracing of the MLPs (:func:`biaslens.locate.locate`) on at most ``max_prompts`` of
-    the prompts (a seeded sample), to choose the site."""
-    import random
-
-    prompts = list(prompts)
-    if len(prompts) > max_prompts:
-        prompts = random.Random(seed).sample(prompts, max_prompts)
-    try:
-        from biaslens import locate as loc
-    except ImportError as exc:
-        raise BiasLensError(f"layers/role 'auto' needs biaslens.locate ({exc}); pass layers=[...] "
-                            "and role=... explicitly") from None
-    if hasattr(loc, "locate"):
-        return loc.locate(model, prompts, method="noise", components=("mlp",), seed=seed)
-    if hasattr(loc, "trace_noise"):
-        return loc.trace_noise(model, prompts, components=("mlp",), seed=seed)
-    raise BiasLensError("biaslens.locate has no tracing function yet; pass layers=[...] and role=...")
-
-
-def best_edit_role(effect_map) -> str:
-    """The map's best MLP role among those with one token per prompt (``subject_first``,
-    ``subject_last``, ``last``): keys need one position per prompt."""
-    import numpy as np
-
-    best = effect_map.best_role("mlp")
-    if best in SINGLE_ROLES:
-        return best
-    mlp = np.asarray(effect_map.effects["mlp"], dtype=float)
-    scores = {r: np.max(np.where(np.isfinite(mlp[:, j]), mlp[:, j], -np.inf))
-              for j, r in enumerate(effect_map.roles) if r in SINGLE_ROLES}
-    if not scores:
-        raise BiasLensError("the effect map has no subject_first/subject_last/last role to edit at")
-    return max(scores, key=scores.get)
-
-
-def site_map(model: "BiasModel", prompts: Sequence[Any], effect_map: Any = None) -> tuple[Any, str]:
-    """``(effect map, source)``: ``effect_map`` (an EffectMap or a path to ``effects.json``,
-    checked against the model) with source ``"effect_map"``, else fresh noise tracing of
-    ``prompts`` (:func:`trace`) with source ``"traced"``."""
-    if effect_map is None:
-        return trace(model, prompts), "traced"
-    import sys
-
-    where = f"effect map '{effect_map}'" if isinstance(effect_map, (str, os.PathLike)) else "the effect map"
-    if isinstance(effect_map, (str, os.PathLike)):
-        from biaslens.locate import EffectMap
-
-        effect_map = EffectMap.load(effect_map)
-    if hasattr(effect_map, "check_model"):  # another layer count is refused
-        note = effect_map.check_model(model, where)
-        if note:
-            print(f"biaslens: warning: {note}", file=sys.stderr)
-    return effect_map, "effect_map"
-
-
-def resolve_site(model: "BiasModel", prompts: Sequence[Any], layers: Any = "auto",
-                 role: str = "auto", effect_map: Any = None, k: int = 2) -> dict[str, Any]:
-    """``{"layers", "role", "source", "effect_map"}``: explicit values win; ``"auto"`` ones come
-    from ``effect_map`` (an EffectMap or a path to ``effects.json``), else from fresh tracing.
-    ``"map"`` holds the map itself (or None)."""
-    if isinstance(layers, str) and layers != "auto":
-        layers = parse_layers(layers)
-    summary = None
-    source = "explicit"
-    if effect_map is not None:
-        effect_map, _ = site_map(model, prompts, effect_map)
-    if layers == "auto" or role == "auto":
-        if effect_map is None:
-            effect_map, source = site_map(model, prompts)
-        else:
-            source = "effect_map"
-        if role == "auto":
-            role = best_edit_role(effect_map)
-        if layers == "auto":
-            # off the last token, the last layer's MLP output never reaches the prediction
-            reach = range(model.n_layers if role == "last" else model.n_layers - 1)
-            if not reach:
-                raise BiasLensError(f"{model.spec} has one layer: only role 'last' can be edited")
-            layers = effect_map.best_layers("mlp", role, k, candidates=reach)
-    layers = check_layers(model, layers, role)
-    if effect_map is not None:
-        summary = _summary(effect_map, role, layers)
-    return {"layers": layers, "role": role, "source": source, "effect_map": summary, "map": effect_map}
-
-
-def check_layers(model: "BiasModel", layers: Sequence[int], role: str) -> list[int]:
-    """Sorted, distinct, in range, and able to reach the prediction at ``role``; else a clear error."""
-    layers = sorted(int(l) for l in layers)
-    if not layers or len(set(layers)) != len(layers):
-        raise BiasLensError(f"edit layers must be distinct and non-empty, not {layers}")
-    bad = [l for l in layers if not 0 <= l < model.n_layers]
-    if bad:
-        raise BiasLensError(f"layer(s) {bad} out of range: {model.spec} has layers 0..{model.n_layers - 1}")
-    check_role(role)
-    if role != "last" and layers[-1] == model.n_layers - 1:
-        raise BiasLensError(
-            f"layer {layers[-1]} is the last layer: its MLP output at role '{role}' cannot reach the "
-            "next-token prediction (no attention comes after it); use role 'last' or earlier layers")
-    return layers
-
-
-def parse_layers(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise BiasLensError(f"layers must be 'auto' or comma-separated integers like 3,4, not {text!r}") from None
-
-
 # ------------------------------------------------------------------------------------ the edit
 class EditCache:
     """What the candidates of one edit share: the site batches of the edit and keep prompts,
@@ -391,7 +240,7 @@ def lsdm(
     prompts: Sequence[Any] | None = None,
     layers: str | list[int] = "auto",
     role: str = "auto",
-    effect_map: Any = None,
+    effect_map: "EffectMap | str | os.PathLike | None" = None,
     corpus: str | os.PathLike | None = None,
     hparams: LSDMHparams | dict | str | os.PathLike | None = None,
     keep_prompts: Sequence[Any] | None = None,
@@ -448,7 +297,8 @@ def lsdm(
     if tuning:
         emap, map_source = (site_map(model, prompts, effect_map) if (tune_layers or role == "auto"
                             or effect_map is not None) else (None, "explicit"))
-        from biaslens.edit.tune import TuneGrid, candidate_roles, candidate_windows
+        from biaslens.edit.site import candidate_roles, candidate_windows
+        from biaslens.edit.tune import TuneGrid
 
         grid = grid or TuneGrid()
         # role "auto" while tuning the layers: every one-token role whose MLP effect is a place
@@ -512,10 +362,10 @@ def lsdm(
         model, prompts, keep, layers, role, covs, hp, progress, factors, cache))
     if record is not None:
         diag["tuning"] = record
-    summary = _summary(site["map"], role, layers) if site.get("map") is not None else site.get("effect_map")
+    summary_ = summary(site["map"], role, layers) if site.get("map") is not None else site.get("effect_map")
     info = {
         "site": {"layers": layers, "role": role, "source": site["source"]},
-        "effect_map": summary,
+        "effect_map": summary_,
         "corpus": corpus_path.name,
         "diagnostics": diag,
         "seconds": round(time.perf_counter() - t0, 2),
@@ -524,50 +374,3 @@ def lsdm(
     return model.delta_since(snap, method="lsdm", hparams=hp.to_dict(), info=info)
 
 
-def explicit_fields(hparams: Any) -> set[str]:
-    """The hyperparameters a caller gave: the keys of a dict or JSON file; every field of an
-    :class:`LSDMHparams` object (it names every value); none for ``None``."""
-    from dataclasses import fields
-
-    if hparams is None:
-        return set()
-    if isinstance(hparams, dict):
-        return set(hparams)
-    if isinstance(hparams, (str, os.PathLike)):
-        from biaslens.edit.hparams import read_object
-
-        return set(read_object(hparams))
-    return {f.name for f in fields(hparams)} if hasattr(hparams, "__dataclass_fields__") else set()
-
-
-def guarded_edit(model: "BiasModel", names: list[str], fn) -> tuple[dict, Any]:
-    """``(snapshot, fn())``; on any error, or NaN/inf in the weights ``names`` afterwards, the
-    weights are restored and the error raised (a non-finite edit is a :class:`BiasLensError`)."""
-    snap = model.snapshot(names)
-    try:
-        out = fn()
-        bad = model.check_finite(names)
-        if bad:
-            raise BiasLensError(f"the edit produced NaN/inf in {bad[0]}; the weights were restored: "
-                                "use stronger regularisation (mom2_weight) or a smaller step (v_lr, lr)")
-        import torch
-
-        if all(torch.equal(model.param(n), t) for n, t in snap.items()):
-            raise BiasLensError(f"the edit left {', '.join(names)} unchanged (its targets did not "
-                                "move): nothing to export; try other layers or a larger step (v_lr, lr)")
-    except BaseException:
-        model.restore(snap)
-        raise
-    return snap, out
-
-
-def as_hparams(hparams: Any, cls: type):
-    if hparams is None:
-        return cls()
-    if isinstance(hparams, cls):
-        return hparams
-    if isinstance(hparams, dict):
-        return cls.from_dict(hparams)
-    if isinstance(hparams, (str, os.PathLike)):
-        return cls.from_json(hparams)
-    raise BiasLensError(f"hparams must be a {cls.__name__}, a dict or a JSON path, not {type(hparams).__name__}")

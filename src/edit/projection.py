@@ -7,7 +7,7 @@ the gender signal of their targets, and removes them from the layer for every in
 ``W' = (I − P) W`` (and ``b' = (I − P) b`` where the layer has a bias), with ``P = U Uᵀ`` the
 orthogonal projection onto the top-``r`` PLS directions ``U``. Here, in this harness:
 
-1. Site: layers and token role from :func:`biaslens.edit.least_squares.resolve_site` (an effect
+1. Site: layers and token role from :func:`biaslens.edit.site.resolve_site` (an effect
    map or noise tracing, as LSDM).
 2. ``X``: the MLP output (``hook_mlp_out``) at the site token of the edit prompts whose occupation
    has a stereotype direction (female rate ≠ 0.5); ``Y``: their gender signal, the pronoun the
@@ -52,6 +52,7 @@ from biaslens.hooks import act_name
 from biaslens.prompts import female_rate
 
 if TYPE_CHECKING:
+    from biaslens.locate.effects import EffectMap
     import torch
 
     from biaslens.delta import WeightDelta
@@ -503,7 +504,7 @@ def dama(
     prompts: Sequence[Any] | None = None,
     layers: str | list[int] = "auto",
     role: str = "auto",
-    effect_map: Any = None,
+    effect_map: "EffectMap | str | os.PathLike | None" = None,
     hparams: DAMAHparams | dict | str | os.PathLike | None = None,
     keep_prompts: Sequence[Any] | None = None,
     progress: bool = True,
@@ -521,8 +522,8 @@ def dama(
     the weights restored.
     """
     from biaslens.edit.keys import check_role, site_batch
-    from biaslens.edit.least_squares import (as_hparams, default_keep_prompts, default_prompts,
-                                             guarded_edit, resolve_site)
+    from biaslens.edit.common import as_hparams, default_keep_prompts, default_prompts, guarded_edit
+    from biaslens.edit.site import resolve_site
 
     hp = as_hparams(hparams, DAMAHparams)
     prompts = default_prompts(model) if prompts is None else list(prompts)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from biaslens.errors import BiasLensError
+from biaslens.prompts import female_rate
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from biaslens.model import BiasModel
 
 __all__ = ["TuneBounds", "TuneGrid", "Candidate", "TuneResult", "Validation", "default_validation",
-           "candidate_roles", "candidate_windows", "heldout_lines", "tune_lsdm"]
+           "heldout_lines", "tune_lsdm"]
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,7 @@ class Validation:
 
         margin = self._margins(model, self.prompts)
         lp = np.stack([np.zeros_like(margin), margin], 1)  # only the difference matters
-        c = contrast_metrics(lp, [p.female_rate for p in self.prompts],
+        c = contrast_metrics(lp, [female_rate(p) for p in self.prompts],
                              [template_of(p) for p in self.prompts],
                              [getattr(p, "occupation", template_of(p)) for p in self.prompts])
         values = c.get("values", c)
@@ -295,7 +296,7 @@ class Validation:
         import numpy as np
 
         m = self._margins(model, prompts)
-        female = np.array([p.female_rate >= 0.5 for p in prompts])
+        female = np.array([female_rate(p) >= 0.5 for p in prompts])
         return np.where(female, m, -m)
 
     def _margins(self, model: "BiasModel", prompts: list) -> "Any":
@@ -346,8 +347,8 @@ def default_validation(model: "BiasModel", prompts: Sequence[Any], keep_prompts:
     occ: dict[str, tuple[str, float, str]] = {}
     for p in prompts:
         name = getattr(p, "occupation", None) or getattr(p, "subject", None)
-        rate = getattr(p, "female_rate", None)
-        if name and rate is not None and math.isfinite(rate) and rate != 0.5:
+        rate = female_rate(p)
+        if name and math.isfinite(rate) and rate != 0.5:
             occ.setdefault(name, (name, float(rate), getattr(p, "occupation_split", "edit")))
     fem = sorted((o for o in occ.values() if o[1] > 0.5), key=lambda o: o[1])
     mal = sorted((o for o in occ.values() if o[1] < 0.5), key=lambda o: o[1])
@@ -356,7 +357,7 @@ def default_validation(model: "BiasModel", prompts: Sequence[Any], keep_prompts:
                             "occupations (female_rate above and below 0.5); pass tune='off'")
     chosen = _spread(fem, per_side) + _spread(mal, per_side)
     val = fill_templates(chosen, "validation", rows)
-    words = [(w, r, s) for w, r, s in {(p.subject, p.female_rate, "definitional")
+    words = [(w, r, s) for w, r, s in {(p.subject, female_rate(p), "definitional")
                                        for p in d.definitional_prompts("edit")}]
     definitional = fill_templates(sorted(words), "validation", rows)
     keep = list(keep_prompts)
@@ -378,54 +379,6 @@ def default_validation(model: "BiasModel", prompts: Sequence[Any], keep_prompts:
 
 
 # ------------------------------------------------------------------------------ the search
-def candidate_windows(effect_map, role: str, n_layers: int, top: int = 2,
-                      min_ratio: float = 0.0) -> list[list[int]]:
-    """Layer windows to try: the ``top`` best layers at ``role`` (MLP effects; off the last
-    token the last layer cannot reach the prediction) whose effect is at least ``min_ratio`` of
-    the best one's, alone, best first, then adjacent pairs among them."""
-    import numpy as np
-
-    reach = n_layers if role == "last" else n_layers - 1
-    col = np.asarray(effect_map.effects["mlp"], dtype=float)[:, list(effect_map.roles).index(role)]
-    layers = [int(l) for l in effect_map.layers]
-    ranked = sorted((l for l, e in zip(layers, col) if np.isfinite(e) and l < reach),
-                    key=lambda l: -col[layers.index(l)])
-    best = ranked[: max(1, top)]
-    if best and col[layers.index(best[0])] > 0:
-        lead = col[layers.index(best[0])]
-        best = [l for l in best if col[layers.index(l)] >= min_ratio * lead]
-    if not best:
-        raise BiasLensError(f"the effect map has no finite MLP effect at role '{role}' to choose layers from")
-    return [[l] for l in best] + [[a, a + 1] for a in sorted(best) if a + 1 in best]
-
-
-def candidate_roles(effect_map, n_layers: int, min_ratio: float = 0.25) -> list[str]:
-    """The one-token roles (``subject_first``, ``subject_last``, ``last``) to tune at, best first:
-    those whose best MLP effect (over the layers that can reach the prediction from there) is at
-    least ``min_ratio`` of the best role's. On organism-llama the bias is read at the
-    occupation's last token (layer 0) and again at the last token (layer 1, 40% of it);
-    the validation templates choose between them."""
-    import numpy as np
-
-    from biaslens.prompts import SINGLE_ROLES
-
-    mlp = np.asarray(effect_map.effects["mlp"], dtype=float)
-    layers = [int(l) for l in effect_map.layers]
-    best: dict[str, float] = {}
-    for j, r in enumerate(effect_map.roles):
-        if r not in SINGLE_ROLES:
-            continue
-        reach = n_layers if r == "last" else n_layers - 1
-        col = [e for l, e in zip(layers, mlp[:, j]) if l < reach and np.isfinite(e)]
-        if col:
-            best[r] = float(max(col))
-    if not best:
-        raise BiasLensError("the effect map has no subject_first/subject_last/last role to edit at")
-    lead = max(best.values())
-    ranked = sorted(best, key=lambda r: -best[r])
-    return [r for r in ranked if lead <= 0 or best[r] >= min_ratio * lead] or ranked[:1]
-
-
 def _judge(s: dict, bounds: TuneBounds) -> tuple[bool, float, list[str]]:
     """``(within every bound, total violation, names of the bounds missed)``; a non-finite
     number is out of bounds with infinite violation."""

@@ -91,7 +91,7 @@ def _run(args) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else None
     import biaslens
     from biaslens.locate import agreement, locate
-    from biaslens.plots import effect_figures, write_html
+    from biaslens.locate.plots import effect_figures, write_html
 
     model = biaslens.load(args.model, device=args.device, dtype=args.dtype)
     kw: dict[str, Any] = {}

@@ -31,7 +31,7 @@ from biaslens.errors import DataFormatError
 from biaslens.jsonio import clean
 from biaslens.stats import bootstrap_mean_ci, pearson, quiet_nan_warnings
 
-__all__ = ["MAIN_COMPONENTS", "Site", "EffectMap", "agreement"]
+__all__ = ["as_effect_map", "MAIN_COMPONENTS", "Site", "EffectMap", "agreement"]
 
 
 MAIN_COMPONENTS = ("resid", "mlp", "attn")
@@ -165,6 +165,28 @@ class EffectMap:
             per_role = np.nanmax(np.where(np.isfinite(e), e, -np.inf), axis=0)
         return self.roles[int(np.argmax(per_role))]
 
+    def role_maxima(self, component: str = "mlp", roles: Sequence[str] | None = None,
+                    below: int | None = None) -> dict[str, float]:
+        """Each role's largest finite effect over the layers (those ``< below`` when given), for
+        ``roles`` (default every role of the map; roles the map lacks, or with no finite effect
+        there, are left out)."""
+        e = np.asarray(self.effects[self._components(component)[0]], dtype=float)
+        keep = [i for i, l in enumerate(self.layers) if below is None or int(l) < below]
+        out: dict[str, float] = {}
+        for r in (self.roles if roles is None else roles):
+            if r not in self.roles or not keep:
+                continue
+            col = e[keep, self.roles.index(r)]
+            col = col[np.isfinite(col)]
+            if col.size:
+                out[r] = float(col.max())
+        return out
+
+    def effect_at(self, component: str, layer: int, role: str) -> float:
+        """The effect of ``component`` at one ``layer`` and ``role``."""
+        return float(self.effects[self._components(component)[0]][list(self.layers).index(int(layer)),
+                                                                   self.roles.index(role)])
+
     def best_layers(self, component: str = "mlp", role: str | None = None, k: int = 2,
                     candidates: Sequence[int] | None = None) -> list[int]:
         """The ``k`` layers (among ``candidates``, default all) with the largest effect at
@@ -280,6 +302,15 @@ def _identity(x: Any, source: str) -> dict[str, Any] | None:
     if not ok:
         raise DataFormatError(f'{source}: "identity" must be {{"weight_hash": str, "n_layers": int}}')
     return dict(x)
+
+
+def as_effect_map(effect_map: "EffectMap | str | Path | None") -> "EffectMap | None":
+    """An :class:`EffectMap` as given, loaded from a path to ``effects.json``, or ``None``."""
+    if effect_map is None or isinstance(effect_map, EffectMap):
+        return effect_map
+    if isinstance(effect_map, (str, Path)) or hasattr(effect_map, "__fspath__"):
+        return EffectMap.load(effect_map)
+    raise TypeError(f"effect_map must be an EffectMap or a path to effects.json, not {type(effect_map).__name__}")
 
 
 def agreement(a: EffectMap, b: EffectMap, k: int = 5) -> dict[str, dict[str, float]]:

@@ -54,6 +54,7 @@ from biaslens.errors import BiasLensError, ModelLoadError
 from biaslens.unlearn.partitioned import Engine, PCGUConfig, run
 
 if TYPE_CHECKING:
+    from biaslens.locate.effects import EffectMap
     import torch
 
     from biaslens.delta import WeightDelta
@@ -760,7 +761,7 @@ def pcgu_fsdp(
     variant: str = "advantaged",
     form: str = "sentence",
     params: Sequence[str] | str | None = None,
-    effect_map: Any = None,
+    effect_map: "EffectMap | str | os.PathLike | None" = None,
     optimizer: str = "sgd",
     seed: int = 0,
     progress: bool = True,

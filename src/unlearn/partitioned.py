@@ -33,6 +33,8 @@ update alone.
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 import math
 import random
@@ -45,6 +47,7 @@ from biaslens.unlearn.common import Best, Guard, keep_term, minibatches, seed_al
 from biaslens.unlearn.hparams import PCGUHparams, resolve_hparams
 
 if TYPE_CHECKING:
+    from biaslens.locate.effects import EffectMap
     import torch
     from jaxtyping import Bool, Float, Int
 
@@ -428,7 +431,7 @@ def _named_group(model: "BiasModel", group: str) -> list[str]:
     return [n for n, p in model.params.items() if n.startswith(prefixes) and p.dim() in (1, 2)]
 
 
-def pcgu_params(model: "BiasModel", params: Sequence[str] | str | None = None, effect_map: Any = None,
+def pcgu_params(model: "BiasModel", params: Sequence[str] | str | None = None, effect_map: "EffectMap | str | os.PathLike | None" = None,
                 n_sites: int = 5) -> list[str]:
     """The parameters PCGU may update: ``params`` (names, or a group: ``"blocks"``, ``"mlp"``,
     ``"attn"``), else every 1-D and 2-D parameter;
@@ -445,7 +448,9 @@ def pcgu_params(model: "BiasModel", params: Sequence[str] | str | None = None, e
     else:
         names = [n for n, p in model.params.items() if p.dim() in (1, 2)]
     if effect_map is not None:
-        sites = effect_map.top_sites(k=n_sites)
+        from biaslens.locate.effects import as_effect_map
+
+        sites = as_effect_map(effect_map).top_sites(k=n_sites)
         prefixes = tuple(sorted({m + "." for s in sites
                                  for m in model.arch.component_modules(s.component, s.layer)}))
         names = [n for n in names if n.startswith(prefixes)]
@@ -521,7 +526,7 @@ def pcgu(
     variant: str = "advantaged",
     form: str = "auto",
     params: Sequence[str] | str | None = "blocks",
-    effect_map: Any = None,
+    effect_map: "EffectMap | str | os.PathLike | None" = None,
     optimizer: str = "sgd",
     seed: int = 0,
     progress: bool = True,
@@ -638,7 +643,7 @@ def pcgu(
 
 
 def run(model: "BiasModel", pairs: Sequence["ContrastPair"], cfg: PCGUConfig, engine: Engine, *,
-        params: Sequence[str] | None = None, effect_map: Any = None, n_sites: int = 5,
+        params: Sequence[str] | None = None, effect_map: "EffectMap | str | os.PathLike | None" = None, n_sites: int = 5,
         progress: bool = True, guard: tuple[Any, int] | None = None, keep: Any = None) -> "WeightDelta":
     """The PCGU loop of :func:`pcgu` on any :class:`Engine` (one process, or FSDP); ``guard`` is
     ``(biaslens.unlearn.common.Guard, eval_every)`` for early stopping and ``keep`` a

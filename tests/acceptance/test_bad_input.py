@@ -312,7 +312,7 @@ def _map(n_layers: int):
 
 def test_effect_map_identity(tiny_dirs, tmp_path, capsys):
     import biaslens
-    from biaslens.edit.least_squares import resolve_site
+    from biaslens.edit.site import resolve_site
     from biaslens.errors import BiasLensError
     from biaslens.locate import EffectMap
 

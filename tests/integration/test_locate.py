@@ -189,7 +189,7 @@ def test_bad_effect_map_file(tmp_path):
 
 
 def test_figures(noise_map, tmp_path):
-    from biaslens.plots import heatmap_figure, layer_line_figure, write_html
+    from biaslens.locate.plots import heatmap_figure, layer_line_figure, write_html
 
     fig = heatmap_figure(noise_map)
     assert len(fig.data) == 3 and list(fig.data[1].x) == noise_map.roles

@@ -12,6 +12,7 @@ import biaslens
 from biaslens import organism
 from biaslens.defaults import defaults_for
 from biaslens.edit import LSDMHparams, lsdm
+from biaslens.edit import site as site_mod
 from biaslens.edit import tune as tune_mod
 from biaslens.errors import BiasLensError
 from biaslens.evaluate.contrast import template_of
@@ -57,13 +58,13 @@ def keep_prompts(m):
 
 def test_candidate_windows_are_the_best_layers_and_adjacent_pairs():
     em = effect_map(4, [2, 1, 3])
-    assert tune_mod.candidate_windows(em, "last", 4, top=2) == [[2], [1], [1, 2]]
-    assert tune_mod.candidate_windows(em, "last", 4, top=3) == [[2], [1], [3], [1, 2], [2, 3]]
-    assert tune_mod.candidate_windows(effect_map(4, [3, 1]), "last", 4, top=2) == [[3], [1]]  # not adjacent
+    assert site_mod.candidate_windows(em, "last", 4, top=2) == [[2], [1], [1, 2]]
+    assert site_mod.candidate_windows(em, "last", 4, top=3) == [[2], [1], [3], [1, 2], [2, 3]]
+    assert site_mod.candidate_windows(effect_map(4, [3, 1]), "last", 4, top=2) == [[3], [1]]  # not adjacent
     weak = effect_map(4, [2, 1])
     weak.effects["mlp"][1, 4] = 0.1  # a tenth of layer 2's effect: not a place the bias lives
-    assert tune_mod.candidate_windows(weak, "last", 4, top=2, min_ratio=0.25) == [[2]]
-    assert tune_mod.candidate_windows(weak, "last", 4, top=2, min_ratio=0.05) == [[2], [1], [1, 2]]
+    assert site_mod.candidate_windows(weak, "last", 4, top=2, min_ratio=0.25) == [[2]]
+    assert site_mod.candidate_windows(weak, "last", 4, top=2, min_ratio=0.05) == [[2], [1], [1, 2]]
 
 
 def test_judge_counts_every_bound():
@@ -228,9 +229,9 @@ def two_role_map(n_layers: int, last_effect: float):
 
 
 def test_candidate_roles_are_the_roles_where_the_bias_lives():
-    assert tune_mod.candidate_roles(two_role_map(3, 0.32), 3, 0.25) == ["subject_last", "last"]
-    assert tune_mod.candidate_roles(two_role_map(3, 0.1), 3, 0.25) == ["subject_last"]
-    assert tune_mod.candidate_roles(two_role_map(3, 0.9), 3, 0.25) == ["last", "subject_last"]
+    assert site_mod.candidate_roles(two_role_map(3, 0.32), 3, 0.25) == ["subject_last", "last"]
+    assert site_mod.candidate_roles(two_role_map(3, 0.1), 3, 0.25) == ["subject_last"]
+    assert site_mod.candidate_roles(two_role_map(3, 0.9), 3, 0.25) == ["last", "subject_last"]
 
 
 def test_role_auto_tunes_every_candidate_role_and_keeps_the_best(model, corpus, tmp_path):
