@@ -118,6 +118,28 @@ class Defaults:
         words = [(w, 1.0 if g == "female" else 0.0, "definitional") for w, g in definitional_words()]
         return fill_templates(words, templates)
 
+    def user_occupation_prompts(self, rows: list[tuple[str, float, str]]) -> list["PronounPrompt"]:
+        """The user's ``(occupation, share female, split)`` rows (e.g. ``biaslens edit
+        --occupations``) × this model's edit templates: the organism's training templates, else
+        the bank's ``edit`` templates."""
+        if not self.organism:
+            return fill_templates(rows, "edit")
+        from biaslens import organism
+        from biaslens.organism.data import PronounPrompt
+
+        return [PronounPrompt(t.text.format(occupation=name), name, name, rate, t.form,
+                              *organism.PRONOUNS[t.form], t.split, "train")
+                for name, rate, _ in rows for t in organism.TEMPLATES if t.split == "train"]
+
+    def edit_sample(self, max_prompts: int, prompts: list[Any] | None = None,
+                    seed: int = 0) -> tuple[list[Any], list["PronounPrompt"]]:
+        """``(edit prompts, keep prompts)`` of a quick edit: a seeded sample of at most
+        ``max_prompts`` of ``prompts`` (default: edit occupations × edit templates) and as many
+        definitional keep prompts of the edit templates, every occupation (word) equally often
+        (:func:`balanced_sample`)."""
+        return (balanced_sample(prompts or self.occupation_prompts("edit", "edit"), max_prompts, seed),
+                balanced_sample(self.definitional_prompts("edit"), max_prompts, seed))
+
     def trace_prompts(self, max_prompts: int | None = 120, seed: int = 0) -> list["PronounPrompt"]:
         """Edit occupations × edit templates; with ``max_prompts`` a seeded sample that keeps
         every occupation equally represented (round robin over occupations, each with its

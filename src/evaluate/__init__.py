@@ -26,6 +26,7 @@ from biaslens.evaluate.probes import definitional_accuracy, gap_metrics, occupat
 from biaslens.evaluate.fluency import perplexity
 from biaslens.stats import bootstrap_ci
 from biaslens.evaluate.suite import BENCHMARKS, evaluate, organism_suite, suite
+from biaslens.evaluate.runs import edit_measures, edit_summary, unlearn_measures
 
 __all__ = [
     "stereotype_contrast", "contrast_metrics", "relative_cut",
@@ -34,5 +35,5 @@ __all__ = [
     "crows_metrics", "stereoset_metrics", "pair_metrics", "icat", "gap_metrics", "VIG_TEMPLATES",
     "compare_table", "compare_figure", "compare_rows", "bootstrap_ci",
     "load_crows_pairs", "load_stereoset", "load_winobias", "load_winogender",
-    "load_occupation_stats", "load_probes",
+    "load_occupation_stats", "load_probes", "edit_measures", "edit_summary", "unlearn_measures",
 ]

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from biaslens.prompts import female_rate
 from biaslens.stats import SEED, bootstrap_ci, mean_ci, pearson, pearson_rows, result
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def contrast_from_logprobs(lp: "Float[np.ndarray, 'n 2']", prompts: Sequence[Any
                            seed: int = SEED) -> dict:
     """:func:`stereotype_contrast` from already scored ``[n, (male, female)]`` log-probabilities
     of ``prompts`` (lets a suite score a prompt set once for both the gap and the contrast)."""
-    rates = [float(getattr(p, "female_rate", float("nan"))) for p in prompts]
+    rates = [female_rate(p) for p in prompts]
     out = contrast_metrics(lp, rates, [template_of(p) for p in prompts],
                            [getattr(p, "occupation", template_of(p)) for p in prompts], seed)
     out["scoring"] = SCORING

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from biaslens.locate.effects import EffectMap, Site, agreement
+from biaslens.prompts import female_rate
 
 if TYPE_CHECKING:
     from biaslens.model import BiasModel
@@ -45,9 +46,8 @@ def default_prompts(model: "BiasModel | str", max_prompts: int | None = 120, see
 def default_swap(prompt: Any) -> str:
     """Swap the occupation for the gendered word of the other side of its stereotype:
     "man" for a female-leaning occupation, "woman" for a male-leaning one (Vig et al.)."""
-    meta = getattr(prompt, "meta", {}) or {}
-    rate = getattr(prompt, "female_rate", None) if hasattr(prompt, "female_rate") else meta.get("female_rate")
-    return "woman" if rate is not None and float(rate) <= 0.5 else "man"
+    rate = female_rate(prompt)
+    return "woman" if rate <= 0.5 else "man"  # NaN (no rate): "man"
 
 
 def locate(

@@ -36,7 +36,7 @@ from biaslens.locate.noise import prepare
 from biaslens.locate.patching import (
     LAYER_HOOKS, ActSource, Base, Patch, PatchEngine, clean_source, layer_variants, metric_rows,
 )
-from biaslens.prompts import ROLES, Prompt, as_prompt, subject_span
+from biaslens.prompts import ROLES, Prompt, as_prompt, female_rate, subject_span
 
 if TYPE_CHECKING:
     from biaslens.model import BiasModel
@@ -97,10 +97,10 @@ def aligned_source(src: ActSource, align: torch.Tensor) -> ActSource:
 
 def stereotype_sign(batch: "TokenBatch", clean: torch.Tensor) -> torch.Tensor:
     """+1 where the stereotypical pronoun is the female one, −1 where it is the male one."""
-    rates = [p.meta.get("female_rate") for p in batch.prompts]
+    rates = [female_rate(p) for p in batch.prompts]
     sign = torch.where(clean >= 0, 1.0, -1.0)
     for i, r in enumerate(rates):
-        if r is not None:
+        if r == r:  # not NaN: the prompt has a rate
             sign[i] = 1.0 if float(r) > 0.5 else -1.0
     return sign
 

@@ -15,14 +15,11 @@ the manifest. No torch import at module level.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-__all__ = ["METHODS", "ALPHA_MAX", "add_arguments", "load_data", "measure", "validation",
-           "unchanged_note", "run", "COMMANDS"]
+__all__ = ["METHODS", "ALPHA_MAX", "add_arguments", "unchanged_note", "run", "COMMANDS"]
 
 METHODS = ("pcgu", "task-vector", "offset", "masked-ascent")
 #: the largest |--alpha| accepted (beyond it the offset logits overflow)
@@ -84,122 +81,14 @@ def _check_args(args) -> None:
         raise BiasLensError("--small-model is only used by --method offset")
 
 
-def _is_span_file(path: Path) -> bool:
-    if path.suffix != ".jsonl" or not path.is_file():
-        return False
-    first = next((ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()), "")
-    try:
-        return "text" in json.loads(first)
-    except (json.JSONDecodeError, TypeError):
-        return False
-
-
-def load_data(args, model) -> dict[str, Any]:
-    """Pairs (for PCGU), forget texts with spans, retain texts, validation prompts and the
-    perplexity texts used for model selection: the model's defaults
-    (:meth:`biaslens.defaults.Defaults.unlearn_data`), with ``--pairs`` replacing the pairs and
-    forget texts; ``keep``: the definitional prompts of the edit templates (the keep term's)."""
-    from biaslens.defaults import defaults_for
-    from biaslens.unlearn import data as D
-    from biaslens.unlearn.pairs import load_pairs
-
-    out = defaults_for(model).unlearn_data(seed=args.seed)
-    if args.pairs is not None:
-        out["source"] = args.pairs
-        if args.pairs != "organism" and _is_span_file(Path(args.pairs)):
-            out["forget"], out["pairs"] = D.read_span_jsonl(args.pairs), None
-        else:
-            out["pairs"] = load_pairs(args.pairs)
-            out["forget"] = D.from_pairs(out["pairs"])
-    out["keep"] = defaults_for(model).definitional_prompts("edit")  # the keep term's prompts
-    n = args.max_prompts
-    if n:
-        import random
-
-        out["ppl_texts"] = out["ppl_texts"][:n]
-        if out["val_prompts"] and len(out["val_prompts"]) > n:
-            # the contrast needs templates with both stereotype sides, so not a plain sample
-            from biaslens.evaluate.suite import contrast_sample
-
-            vp = out["val_prompts"]
-            out["val_prompts"] = [vp[i] for i in contrast_sample(vp, n, seed=args.seed)]
-        for key in ("pairs", "retain", "keep"):
-            if out[key] and len(out[key]) > n:
-                out[key] = random.Random(args.seed).sample(out[key], n)
-        if out["pairs"]:
-            out["forget"] = D.from_pairs(out["pairs"])
-        elif len(out["forget"]) > n:
-            out["forget"] = random.Random(args.seed).sample(out["forget"], n)
-    return out
-
-
-def measure(model, args, data) -> dict[str, Any]:
-    """Before/after numbers: the model's default suite (:func:`biaslens.evaluate.suite`), and
-    with ``--pairs`` the preference for the advantaged side of the user's pairs."""
-    import torch
-
-    from biaslens.evaluate import suite
-
-    res: dict[str, Any] = suite(model, limit=args.limit)
-    if args.pairs and data["pairs"]:
-        with torch.no_grad():
-            adv = model.sequence_logprobs([p.advantaged for p in data["pairs"]])
-            dis = model.sequence_logprobs([p.disadvantaged for p in data["pairs"]])
-        res["pairs"] = {"advantaged_preferred": float((adv > dis).float().mean()), "n": len(data["pairs"])}
-    return res
-
-
-def validation(model, args, data):
-    """The validation every method chooses its strength on (:mod:`biaslens.unlearn.select`): the
-    model's whole validation split (``occupation_prompts("edit", "validation")``) and its
-    definitional validation prompts (with ``--max-prompts``: at most that many of each,
-    :func:`~biaslens.unlearn.select.sample_prompts`), and the perplexity texts, under
-    ``--ppl-bound`` and the definitional bounds."""
-    from biaslens.defaults import defaults_for
-    from biaslens.unlearn.select import Bounds, Validation, sample_prompts
-
-    d = defaults_for(model)
-    prompts, definitional = d.occupation_prompts("edit", "validation"), d.definitional_prompts("validation")
-    if args.max_prompts:  # templates x a few occupations (words) of both directions: still a contrast
-        prompts = sample_prompts(prompts, args.max_prompts, args.seed)
-        definitional = sample_prompts(definitional, args.max_prompts, args.seed)
-    return Validation(model, prompts=prompts, definitional=definitional, ppl_texts=data["ppl_texts"],
-                      bounds=Bounds.from_ppl_bound(args.ppl_bound))
-
-
 def _run_method(model, args, data):
-    """Run the method with its strength chosen on the validation split; returns
-    ``(scored_model, delta_or_offset)``."""
-    from biaslens.errors import BiasLensError
+    """:func:`biaslens.unlearn.runs.run_method` with the command's arguments."""
+    from biaslens.unlearn.runs import run_method
 
-    steps = args.max_steps
-    val = validation(model, args, data)
-    common = {"seed": args.seed, "ppl_bound": args.ppl_bound, "validation": val, "keep_prompts": data["keep"]}
-    if args.method == "pcgu":
-        from biaslens.unlearn.partitioned import pcgu
-
-        if not data["pairs"]:
-            raise BiasLensError("PCGU needs contrast pairs; pass --pairs with pairs, not a span file")
-        kw = {"lrs": [args.lr]} if args.lr else {}
-        return model, pcgu(model, data["pairs"], max_steps=steps, **common, **kw)
-    if args.method == "task-vector":
-        from biaslens.unlearn.task_vector import task_vector_negation
-
-        kw = {"lr": args.lr} if args.lr else {}
-        return model, task_vector_negation(model, data["forget"], lora_rank=args.lora_rank,
-                                           steps=steps or 150, **common, **kw)
-    if args.method == "masked-ascent":
-        from biaslens.unlearn.masked_ascent import masked_span_ascent
-
-        kw = {"lrs": [args.lr]} if args.lr else {}
-        return model, masked_span_ascent(model, data["forget"], max_steps=steps or 200, **common, **kw)
-    from biaslens.unlearn.offset import offset_unlearn
-
-    kw = {"lr": args.lr} if args.lr else {}
-    small = args.small_model or model
-    om = offset_unlearn(model, small, data["forget"], data["retain"], alpha=args.alpha, loss=args.loss,
-                        max_steps=steps or 200, **common, **kw)
-    return om, om
+    return run_method(model, args.method, data, seed=args.seed, ppl_bound=args.ppl_bound,
+                      max_prompts=args.max_prompts, max_steps=args.max_steps, lr=args.lr,
+                      lora_rank=args.lora_rank, alpha=args.alpha, loss=args.loss,
+                      small_model=args.small_model)
 
 
 def unchanged_note(delta, method: str) -> str | None:
@@ -219,19 +108,22 @@ def unchanged_note(delta, method: str) -> str | None:
 
 def run(args) -> int:
     import biaslens
+    from biaslens.evaluate.runs import unlearn_measures
     from biaslens.export import export
     from biaslens.outdir import prepare
+    from biaslens.unlearn.runs import run_data
 
     _check_args(args)
     out = prepare(args.out, args.force)  # fail before any work
     model = biaslens.load(args.model, device=args.device, dtype=args.dtype)
-    data = load_data(args, model)
-    before = measure(model, args, data)
+    data = run_data(model, args.pairs, seed=args.seed, max_prompts=args.max_prompts)
+    user_pairs = data["pairs"] if args.pairs else None  # the preference on the user's pairs
+    before = unlearn_measures(model, user_pairs, limit=args.limit)
     t0 = time.perf_counter()
     scored, result = _run_method(model, args, data)
     seconds = time.perf_counter() - t0
     note = unchanged_note(result.delta if args.method == "offset" else result, args.method)
-    after = measure(scored, args, data)
+    after = unlearn_measures(scored, user_pairs, limit=args.limit)
     report = {"method": args.method, "model": args.model, "data": str(data["source"]),
               "n_forget": len(data["forget"]), "seconds": seconds, "changed": note is None,
               "note": note, "before": before, "after": after}
@@ -259,16 +151,13 @@ def _print_summary(report: dict, out) -> None:
     with a paired bootstrap CI over templates), then the occupational gaps, definitional
     accuracy and perplexity."""
     from biaslens.evaluate.compare import headline_text
+    from biaslens.evaluate.runs import UNLEARN_SUMMARY_ROWS
 
     print(f"unlearn {report['method']}: wrote {out} in {report['seconds']:.0f}s")
     top = headline_text(report["before"], report["after"])
     if top:
         print(f"  headline: {top}")
-    for bench, metric, label in (("occupations_heldout_templates", "mean_abs_gap",
-                                  "occupational gap, held-out templates"),
-                                 ("occupations", "mean_abs_gap", "occupational gap, held-out occupations"),
-                                 ("definitional", "accuracy", "definitional accuracy"),
-                                 ("perplexity", "perplexity", "perplexity")):
+    for bench, metric, label in UNLEARN_SUMMARY_ROWS:
         b = report["before"].get(bench, {}).get(metric)
         a = report["after"].get(bench, {}).get(metric)
         if b is not None and a is not None:

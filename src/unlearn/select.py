@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from biaslens.errors import BiasLensError
+from biaslens.prompts import female_rate
 
 if TYPE_CHECKING:
     from biaslens.model import BiasModel
@@ -107,7 +108,7 @@ def definitional_shares(model: Any, prompts: Sequence[Any], batch_size: int = 64
 
     prompts = list(prompts)
     lp = pronoun_logprobs(model, prompts, batch_size, desc="definitional")
-    female = np.array([float(getattr(p, "female_rate", 0.0)) >= 0.5 for p in prompts])
+    female = np.array([female_rate(p) >= 0.5 for p in prompts])  # NaN (no rate): male
     margin = np.where(female, lp[:, 1] - lp[:, 0], lp[:, 0] - lp[:, 1])
     return 1.0 / (1.0 + np.exp(-margin))
 
@@ -134,7 +135,7 @@ def sample_prompts(prompts: Sequence[Any], n: int, seed: int = 0) -> list[Any]:
         return prompts
     rng = random.Random(seed)
     templates = sorted({template_of(p) for p in prompts})
-    rate = lambda p: float(getattr(p, "female_rate", 0.5))  # noqa: E731
+    rate = female_rate  # NaN (no rate): neither side
     female = sorted({p.occupation for p in prompts if rate(p) > 0.5})
     male = sorted({p.occupation for p in prompts if rate(p) < 0.5})
     n_t = max(1, min(len(templates), n // 2))
