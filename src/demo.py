@@ -82,7 +82,7 @@ def run_demo(model_spec: str, out: str | Path, device: str = "cpu", dtype: str =
     from biaslens.evaluate.compare import headline, headline_text
     from biaslens.export import export
     from biaslens.locate import default_prompts, locate
-    from biaslens.outdir import prepare, staging
+    from biaslens.io import prepare, staging
 
     out = prepare(out, force)  # fail before loading a model
     t0 = time.time()

@@ -2,7 +2,7 @@
 
 The folder holds the model (safetensors), config and tokenizer, plus ``delta.safetensors`` (only
 the changed tensors, as ``updated - original``) and ``manifest.json`` (what changed and why).
-Writes go to a temporary sibling folder that is renamed into place (:mod:`biaslens.outdir`), so a
+Writes go to a temporary sibling folder that is renamed into place (:mod:`biaslens.io`), so a
 failed or interrupted export leaves nothing half-written, and ``force`` replaces only a folder
 biaslens wrote.
 
@@ -44,8 +44,8 @@ DISPATCHED_SHARD_SIZE = "2GB"
 
 
 def check_out_dir(out: str | Path, force: bool = False) -> Path:
-    """Alias of :func:`biaslens.outdir.prepare` (the one output-folder policy)."""
-    from biaslens.outdir import prepare
+    """Alias of :func:`biaslens.io.prepare` (the one output-folder policy)."""
+    from biaslens.io import prepare
 
     return prepare(out, force)
 
@@ -213,7 +213,7 @@ def export(
     the manifest's ``verification`` as information, never a refusal.
 
     ``files``: extra JSON files (name -> data) written into the folder, e.g. a report. The
-    folder is written and replaced as :mod:`biaslens.outdir` describes (``force`` replaces only a
+    folder is written and replaced as :mod:`biaslens.io` describes (``force`` replaces only a
     folder biaslens wrote); its marker names ``command``.
 
     ``max_shard_size`` (bytes, or a size like ``"2GB"``): the largest weight shard. A model placed
@@ -225,7 +225,7 @@ def export(
     import torch
 
     import biaslens
-    from biaslens.outdir import staging
+    from biaslens.io import staging
 
     bad = model.check_finite()
     if bad:

@@ -286,7 +286,7 @@ def resolve_placement(spec, device: Any, device_map: Any, max_memory: Any,
         except OSError as exc:
             raise ModelLoadError(f"cannot create offload folder '{offload_folder}' "
                                  f"({exc.strerror or exc}); give a writable folder") from None
-        from biaslens.outdir import OutputError, probe_writable
+        from biaslens.io import OutputError, probe_writable
 
         try:
             probe_writable(folder, "offload_folder (--offload-folder)", "offload")
@@ -303,7 +303,7 @@ class Placement:
     (``.offload.tmp-PID-XXXX``) holding what transformers re-saves for offloading and the edited
     copies of disk-offloaded weights (:meth:`BiasModel.mlp_out_matrix`). Nothing else in
     ``offload_folder`` is written or removed, except such subfolders of runs whose process is
-    gone (:func:`biaslens.outdir.clean_stale`). The subfolder goes when the model is freed, or
+    gone (:func:`biaslens.io.clean_stale`). The subfolder goes when the model is freed, or
     at exit. Without ``offload_folder``, edited copies go to a temporary folder.
     """
 
@@ -320,7 +320,7 @@ class Placement:
         if self.offload_folder is not None:
             import tempfile
 
-            from biaslens.outdir import clean_stale
+            from biaslens.io import clean_stale
 
             clean_stale(self.offload_folder, "offload")
             self.scratch = Path(tempfile.mkdtemp(prefix=f".offload.tmp-{os.getpid()}-",

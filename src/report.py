@@ -4,7 +4,7 @@ Every HTML file biaslens writes goes through :meth:`Report.write` (the demo's ``
 locate heatmaps through :func:`write_figures` / :func:`biaslens.locate.plots.write_html`, the evaluate and
 compare charts): one standalone page that opens offline, written atomically
 (:func:`biaslens.io.write_text`) and carrying biaslens's generator tag, so ``--force`` may replace
-it later (:func:`biaslens.outdir.written_by_biaslens`).
+it later (:func:`biaslens.io.written_by_biaslens`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Report:
 
     def page(self) -> str:
         """The whole page as text."""
-        from biaslens.outdir import mark_html
+        from biaslens.io import mark_html
 
         return mark_html(
             f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"

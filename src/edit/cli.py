@@ -99,7 +99,7 @@ def run(args) -> int:
     from biaslens.errors import BiasLensError
     from biaslens.evaluate.runs import edit_measures, edit_summary
     from biaslens.export import export
-    from biaslens.outdir import prepare, staging
+    from biaslens.io import prepare, staging
 
     out = prepare(args.out, args.force)  # fail before loading a large model
     layers = "auto" if args.layers == "auto" else parse_layers(args.layers)

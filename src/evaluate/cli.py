@@ -48,8 +48,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 def _check_out(paths: dict, force: bool) -> None:
     """Each output file (flag -> path): its folder exists and is writable, and it does not exist
-    unless ``force`` (:func:`biaslens.outdir.check_file`)."""
-    from biaslens.outdir import check_file
+    unless ``force`` (:func:`biaslens.io.check_file`)."""
+    from biaslens.io import check_file
 
     for what, p in paths.items():
         check_file(p, force, what)

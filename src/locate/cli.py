@@ -84,7 +84,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args) -> int:
-    from biaslens.outdir import prepare, staging
+    from biaslens.io import prepare, staging
 
     out = prepare(args.out, args.force)  # fail before loading a model
     components = tuple(c.strip() for c in args.components.split(",") if c.strip())

@@ -110,7 +110,7 @@ def run(args) -> int:
     import biaslens
     from biaslens.evaluate.runs import unlearn_measures
     from biaslens.export import export
-    from biaslens.outdir import prepare
+    from biaslens.io import prepare
     from biaslens.unlearn.runs import run_data
 
     _check_args(args)

@@ -338,10 +338,10 @@ def export_offset(om: OffsetModel, out: str | Path, manifest: dict | None = None
                   files: dict[str, Any] | None = None) -> Path:
     """Write ``out/base`` (M_o), ``out/offset`` (M'_o, with its delta) and ``out/offset.json``
     (α, the large model's spec and weight hash, the training record), plus ``files`` (extra JSON
-    files, name -> data). Staged and replaced like ``export`` (:mod:`biaslens.outdir`)."""
+    files, name -> data). Staged and replaced like ``export`` (:mod:`biaslens.io`)."""
     from biaslens import jsonio
     from biaslens.export import export
-    from biaslens.outdir import staging
+    from biaslens.io import staging
 
     stage = staging(out, force, command="unlearn")
     with stage as tmp:

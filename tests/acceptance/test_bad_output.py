@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 
 import biaslens
-from biaslens import outdir
+from biaslens import io as outdir
 from biaslens.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -302,7 +302,7 @@ def test_sigterm_kills_a_writer_cleanly(tmp_path):
     out.mkdir()
     code = textwrap.dedent(f"""
         import sys, time
-        from biaslens.outdir import staging
+        from biaslens.io import staging
         with staging({str(out)!r}, force=False, command="test") as tmp:
             (tmp / "part.bin").write_bytes(b"x" * 1000)
             print("WRITING", flush=True)
