@@ -8,10 +8,8 @@ export TOKENIZERS_PARALLELISM := false
 # Small models run far faster on one thread per process (thread sync dominates tiny matmuls).
 export OMP_NUM_THREADS ?= 1
 
-# The `make test` command; the canary (`make test-latest`) runs the same one. TEST_WORKERS pytest-xdist
-# processes (one thread each), each test file on one worker so module fixtures are built once.
-TEST_WORKERS ?= 2
-PYTEST_ARGS := -q -m "not slow" --durations=15 -n $(TEST_WORKERS) --dist loadfile
+# The `make test` command; the canary (`make test-latest`) runs the same one.
+PYTEST_ARGS := -q -m "not slow" --durations=15
 
 .PHONY: setup lock demo test test-latest test-all test-unit test-integration test-acceptance bench clean
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements.lock"
-DEFAULT_PYTEST_ARGS = '-q -m "not slow" --durations=15 -n 2 --dist loadfile'
+DEFAULT_PYTEST_ARGS = '-q -m "not slow" --durations=15'
 
 # Loaded into the canary's pytest with -p: appends each failed test (or collection error) by node id as it
 # happens, so a run stopped by a timeout still tells what had failed, and the exit status at the end.
