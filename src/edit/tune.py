@@ -88,6 +88,10 @@ class TuneGrid:
     #: a layer joins the windows only with at least this fraction of the best layer's effect
     min_effect_ratio: float = 0.25
     start: tuple[int, int] = (1, 1)
+    #: the search of one window stops after this many candidates (a budget: on a random model
+    #: nothing may be feasible and the walk would cross the whole grid; the organisms' searches
+    #: end within 12)
+    max_per_window: int = 16
 
 
 @dataclass
@@ -462,6 +466,7 @@ def tune_lsdm(model: "BiasModel", cache: "EditCache", windows: list[list[int]],
         while True:
             near = [(cur[0] + a, cur[1] + b) for a, b in ((1, 0), (-1, 0), (0, 1), (0, -1))
                     if 0 <= cur[0] + a < len(lams) and 0 <= cur[1] + b < len(keeps)]
+            near = [n for n in near if n in seen or len(seen) < grid.max_per_window]
             for n in near:
                 if n not in seen:
                     seen[n] = run(window, *n)
