@@ -16,9 +16,9 @@ What each job runs (fixed units, the same at every point of the grid):
 - ``noise``: the noise trace of the MLP outputs at every layer and two token roles
   (``subject_last``, ``last``) with 2 noise samples (:data:`NOISE_UNIT`) — a reduced unit: the
   default trace restores 3 components × 6 roles × 10 samples, 90 times as many sites, which on
-  a 2-core CPU is unaffordable across the grid. At 1000 prompts the trace is not run: its time
-  is projected from the 10 → 100 prompt exponent and labelled *projected*; so is the PCGU step
-  on a batch of 1000 pairs (about ten minutes of a 2-core CPU).
+  a 2-core CPU is unaffordable across the grid. With ``--skip-heavy`` the trace is not run at
+  1000 prompts: its time is projected from the 10 → 100 prompt exponent and labelled
+  *projected*; so is the PCGU step on a batch of 1000 pairs.
 - ``attribution``: the attribution map of the MLP outputs at every layer × 6 roles with 2 noise
   samples (:data:`ATTRIBUTION_UNIT`; the default is 10 samples, 5 times the corrupted rows): one
   clean forward, one corrupted forward and one backward.
@@ -284,13 +284,14 @@ def grid(quick: bool) -> list[dict]:
     return pts  # the most prompts last: the longest child
 
 
-def skipped(job: str, point: dict) -> bool:
-    """Measurements not run (projected instead, see the module docstring)."""
-    return job in ("noise", "pcgu_step") and point["n"] > 100
+def skipped(job: str, point: dict, skip_heavy: bool = False) -> bool:
+    """Measurements not run (projected instead, see the module docstring): with ``--skip-heavy``,
+    the noise trace and the PCGU step at more than 100 prompts."""
+    return skip_heavy and job in ("noise", "pcgu_step") and point["n"] > 100
 
 
 def measure(point: dict, jobs: list[str], args) -> list[dict]:
-    jobs = [j for j in jobs if not skipped(j, point)]
+    jobs = [j for j in jobs if not skipped(j, point, getattr(args, "skip_heavy", False))]
     if not jobs:
         return []
     if "lsdm_cached" in jobs and "lsdm_uncached" not in jobs:
@@ -545,8 +546,9 @@ def write(rows: list[dict], out: Path, command: str, wall: float, threads: int, 
         "",
         "- **noise** — *reduced unit*: the noise trace of the MLP outputs at every layer × 2 roles "
         "(`subject_last`, `last`) × 2 noise samples per prompt. The default trace (3 components × 6 roles × "
-        f"10 samples) restores {NOISE_DEFAULT_SITES_FACTOR:.0f}× as many sites. At 1000 prompts the trace was "
-        "not run, nor the PCGU step; their rows are *projected* from the 10 → 100 exponent.",
+        f"10 samples) restores {NOISE_DEFAULT_SITES_FACTOR:.0f}× as many sites."
+        + ("" if not any("proj_1000_seconds" in s for s in summ.values()) else
+           " Jobs not measured at 1000 prompts have that row *projected* from the 10 → 100 exponent."),
         "- **attribution** — the attribution map of the MLP outputs at every layer × 6 roles with 2 noise samples "
         "(the default 10 samples has 5× the corrupted rows).",
         f"- **lsdm_uncached** — LSDM at the middle layer, role `last`, `v_steps=0`, no keep prompts, key "
@@ -702,6 +704,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip-heavy", action="store_true",
+                    help="do not run the noise trace and the PCGU step at 1000 prompts (projected instead)")
     ap.add_argument("--jobs", default=",".join(JOBS))
     ap.add_argument("--work", default=None, help="folder for the models and caches (default: a temporary one)")
     ap.add_argument("--rewrite", default=None, metavar="ROWS_JSON[,ROWS_JSON...]",

@@ -235,6 +235,20 @@ def output_change_ratio(dW, W, second_moment) -> float | None:
     return float((num / den.clamp(min=1e-30)).clamp(min=0).sqrt())
 
 
+def _same_tokens(a: EditCache, b: EditCache) -> bool:
+    """Two roles that pick the same token of every edit and keep prompt (with the same key
+    columns) give the same keys, targets and solves: one tuning serves both."""
+    import torch
+
+    def one(x, y) -> bool:
+        if x is None or y is None:
+            return x is y
+        return (torch.equal(x.pos, y.pos) and torch.equal(x.group, y.group)
+                and x.labels == y.labels)
+
+    return one(a.site, b.site) and one(a.keep, b.keep)
+
+
 def lsdm(
     model: "BiasModel",
     prompts: Sequence[Any] | None = None,
@@ -330,9 +344,16 @@ def lsdm(
 
         val = validation if validation is not None else default_validation(
             model, prompts, keep, corpus_path, hp.cov_tokens)
-        results, caches = {}, {}
-        for r in roles:
+        results, caches, same = {}, {}, {}
+        for r in list(roles):
             caches[r] = EditCache(model, prompts, keep, r, hp)
+            twin = next((r0 for r0 in caches if r0 != r and role_windows[r0] == role_windows[r]
+                         and _same_tokens(caches[r0], caches[r])), None)
+            if twin is not None:  # e.g. subject_first = subject_last when every subject is one token
+                same[r] = twin
+                roles.remove(r)
+                del caches[r]
+                continue
             results[r] = tune_lsdm(model, caches[r], role_windows[r], covs, hp, val,
                                    mom2_weights=None if tune_lam else [hp.mom2_weight],
                                    keep_weights=None if tune_keep else [hp.keep_weight],
@@ -348,6 +369,8 @@ def lsdm(
         record = result.to_dict()
         record["tuned"] = [n for n, on in (("layers", tune_layers), ("role", len(roles) > 1),
                                            ("mom2_weight", tune_lam), ("keep_weight", tune_keep)) if on]
+        if same:
+            record["roles_on_the_same_tokens"] = same  # tuned once, under the first name
         if len(roles) > 1:
             record["roles"] = {r: {"chosen": results[r].to_dict()["chosen"], "windows": results[r].windows,
                                    "sweep": results[r].to_dict()["sweep"]} for r in roles}

@@ -92,6 +92,13 @@ class TuneGrid:
     #: nothing may be feasible and the walk would cross the whole grid; the organisms' searches
     #: end within 12)
     max_per_window: int = 16
+    #: a window whose first ``patience`` candidates all fail to lower the validation contrast by
+    #: at least ``min_cut`` (a fraction of the unedited model's) is dropped: no strength there
+    #: reaches the bias (on a random model every window does this, and the walk toward the least
+    #: violation only spends time; on both organisms every candidate of every window cuts it by
+    #: more than a third)
+    patience: int = 5
+    min_cut: float = 0.05
 
 
 @dataclass
@@ -470,6 +477,11 @@ def tune_lsdm(model: "BiasModel", cache: "EditCache", windows: list[list[int]],
             for n in near:
                 if n not in seen:
                     seen[n] = run(window, *n)
+            if len(seen) >= grid.patience and all(not c.contrast < (1 - grid.min_cut) * base["contrast"]
+                                                  for c in seen.values()):
+                say(f"  L{','.join(map(str, window))}: none of {len(seen)} settings cut the validation "
+                    f"contrast by {grid.min_cut:.0%}; the window is dropped")
+                break
             best = min([cur] + near, key=lambda k: seen[k].rank())
             if best == cur:
                 break

@@ -111,8 +111,10 @@ def test_grid_is_the_full_one(S):
     assert sorted(p["n"] for p in pts if "prompts" in p["axes"]) == [10, 100, 1000]
     assert len([p for p in pts if "seq_len" in p["axes"]]) >= 3
     big = next(p for p in pts if p["n"] == 1000)
-    assert S.skipped("noise", big) and S.skipped("pcgu_step", big) and not S.skipped("evaluate", big)
-    assert not any(S.skipped(j, p) for j in S.JOBS for p in pts if p["n"] <= 100)
+    assert not any(S.skipped(j, p) for j in S.JOBS for p in pts)  # every job at every point
+    assert S.skipped("noise", big, True) and S.skipped("pcgu_step", big, True)
+    assert not S.skipped("evaluate", big, True)
+    assert not any(S.skipped(j, p, True) for j in S.JOBS for p in pts if p["n"] <= 100)
 
 
 def test_bad_arguments_fail_before_any_measurement(S, tmp_path):

@@ -251,3 +251,60 @@ def test_role_auto_tunes_every_candidate_role_and_keeps_the_best(model, corpus, 
         assert {c["role"] for c in rec["sweep"]} == {"subject_last", "last"}
     finally:
         d.undo(model)
+
+
+@pytest.mark.parametrize("lowers", [False, True])
+def test_a_window_where_no_setting_lowers_the_contrast_is_dropped(model, corpus, tmp_path, monkeypatch, lowers):
+    """The search of a window stops after ``patience`` candidates when none lowered the
+    validation contrast below the unedited model's (an edit there does not reach the bias);
+    where candidates do lower it, the walk goes on past them."""
+    P, K = edit_prompts(model), keep_prompts(model)
+    val = tune_mod.default_validation(model, P, K, corpus, FAST["cov_tokens"], keep_sample=32,
+                                      ppl_tokens=300)
+    base = val.prepare(model, tune_mod.TuneBounds())["contrast"]
+    calls = []
+
+    def fake_score(self, m, bounds):  # retention intact; contrast above (or below) the base
+        calls.append(1)
+        c = base + 0.1 if not lowers else base * (0.9 - 0.01 * len(calls))
+        return {"contrast": c, "definitional_share_drop": 0.0, "definitional_broken": 0,
+                "facts_lost": 0, "ppl_rise": 0.0}
+
+    monkeypatch.setattr(tune_mod.Validation, "score", fake_score)
+    grid = tune_mod.TuneGrid(mom2_per_column=(0.05, 0.5, 5.0), keep_weights=(0.3, 3.0, 30.0),
+                             top_layers=1, start=(1, 1), patience=5)
+    d = lsdm(model, P, effect_map=effect_map(3, [1, 0]), corpus=corpus, hparams=FAST, keep_prompts=K,
+             grid=grid, validation=val, cache_dir=tmp_path, progress=False)
+    d.undo(model)
+    sweep = d.info["diagnostics"]["tuning"]["sweep"]
+    assert {tuple(c["layers"]) for c in sweep} == {(1,)}
+    # the centre and its 4 neighbours, then stop; with lower contrasts the walk moves on
+    assert len(sweep) == 5 if not lowers else len(sweep) > 5
+
+
+def test_roles_on_the_same_tokens_are_tuned_once(model, corpus, tmp_path):
+    """With one-token subjects, subject_first and subject_last are the same token of every
+    prompt: the same keys, targets and solves, so the tuner runs them once and says so."""
+    from biaslens.locate import EffectMap
+
+    def one_token(prompts):
+        b = model.encode(prompts)
+        same = (b.index("subject_first") == b.index("subject_last")).tolist()
+        return [p for p, s in zip(prompts, same) if s]
+
+    P, K = one_token(edit_prompts(model)), one_token(keep_prompts(model))
+    assert len({p.subject for p in P}) >= 2 and K
+    roles = ["prefix", "subject_first", "subject_last", "after_subject", "last"]
+    mlp = np.zeros((3, len(roles)))
+    mlp[0, 1] = mlp[0, 2] = 0.8
+    z = {"mlp": np.zeros_like(mlp)}
+    em = EffectMap("tiny", "noise", "m", 10, [0, 1, 2], roles, {"mlp": mlp}, z, z)
+    val = tune_mod.default_validation(model, P, K, corpus, FAST["cov_tokens"], keep_sample=32,
+                                      ppl_tokens=300)
+    grid = tune_mod.TuneGrid(mom2_per_column=(0.5,), keep_weights=(3.0,), top_layers=1)
+    d = lsdm(model, P, effect_map=em, corpus=corpus, hparams=FAST, keep_prompts=K, grid=grid,
+             validation=val, cache_dir=tmp_path, progress=False)
+    d.undo(model)
+    rec = d.info["diagnostics"]["tuning"]
+    assert rec["roles_on_the_same_tokens"] == {"subject_last": "subject_first"}
+    assert d.info["site"]["role"] == "subject_first" and len(rec["sweep"]) == 1
