@@ -199,9 +199,10 @@ def _fused_attribution(model, fused: FusedGPT2, clean: "TokenBatch", base: Base,
         with torch.no_grad():
             clean_last = torch.empty((B, int(model.bridge.cfg.d_vocab)), device=x0.device)
             clean_last[torch.cat([g.rows for g in gc])] = head(torch.cat(outs[:nc]).detach())
+            head_width = head.narrow_width(clean_last)
         order = torch.cat([g.rows for g in gb])
         m = torch.empty(n, device=x0.device)
-        vals = metric_rows(metric, head(torch.cat(outs[nc:])), base.prompt_idx[order])
+        vals = metric_rows(metric, head(torch.cat(outs[nc:]), head_width), base.prompt_idx[order])
         flat = [t for h in hooks for t, _ in entries[h]]
         grads = torch.autograd.grad(vals.sum(), flat)
         m[order] = vals.detach()
@@ -232,18 +233,36 @@ class _Head:
     (``-inf`` elsewhere) where it declares them."""
 
     def __init__(self, model: "BiasModel", metric: Callable):
-        self.bridge = model.bridge
+        self.bridge, self.metric = model.bridge, metric
         cols = getattr(metric, "columns", None)
         head = model.hf.get_output_embeddings() if cols is not None else None
         ok = head is not None and isinstance(getattr(head, "weight", None), torch.Tensor)
         self.cols, self.head = (cols.to(head.weight.device), head) if ok else (None, None)
 
-    def __call__(self, resid: torch.Tensor) -> torch.Tensor:
+    def narrow_width(self, clean_logits: torch.Tensor) -> int | None:
+        """Logits up to the last declared column are enough where the metric gives the same
+        values on them as on the whole (``-inf``-filled) row, checked on ``clean_logits``; a
+        log-softmax and its backward over 50k ``-inf`` columns cost more than the unembedding
+        of two. None (the vocabulary wide) otherwise."""
+        if self.cols is None:
+            return None
+        width = int(self.cols.max()) + 1
+        idx = torch.arange(clean_logits.shape[0], device=clean_logits.device)
+        try:
+            a = metric_rows(self.metric, clean_logits, idx)
+            b = metric_rows(self.metric, clean_logits[:, :width].contiguous(), idx)
+        except Exception:
+            return None
+        same = a.shape == b.shape and bool(((a - b).abs() <= 1e-6 * (1 + a.abs())).all())
+        return width if same else None
+
+    def __call__(self, resid: torch.Tensor, width: int | None = None) -> torch.Tensor:
         h = self.bridge.ln_final(resid)
         if self.cols is None:
             return self.bridge.unembed(h)
         bias = getattr(self.head, "bias", None)
-        out = torch.full((h.shape[0], int(self.bridge.cfg.d_vocab)), float("-inf"), dtype=h.dtype, device=h.device)
+        out = torch.full((h.shape[0], width or int(self.bridge.cfg.d_vocab)), float("-inf"),
+                         dtype=h.dtype, device=h.device)
         out[:, self.cols] = torch.nn.functional.linear(
             h, self.head.weight[self.cols].to(h.dtype), None if bias is None else bias[self.cols].to(h.dtype))
         return out
