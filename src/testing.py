@@ -8,6 +8,8 @@
   ``llama`` with grouped-query attention) with ``save_pretrained``: a stand-in for a user's model.
 - :func:`gpt2_small` saves a randomly initialised GPT-2-small-shaped model (12 layers, d_model 768,
   12 heads, vocab 50,257) with that tokenizer: the shape the speed benchmarks name.
+- :func:`organism_edit_sample` / :func:`organism_keep_sample`: a few organism templates of
+  some occupations / definitional words, the small edit sets the unit tests solve with.
 """
 
 from __future__ import annotations
@@ -15,7 +17,34 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["gpt2_tokenizer", "gpt2_small", "metaspace_tokenizer", "FAMILIES", "tiny_model"]
+__all__ = ["gpt2_tokenizer", "gpt2_small", "metaspace_tokenizer", "FAMILIES", "tiny_model",
+           "organism_edit_sample", "organism_keep_sample"]
+
+
+def _first_templates(prompts: list, n: int) -> list:
+    """The prompts of the first ``n`` templates (sorted by text) among ``prompts``."""
+    tpls = sorted({p.text.replace(p.occupation, "{}") for p in prompts})[:n]
+    return [p for p in prompts if p.text.replace(p.occupation, "{}") in tpls]
+
+
+def organism_edit_sample(occupations: list[str], occupation_split: str = "all",
+                         n_templates: int = 3) -> list:
+    """The organism's training-template prompts of ``occupations`` (of ``occupation_split``),
+    on the first ``n_templates`` templates."""
+    from biaslens import organism
+
+    ps = [p for p in organism.occupation_prompts(occupation_split, "train") if p.occupation in occupations]
+    return _first_templates(ps, n_templates)
+
+
+def organism_keep_sample(n_words: int = 8, n_templates: int = 2) -> list:
+    """Definitional keep prompts: the organism's first ``n_words`` definitional words on the
+    first ``n_templates`` training templates."""
+    from biaslens import organism
+
+    words = [w for w, _ in organism.DEFINITIONAL[:n_words]]
+    ps = [p for p in organism.definitional_prompts("train") if p.occupation in words]
+    return _first_templates(ps, n_templates)
 
 
 def gpt2_tokenizer(bpe_dir: str | Path | None = None):

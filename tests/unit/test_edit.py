@@ -20,6 +20,7 @@ from biaslens.edit.keys import gather, group_mean, site_batch
 from biaslens.edit.targets import compute_targets, merged_pair_kl
 from biaslens.errors import BiasLensError, DataFormatError
 from biaslens.hooks import act_name
+from biaslens.testing import organism_edit_sample, organism_keep_sample
 from conftest import ARCHS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,16 +32,11 @@ HP = dict(cov_tokens=1500, cov_seq_len=64, v_steps=8, v_lr=0.5, mom2_weight=1e-6
 
 
 def edit_prompts(n_templates: int = 3):
-    ps = [p for p in organism.occupation_prompts("all", "train") if p.occupation in OCCS]
-    tpls = sorted({p.text.replace(p.occupation, "{}") for p in ps})[:n_templates]
-    return [p for p in ps if p.text.replace(p.occupation, "{}") in tpls]
+    return organism_edit_sample(OCCS, "all", n_templates)
 
 
 def keep_prompts():
-    ps = organism.definitional_prompts("train")
-    words = [w for w, _ in organism.DEFINITIONAL[:8]]
-    tpls = sorted({p.text.replace(p.occupation, "{}") for p in ps})[:2]
-    return [p for p in ps if p.occupation in words and p.text.replace(p.occupation, "{}") in tpls]
+    return organism_keep_sample()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from biaslens.edit.keys import gather, site_batch
 from biaslens.edit.erasure import eraser_map, fit_eraser, fold_eraser
 from biaslens.errors import BiasLensError, DataFormatError
 from biaslens.hooks import act_name
+from biaslens.testing import organism_edit_sample, organism_keep_sample
 from conftest import ARCHS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,16 +30,11 @@ METHODS = {"dama": (dama, {"rank": 2}), "leace": (leace, {})}
 
 
 def edit_prompts(n_templates: int = 4):
-    ps = [p for p in organism.occupation_prompts("train", "train") if p.occupation in OCCS]
-    tpls = sorted({p.text.replace(p.occupation, "{}") for p in ps})[:n_templates]
-    return [p for p in ps if p.text.replace(p.occupation, "{}") in tpls]
+    return organism_edit_sample(OCCS, "train", n_templates)
 
 
 def keep_prompts():
-    ps = organism.definitional_prompts("train")
-    words = [w for w, _ in organism.DEFINITIONAL[:8]]
-    tpls = sorted({p.text.replace(p.occupation, "{}") for p in ps})[:2]
-    return [p for p in ps if p.occupation in words and p.text.replace(p.occupation, "{}") in tpls]
+    return organism_keep_sample()
 
 
 @pytest.fixture(scope="module")
