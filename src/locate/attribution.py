@@ -197,8 +197,8 @@ def _fused_attribution(model, fused: FusedGPT2, clean: "TokenBatch", base: Base,
                     clean_acts[h] = untap(ours, [t.detach() for t, _ in ours], gc + gb, B, width)
                     entries[h] = _rows_of_groups(taps[h], range(nc, nc + len(gb)))
         with torch.no_grad():
-            clean_last = torch.empty((B, int(model.bridge.cfg.d_vocab)), device=x0.device)
-            clean_last[torch.cat([g.rows for g in gc])] = head(torch.cat(outs[:nc]).detach())
+            got = torch.cat([g.rows for g in gc])  # the clean rows in group order
+            clean_last = head(torch.cat(outs[:nc]).detach())[torch.argsort(got)]
             head_width = head.narrow_width(clean_last)
         order = torch.cat([g.rows for g in gb])
         m = torch.empty(n, device=x0.device)

@@ -686,8 +686,9 @@ class _TailGrad(torch.autograd.Function):
     def backward(ctx, gy):
         (w,) = ctx.saved_tensors
         k = ctx.k
-        gx = gy.new_zeros((gy.shape[0], w.shape[0] if ctx.conv else w.shape[1]))
-        gx[k:] = gy[k:] @ (w.T if ctx.conv else w)
+        gx = gy.new_empty((gy.shape[0], w.shape[0] if ctx.conv else w.shape[1]))
+        gx[:k] = 0
+        torch.matmul(gy[k:], w.T if ctx.conv else w, out=gx[k:])
         return gx, None, None, None, None
 
 
