@@ -326,6 +326,8 @@ def measure(point: dict, jobs: list[str], args) -> list[dict]:
     drain.join(5)
     done = {r["job"] for r in rows}
     why = (f"timed out ({CHILD_TIMEOUT} s)" if proc.returncode == -9 and time.perf_counter() - t0 >= CHILD_TIMEOUT
+           else "killed by SIGKILL (signal 9: on Linux the out-of-memory killer, unless someone sent it)"
+           if proc.returncode == -9 and not err
            else f"child exited {proc.returncode}: " + ((err or ["?"])[-1].strip()[:160]))
     for j in jobs:
         if j not in done:
