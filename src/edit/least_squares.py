@@ -358,10 +358,10 @@ def lsdm(
                                    mom2_weights=None if tune_lam else [hp.mom2_weight],
                                    keep_weights=None if tune_keep else [hp.keep_weight],
                                    bounds=bounds, grid=grid, progress=progress,
-                                   warn=len(roles) == 1, apply_edit=apply_lsdm)
+                                   warn=False, apply_edit=apply_lsdm)
         role = min(roles, key=lambda r: Candidate.rank(results[r].chosen))
         result, cache = results[role], caches[role]
-        if not result.feasible and len(roles) > 1:
+        if not result.feasible:  # once, for the role chosen
             result.warn()
         site["role"] = role
         hp = replace(hp, mom2_weight=result.mom2_weight, keep_weight=result.keep_weight)

@@ -25,7 +25,7 @@ from biaslens.locate.effects import EffectMap
 from biaslens.locate.noise import noise_base, prepare, signed_effects
 from biaslens.locate.patching import (
     LAYER_HOOKS, ActSource, AttentionDone, Base, FusedGPT2, RowGroup, add_delta, clean_source,
-    last_token_logits, metric_rows, role_masks, take_rows, untap, window_args,
+    column_width, last_token_logits, metric_rows, role_masks, take_rows, untap, window_args,
 )
 from biaslens.prompts import ROLES
 
@@ -240,21 +240,12 @@ class _Head:
         self.cols, self.head = (cols.to(head.weight.device), head) if ok else (None, None)
 
     def narrow_width(self, clean_logits: torch.Tensor) -> int | None:
-        """Logits up to the last declared column are enough where the metric gives the same
-        values on them as on the whole (``-inf``-filled) row, checked on ``clean_logits``; a
-        log-softmax and its backward over 50k ``-inf`` columns cost more than the unembedding
-        of two. None (the vocabulary wide) otherwise."""
+        """The width the metric needs (:func:`~biaslens.locate.patching.column_width`, checked
+        on ``clean_logits``, ``-inf`` outside the columns); None: the vocabulary wide."""
         if self.cols is None:
             return None
-        width = int(self.cols.max()) + 1
         idx = torch.arange(clean_logits.shape[0], device=clean_logits.device)
-        try:
-            a = metric_rows(self.metric, clean_logits, idx)
-            b = metric_rows(self.metric, clean_logits[:, :width].contiguous(), idx)
-        except Exception:
-            return None
-        same = a.shape == b.shape and bool(((a - b).abs() <= 1e-6 * (1 + a.abs())).all())
-        return width if same else None
+        return column_width(self.metric, clean_logits, self.cols, idx)
 
     def __call__(self, resid: torch.Tensor, width: int | None = None) -> torch.Tensor:
         h = self.bridge.ln_final(resid)

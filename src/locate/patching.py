@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 __all__ = ["COMPONENTS", "LAYER_HOOKS", "Patch", "ActSource", "SourceRun", "Base", "metric_rows",
            "PatchEngine", "window_layers", "role_masks", "position_masks", "layer_variants",
            "generic_patch_sweep", "patch_by_pos", "clean_source", "add_delta", "AttentionDone",
-           "FusedGPT2", "RowGroup", "last_token_logits", "take_rows", "untap", "window_args",
+           "FusedGPT2", "RowGroup", "last_token_logits", "take_rows", "untap", "window_args", "column_width",
            "Variant", "patch_resid_pre_by_pos", "patch_mlp_out_by_pos", "patch_attn_out_by_pos"]
 
 COMPONENTS = ("resid", "mlp", "attn")
@@ -135,6 +135,21 @@ def metric_rows(metric: Callable, logits: torch.Tensor, prompt_idx: torch.Tensor
     sub = getattr(metric, "subset", None)
     out = (sub(prompt_idx) if sub else metric)(logits)
     return torch.as_tensor(out, device=logits.device).float().reshape(-1)
+
+
+def column_width(metric: Callable, logits: torch.Tensor, cols: torch.Tensor,
+                 prompt_idx: torch.Tensor) -> int | None:
+    """``max(cols) + 1`` where ``metric`` gives the same values on ``logits`` (``-inf``
+    outside ``cols``) cut to that width as on the whole rows, else None: a metric that reads
+    only its declared columns can then be handed the narrow logits."""
+    width = int(cols.max()) + 1
+    try:
+        a = metric_rows(metric, logits, prompt_idx)
+        b = metric_rows(metric, logits[:, :width].contiguous(), prompt_idx)
+    except Exception:
+        return None
+    same = a.shape == b.shape and bool(((a - b).abs() <= 1e-6 * (1 + a.abs())).all())
+    return width if same else None
 
 
 def take_rows(obj: Any, idx: torch.Tensor, n_rows: int) -> Any:
@@ -1182,24 +1197,17 @@ class PatchEngine:
 
     def _column_width(self) -> int:
         """Width of the logits handed to the metric: up to its last declared column (it reads no
-        other, and every other is ``-inf``), where that gives the base run's values; the
-        vocabulary otherwise. A log-softmax over 50k mostly ``-inf`` columns per row would cost
-        more than the two columns' unembedding."""
+        other, and every other is ``-inf``), where that gives the base run's values
+        (:func:`column_width`); the vocabulary otherwise. A log-softmax over 50k mostly ``-inf``
+        columns per row would cost more than the two columns' unembedding."""
         vocab = int(self.model.bridge.cfg.d_vocab)
         if self._cols is None:
             return vocab
         cols = self._cols[0]
-        width = int(cols.max()) + 1
         ref = self._base_ref()
         full = torch.full_like(ref, float("-inf"))
         full[:, cols] = ref[:, cols]
-        try:
-            a = metric_rows(self.metric, full, self.base.prompt_idx)
-            b = metric_rows(self.metric, full[:, :width].contiguous(), self.base.prompt_idx)
-        except Exception:
-            return vocab
-        same = a.shape == b.shape and bool(((a - b).abs() <= 1e-6 * (1 + a.abs())).all())
-        return width if same else vocab
+        return column_width(self.metric, full, cols, self.base.prompt_idx) or vocab
 
     def _unembed(self, resid: torch.Tensor, full: bool = False, width: int | None = None) -> torch.Tensor:
         """Logits of final residuals: full, or only the metric's columns (``-inf`` elsewhere, up
