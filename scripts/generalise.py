@@ -65,12 +65,16 @@ BOUND_LABELS = {"cut": "cut", "definitional_drop": "definitional", "facts_drop":
 STILL = 0.10
 
 
+def _relative(text: str) -> str:
+    """A traceback with this checkout's paths made relative to it (no machine's paths in the
+    record)."""
+    return text.replace(str(Path(__file__).resolve().parents[1]) + os.sep, "")
+
+
 # ------------------------------------------------------------------------------------ methods
 # Each runner takes (model, ctx) and returns (scored model, delta, delta owner): the model to
 # measure, the reversible WeightDelta, and the model the delta undoes on (δ-offset: its small
 # trainable copy). Only public entry points, with their default arguments.
-
-
 def _editor(fn_name: str) -> Callable:
     def run(model, ctx):
         import biaslens.edit as E
@@ -370,7 +374,7 @@ def run_method(model, name: str, kind: str, fn: Callable, base: dict[str, Any], 
     except Exception as exc:  # recorded in the row, the run goes on
         row["seconds"] = time.perf_counter() - t0
         row["error"] = f"{type(exc).__name__}: {exc}".strip()
-        row["traceback"] = traceback.format_exc(limit=6)
+        row["traceback"] = _relative(traceback.format_exc(limit=6))
         if model.weight_hash() != base_hash:
             model.restore(snapshot)
             row["restored_after_error"] = True
@@ -395,7 +399,7 @@ def run_method(model, name: str, kind: str, fn: Callable, base: dict[str, Any], 
         row["passes"] = all(c["pass"] for c in row["checks"].values())
     except Exception as exc:
         row["error"] = f"measuring: {type(exc).__name__}: {exc}"
-        row["traceback"] = traceback.format_exc(limit=6)
+        row["traceback"] = _relative(traceback.format_exc(limit=6))
     finally:
         delta.undo(owner)
     row["undo_exact"] = model.weight_hash() == base_hash and (
