@@ -291,7 +291,7 @@ def skipped(job: str, point: dict, skip_heavy: bool = False) -> bool:
 
 
 def measure(point: dict, jobs: list[str], args) -> list[dict]:
-    jobs = [j for j in jobs if not skipped(j, point, getattr(args, "skip_heavy", False))]
+    jobs = [j for j in jobs if not skipped(j, point, args.skip_heavy)]
     if not jobs:
         return []
     if "lsdm_cached" in jobs and "lsdm_uncached" not in jobs:
