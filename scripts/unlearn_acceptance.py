@@ -147,7 +147,7 @@ def chosen_setting(delta) -> dict[str, Any]:
     info = delta.info
     sel = info.get("selection") or {}
     chosen = sel.get("chosen") or {}
-    keys = ("lambda", "lr", "k", "alpha", "step")
+    keys = ("lambda", "lr", "k", "variant", "alpha", "step")
     setting = {k: chosen[k] for k in keys if k in chosen}
     base = sel.get("base") or {}
     nums = ("contrast", "definitional", "margin", "ppl")

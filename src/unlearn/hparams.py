@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, TypeVar
 from biaslens.edit.hparams import SEED_RANGE, Loadable, Range, read_object
 from biaslens.errors import BiasLensError, DataFormatError
 
-__all__ = ["PCGUHparams", "TaskVectorHparams", "MaskedAscentHparams", "OffsetHparams", "UnlearnHparams",
+__all__ = ["PCGU_VARIANTS", "PCGUHparams", "TaskVectorHparams", "MaskedAscentHparams", "OffsetHparams", "UnlearnHparams",
            "resolve_hparams", "DEFAULT_LAMBDAS", "DEFAULT_ALPHAS", "LOSSES"]
 
 #: the task-vector strengths λ swept on validation (:mod:`biaslens.unlearn.task_vector`)
@@ -139,10 +139,15 @@ _POSITIVE: Range = (0, None, True)
 _PPL_BOUND: Range = (1, None, False)
 
 
+#: PCGU's update directions (:func:`biaslens.unlearn.partitioned.step_units`)
+PCGU_VARIANTS = ("advantaged", "disadvantaged", "both")
+
+
 @dataclass
 class PCGUHparams(UnlearnHparams):
-    """PCGU (Yu et al. 2023; Dige et al. 2024; :func:`biaslens.unlearn.pcgu`): ``k`` units and
-    learning rate ``lr`` for one run, or the grid ``ks`` × ``lrs`` chosen on validation."""
+    """PCGU (Yu et al. 2023; Dige et al. 2024; :func:`biaslens.unlearn.pcgu`): ``k`` units,
+    learning rate ``lr`` and update ``variant`` for one run, or the grid ``variants`` × ``ks`` ×
+    ``lrs`` chosen on validation."""
 
     k: int | None = None
     lr: float | None = None
@@ -152,7 +157,8 @@ class PCGUHparams(UnlearnHparams):
     epochs: int = 3
     max_steps: int | None = None
     partition: str = "rows"
-    variant: str = "advantaged"
+    variant: str | None = None
+    variants: list[str] | None = None
     form: str = "auto"
     params: Any = "blocks"
     optimizer: str = "sgd"
@@ -172,6 +178,19 @@ class PCGUHparams(UnlearnHparams):
         "seed": SEED_RANGE, "n_sites": _POSITIVE_INT, "eval_every": _POSITIVE_INT,
         "ppl_bound": _PPL_BOUND, "keep_weight": _NON_NEGATIVE, "patience": _POSITIVE_INT,
     }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for where, v in (("variant", [self.variant]), ("variants", self.variants)):
+            if getattr(self, where) is None:
+                continue
+            if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") or \
+                    any(x not in PCGU_VARIANTS for x in v) or (where == "variants" and not list(v)):
+                raise DataFormatError(f"PCGUHparams.{where} must be {'one' if where == 'variant' else 'a non-empty list'} "
+                                      f"of {', '.join(map(repr, PCGU_VARIANTS))} (or null), not "
+                                      f"{getattr(self, where)!r}")
+        if self.variants is not None:
+            object.__setattr__(self, "variants", list(self.variants))
 
 
 @dataclass

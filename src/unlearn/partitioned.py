@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from biaslens.errors import BiasLensError
 from biaslens.unlearn.select import validation_for
 from biaslens.unlearn.common import Best, Guard, keep_term, minibatches, seed_all
-from biaslens.unlearn.hparams import PCGUHparams, resolve_hparams
+from biaslens.unlearn.hparams import PCGU_VARIANTS, PCGUHparams, resolve_hparams
 
 if TYPE_CHECKING:
     from biaslens.locate.effects import EffectMap
@@ -60,10 +60,10 @@ __all__ = ["PARTITIONS", "VARIANTS", "FORMS", "OPTIMIZERS", "EPS", "PCGUConfig",
            "unit_layout", "unit_stats", "unit_cosines", "select_units", "step_units", "ScoredBatch",
            "encode_side", "side_scores", "check_pairs", "pair_batches", "n_steps", "Engine",
            "side_grads", "pcgu_step", "GROUPS", "pcgu_params", "plain_module", "progress_bar",
-           "DEFAULT_KS", "DEFAULT_LRS", "resolve_form", "pcgu", "run"]
+           "DEFAULT_KS", "DEFAULT_LRS", "DEFAULT_VARIANTS", "resolve_form", "pcgu", "run"]
 
 PARTITIONS = ("rows", "columns")
-VARIANTS = ("advantaged", "disadvantaged", "both")
+VARIANTS = PCGU_VARIANTS
 FORMS = ("sentence", "token")
 OPTIMIZERS = ("sgd",)
 EPS = 1e-8
@@ -501,6 +501,9 @@ def progress_bar(it, total: int, show: bool, desc: str):
 #: the checkpoints, every ``eval_every`` steps
 DEFAULT_KS = (600,)
 DEFAULT_LRS = (3e-3, 1e-2)
+#: the update variants tried by default (:func:`step_units`): the papers' step on the advantaged
+#: side, and the step on the gap between the sides
+DEFAULT_VARIANTS = ("advantaged", "both")
 
 
 def resolve_form(pairs: Sequence["ContrastPair"], form: str) -> str:
@@ -523,7 +526,8 @@ def pcgu(
     epochs: int = 3,
     max_steps: int | None = None,
     partition: str = "rows",
-    variant: str = "advantaged",
+    variant: str | None = None,
+    variants: Sequence[str] | None = None,
     form: str = "auto",
     params: Sequence[str] | str | None = "blocks",
     effect_map: "EffectMap | str | os.PathLike | None" = None,
@@ -549,8 +553,9 @@ def pcgu(
     s_a − s_d on the batch before the step, ``n_selected``, the selected units per parameter and a
     hash of their ids). Refuses (and undoes) an update that makes a weight NaN or inf.
 
-    Strength: ``k`` and ``lr`` fix one setting, ``ks`` × ``lrs`` a grid (default
-    :data:`DEFAULT_KS` × :data:`DEFAULT_LRS`); every run is checked every ``eval_every`` steps on
+    Strength: ``k``, ``lr`` and ``variant`` fix one setting, ``variants`` × ``ks`` × ``lrs`` a
+    grid (default :data:`DEFAULT_VARIANTS` × :data:`DEFAULT_KS` × :data:`DEFAULT_LRS`; without
+    validation the first of each: the papers' ``"advantaged"`` step); every run is checked every ``eval_every`` steps on
     ``validation`` (``"auto"``: the model's validation split, :mod:`biaslens.unlearn.select`, with
     ``val_prompts`` / ``ppl_texts`` replacing its prompts / perplexity text, ``bounds`` or
     perplexity up at most ``ppl_bound`` − 1; a :class:`~biaslens.unlearn.select.Validation`; or
@@ -579,10 +584,10 @@ def pcgu(
 
     require_single_model(model, "PCGU")
     hpar = resolve_hparams(PCGUHparams, hparams, pcgu, locals())
-    (k, lr, ks, lrs, batch_size, epochs, max_steps, partition, variant, form, params, optimizer, seed,
+    (k, lr, ks, lrs, batch_size, epochs, max_steps, partition, variant, variants, form, params, optimizer, seed,
      n_sites, eval_every, ppl_bound, keep_weight, patience) = (
         hpar.k, hpar.lr, hpar.ks, hpar.lrs, hpar.batch_size, hpar.epochs, hpar.max_steps, hpar.partition,
-        hpar.variant, hpar.form, hpar.params, hpar.optimizer, hpar.seed, hpar.n_sites, hpar.eval_every,
+        hpar.variant, hpar.variants, hpar.form, hpar.params, hpar.optimizer, hpar.seed, hpar.n_sites, hpar.eval_every,
         hpar.ppl_bound, hpar.keep_weight, hpar.patience)
     pairs = list(pairs)
     form = resolve_form(pairs, form)
@@ -592,15 +597,18 @@ def pcgu(
     # without validation nothing can be chosen: one run (the grid's first values unless given)
     grid_k = [k] if k is not None and ks is None else list(ks if ks is not None else DEFAULT_KS)
     grid_lr = [lr] if lr is not None and lrs is None else list(lrs if lrs is not None else DEFAULT_LRS)
+    grid_v = [variant] if variant is not None and variants is None else list(
+        variants if variants is not None else DEFAULT_VARIANTS)
     if val is None:
         grid_k = grid_k if ks is not None else grid_k[:1]
         grid_lr = grid_lr if lrs is not None else grid_lr[:1]
-    settings = [(kk, rate) for kk in grid_k for rate in grid_lr]
-    cfgs = [PCGUConfig(kk, rate, batch_size, epochs, max_steps, partition, variant, form, optimizer, seed)
-            for kk, rate in settings]  # every setting checked before any work
+        grid_v = grid_v if variants is not None else grid_v[:1]
+    settings = [(vv, kk, rate) for vv in grid_v for kk in grid_k for rate in grid_lr]
+    cfgs = [PCGUConfig(kk, rate, batch_size, epochs, max_steps, partition, vv, form, optimizer, seed)
+            for vv, kk, rate in settings]  # every setting checked before any work
     if val is None and len(cfgs) > 1:
-        raise BiasLensError("a k / learning-rate grid needs validation to choose from it; pass one k and lr "
-                            "or validation='auto'")
+        raise BiasLensError("a variant / k / learning-rate grid needs validation to choose from it; pass one "
+                            "variant, k and lr or validation='auto'")
     check_pairs(pairs, form)
     names = pcgu_params(model, params, effect_map, n_sites)
     keep = keep_term(model, keep_prompts, keep_weight, seed)
@@ -610,12 +618,12 @@ def pcgu(
         model.restore(original)
         guard = None
         if val is not None:
-            guard = (Guard(model, names, val, setting={"k": cfg.k, "lr": cfg.lr}, patience=patience, best=best),
-                     int(eval_every))
+            setting = {"k": cfg.k, "lr": cfg.lr, **({"variant": cfg.variant} if len(grid_v) > 1 else {})}
+            guard = (Guard(model, names, val, setting=setting, patience=patience, best=best), int(eval_every))
         if keep is not None:
             keep.stream = minibatches(list(range(len(keep.prompts))), keep.batch_size, seed_all(seed))
         delta = run(model, pairs, cfg, Engine(), params=names, progress=progress, guard=guard, keep=keep)
-        runs.append({"k": cfg.k, "lr": cfg.lr, "history": delta.info["history"],
+        runs.append({"variant": cfg.variant, "k": cfg.k, "lr": cfg.lr, "history": delta.info["history"],
                      **({"validation": guard[0].info()} if guard is not None else {})})
     if val is None:
         delta.hparams = {**hpar.to_dict(), **delta.hparams}
@@ -625,8 +633,9 @@ def pcgu(
     if bad:
         model.restore(original)
         raise BiasLensError(f"PCGU made {bad[0]} non-finite (learning rate too large?); the model was restored")
-    chosen_run = next((r for r in runs if r["k"] == best.run.get("k") and r["lr"] == best.run.get("lr")), runs[0])
-    cfg = next((c for c in cfgs if c.k == chosen_run["k"] and c.lr == chosen_run["lr"]), cfgs[0])
+    same = ("k", "lr", "variant") if "variant" in best.run else ("k", "lr")
+    chosen_run = next((r for r in runs if all(r[x] == best.run.get(x) for x in same)), runs[0])
+    cfg = next((c for c in cfgs if all(getattr(c, x) == chosen_run[x] for x in same)), cfgs[0])
     step = int(best.point.setting.get("step", 0)) if best.state is not None else 0
     info = {**{k_: v for k_, v in delta.info.items() if k_ not in ("history", "validation", "seconds")},
             "history": chosen_run["history"][:step], "runs": [{k_: v for k_, v in r.items() if k_ != "history"}

@@ -335,7 +335,7 @@ def test_early_stopping_keeps_the_best_validation_state(word_dirs, pairs):
     loose = Validation(model, prompts=val_prompts, definitional=[], ppl_texts=text,
                        bounds=Bounds(ppl_rise=1e6, definitional_drop=1.0, margin_drop=1.0))
     delta = pcgu(model, pairs, k=400, lr=0.1, batch_size=8, epochs=2, form="token", progress=False,
-                 validation=loose, eval_every=2, keep_weight=0)
+                 validation=loose, eval_every=2, keep_weight=0, variant="advantaged")
     report = delta.info["validation"]
     contrasts = [c["contrast"] for c in report["history"]]
     assert len(contrasts) == 6 and report["stopped"] == "max_steps", report  # every 2 of 12 steps
@@ -348,6 +348,37 @@ def test_early_stopping_keeps_the_best_validation_state(word_dirs, pairs):
     delta.undo(model)
     tight = Validation(model, prompts=val_prompts, definitional=[], ppl_texts=text, bounds=Bounds(ppl_rise=0.01))
     stopped = pcgu(model, pairs, k=400, lr=1.0, batch_size=8, epochs=2, form="token", progress=False,
-                   validation=tight, eval_every=2, keep_weight=0, patience=1)
+                   validation=tight, eval_every=2, keep_weight=0, patience=1, variant="advantaged")
     assert stopped.info["validation"]["stopped"].startswith("step") and "perplexity" in stopped.info["stopped"]
     assert len(stopped.info["validation"]["history"]) < 6
+
+
+def test_variant_grid_is_chosen_on_validation(word_dirs, pairs):
+    """``variants`` joins the grid: one run per variant, each checked on validation; the kept
+    state is the lowest validation contrast over both runs, recorded with its variant; without
+    validation a grid of variants is refused and one variant is the papers' advantaged step."""
+    from biaslens.evaluate.contrast import stereotype_contrast
+    from biaslens.organism import occupation_prompts
+    from biaslens.unlearn.select import Bounds, Validation
+
+    model = biaslens.load(word_dirs["gpt2"])
+    val_prompts = occupation_prompts("train", "train")[::7]
+    loose = Validation(model, prompts=val_prompts, definitional=[], ppl_texts=["The nurse said that she was tired ."],
+                       bounds=Bounds(ppl_rise=1e6, definitional_drop=1.0, margin_drop=1.0))
+    delta = pcgu(model, pairs, k=400, lr=0.1, batch_size=8, epochs=1, form="token", progress=False,
+                 validation=loose, eval_every=2, keep_weight=0, variants=["advantaged", "both"])
+    runs = delta.info["runs"]
+    assert [r["variant"] for r in runs] == ["advantaged", "both"]
+    seen = [(r["variant"], c["contrast"]) for r in runs for c in r["validation"]["history"]]
+    best = min(seen, key=lambda x: x[1])
+    assert delta.info["chosen"]["contrast"] == best[1] and delta.info["chosen_run"]["variant"] == best[0]
+    assert delta.hparams["variant"] == best[0]
+    assert abs(stereotype_contrast(model, val_prompts)["mean_abs_contrast"] - best[1]) < 1e-5
+    assert len({c for _, c in seen}) == len(seen)  # the two runs differ
+    delta.undo(model)
+    with pytest.raises(BiasLensError, match="variant / k / learning-rate grid needs validation"):
+        pcgu(model, pairs, k=400, lr=0.1, validation=None, variants=["advantaged", "both"], progress=False)
+    one = pcgu(model, pairs, k=400, lr=0.1, batch_size=8, max_steps=1, form="token", validation=None,
+               keep_weight=0, progress=False)
+    assert one.hparams["variant"] == "advantaged"
+    one.undo(model)

@@ -40,6 +40,7 @@ def test_round_trip_through_dict_and_json(cls, tmp_path):
 def test_values_are_normalised():
     assert TaskVectorHparams(lambdas=(1, 2)).lambdas == [1.0, 2.0]
     assert PCGUHparams(params=("a.weight",), ks=(5,)).params == ["a.weight"]
+    assert PCGUHparams(variants=("both", "advantaged")).variants == ["both", "advantaged"]
     assert OffsetHparams(ppl_bound=2).ppl_bound == 2.0 and isinstance(OffsetHparams(ppl_bound=2).ppl_bound, float)
 
 
@@ -49,6 +50,9 @@ def test_values_are_normalised():
     (PCGUHparams, {"lr": -1e-3}, "PCGUHparams.lr must be > 0"),
     (PCGUHparams, {"params": 3}, "PCGUHparams.params must be a group name"),
     (PCGUHparams, {"epochs": 1.5}, "PCGUHparams.epochs must be a whole number"),
+    (PCGUHparams, {"variant": "both sides"}, "PCGUHparams.variant must be one of 'advantaged'"),
+    (PCGUHparams, {"variants": []}, "PCGUHparams.variants must be a non-empty list"),
+    (PCGUHparams, {"variants": "both"}, "PCGUHparams.variants must be a non-empty list"),
     (TaskVectorHparams, {"lambdas": [1.0, -1.0]}, "TaskVectorHparams.lambdas must be > 0"),
     (TaskVectorHparams, {"lora_rank": 0}, "TaskVectorHparams.lora_rank must be >= 1"),
     (TaskVectorHparams, {"ppl_bound": 0.5}, "TaskVectorHparams.ppl_bound must be >= 1"),
