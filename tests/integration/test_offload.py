@@ -164,9 +164,15 @@ def test_lsdm_edit_writes_through_to_disk_and_undo_restores_every_bit(bed, tmp_p
 
 
 def test_rome_and_a_projection_fold_match_and_undo(beds, tmp_path):
+    """On a fresh pair of models: after the LSDM test's edit and undo on the shared offloaded
+    GPT-2 (weights hash and logits back bit for bit) this ROME update differed from the
+    in-memory one by 2.6e-5 (1.3e-5 of its size) on one machine, and by 0 on a fresh pair; what
+    the earlier edit leaves behind is not found yet (issue 13's closing note)."""
     from biaslens.edit.projection import fold_output_map
 
-    _, m0, m1, _ = beds["gpt2"]
+    folder = beds["gpt2"][0]
+    m0 = biaslens.load(folder)
+    m1 = biaslens.load(folder, offload_folder=tmp_path / "offload", device_map=GPT2_MAP)
     P = _prompts(m0)
     h0 = m0.weight_hash()
     a = rome_rank_one(m0, 2, P, role="last", hparams=dict(HP), cache_dir=tmp_path / "a", progress=False)
