@@ -181,16 +181,16 @@ class PCGUHparams(UnlearnHparams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for where, v in (("variant", [self.variant]), ("variants", self.variants)):
-            if getattr(self, where) is None:
-                continue
-            if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") or \
-                    any(x not in PCGU_VARIANTS for x in v) or (where == "variants" and not list(v)):
-                raise DataFormatError(f"PCGUHparams.{where} must be {'one' if where == 'variant' else 'a non-empty list'} "
-                                      f"of {', '.join(map(repr, PCGU_VARIANTS))} (or null), not "
-                                      f"{getattr(self, where)!r}")
+        allowed = ", ".join(map(repr, PCGU_VARIANTS))
+        if self.variant is not None and self.variant not in PCGU_VARIANTS:
+            raise DataFormatError(f"PCGUHparams.variant must be one of {allowed} (or null), not {self.variant!r}")
         if self.variants is not None:
-            object.__setattr__(self, "variants", list(self.variants))
+            v = self.variants
+            got = None if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") else list(v)
+            if not got or any(x not in PCGU_VARIANTS for x in got):
+                raise DataFormatError(f"PCGUHparams.variants must be a non-empty list of {allowed} (or null), "
+                                      f"not {v!r}")
+            object.__setattr__(self, "variants", got)
 
 
 @dataclass

@@ -633,9 +633,8 @@ def pcgu(
     if bad:
         model.restore(original)
         raise BiasLensError(f"PCGU made {bad[0]} non-finite (learning rate too large?); the model was restored")
-    same = ("k", "lr", "variant") if "variant" in best.run else ("k", "lr")
-    chosen_run = next((r for r in runs if all(r[x] == best.run.get(x) for x in same)), runs[0])
-    cfg = next((c for c in cfgs if all(getattr(c, x) == chosen_run[x] for x in same)), cfgs[0])
+    at = next((i for i, r in enumerate(runs) if all(r[x] == v for x, v in best.run.items())), 0)
+    chosen_run, cfg = runs[at], cfgs[at]  # one run per setting, in order
     step = int(best.point.setting.get("step", 0)) if best.state is not None else 0
     info = {**{k_: v for k_, v in delta.info.items() if k_ not in ("history", "validation", "seconds")},
             "history": chosen_run["history"][:step], "runs": [{k_: v for k_, v in r.items() if k_ != "history"}
