@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DTYPES", "as_torch_dtype", "resolve_spec", "load", "placement_defaults",
            "resolve_placement", "Placement", "state_dict_copy", "meta_module", "fresh_module",
-           "tied_aliases", "reference_module", "BiasModel", "require_single_model"]
+           "tied_aliases", "reference_module", "logits_where", "last_position_mask", "BiasModel", "require_single_model"]
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
@@ -702,6 +702,37 @@ def reference_module(model: "BiasModel"):
 _NEUTRAL_CONTEXT = "The"
 
 
+def logits_where(forward: Callable[..., "torch.Tensor"], keep: "torch.Tensor") -> "Float[torch.Tensor, 'n_keep vocab']":
+    """Logits at the positions where the boolean ``keep`` ``[batch, pos]`` is True, in row-major
+    order, from one call of ``forward(**kw)`` (a bridge or HF forward returning logits).
+
+    Only those positions are unembedded where the model's forward takes ``logits_to_keep`` as a
+    boolean mask (transformers' public argument): a full ``[batch, pos, vocab]`` tensor is mostly
+    positions no metric reads, and at GPT-2's 50k vocab it costs more to allocate than the
+    unembedding's matmul. A forward that takes no such argument, or returns every position
+    anyway, is indexed instead."""
+    n = int(keep.sum())
+    try:
+        logits = forward(logits_to_keep=keep)
+    except TypeError:  # a model whose forward takes no logits_to_keep
+        logits = None
+    if logits is not None:
+        if logits.ndim == 2 and logits.shape[0] == n:
+            return logits
+        if logits.ndim == 3 and tuple(logits.shape[:2]) == tuple(keep.shape):
+            return logits[keep]
+    return forward()[keep]
+
+
+def last_position_mask(ids: "torch.Tensor", lengths: "torch.Tensor") -> "torch.Tensor":
+    """``[batch, pos]`` booleans, True at each row's last real token."""
+    import torch
+
+    keep = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    keep[torch.arange(len(ids), device=ids.device), lengths.to(ids.device) - 1] = True
+    return keep
+
+
 class BiasModel:
     """A causal LM with hooks, token roles, target log-probabilities and weight snapshots.
 
@@ -988,11 +1019,22 @@ class BiasModel:
     __call__ = forward
 
     def last_logits(self, batch: TokenBatch, fwd_hooks: Iterable = ()) -> "Float[torch.Tensor, 'batch vocab']":
-        """Logits at each prompt's last real token."""
-        import torch
+        """Logits at each prompt's last real token (only those positions are unembedded)."""
+        return self.logits_at(batch.input_ids, last_position_mask(batch.input_ids, batch.lengths),
+                              fwd_hooks, batch.attention_mask)
 
-        logits = self.forward(batch, fwd_hooks)
-        return logits[torch.arange(len(batch), device=logits.device), batch.lengths - 1]
+    def logits_at(self, ids: "torch.Tensor", keep: "torch.Tensor", fwd_hooks: Iterable = (),
+                  attention_mask=None) -> "Float[torch.Tensor, 'n_keep vocab']":
+        """Logits where the boolean ``keep`` ``[batch, pos]`` is True (row-major), unembedding
+        only those positions (:func:`logits_where`)."""
+        hooks = list(fwd_hooks)
+
+        def forward(**kw):
+            if hooks:
+                return self.bridge.run_with_hooks(ids, fwd_hooks=hooks, attention_mask=attention_mask, **kw)
+            return self.bridge(ids, attention_mask=attention_mask, **kw)
+
+        return logits_where(forward, keep)
 
     def run_with_cache(self, batch: TokenBatch, names: Iterable[str] | Callable | None = None, **kw):
         """``(logits, cache)`` from the bridge; ``names`` is a list of hook names or a filter."""

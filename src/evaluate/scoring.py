@@ -76,6 +76,11 @@ def batches_by_length(lengths: Sequence[int], batch_size: int,
     return out
 
 
+#: rows of vocabulary-wide log-softmax per call: a few MB each, where a CPU allocator reuses
+#: memory, instead of one temporary as large as all the scored logits
+_CE_ROWS = 64
+
+
 def score_rows(
     model: "BiasModel",
     rows: Sequence[Sequence[int]],
@@ -108,25 +113,20 @@ def score_rows(
     with torch.inference_mode():
         for idx in bar:
             x, m = pad_rows([rows[i] for i in idx], pad)
-            bi, pos = [], []
-            for b, i in enumerate(idx):
-                bi.extend([b] * (ends[i] - starts[i]))
-                pos.extend(range(starts[i], ends[i]))
             x, m = x.to(model.device), m.to(model.device)
-            logits = model.forward(x, attention_mask=m)  # position t predicts token t+1
+            # position t - 1 predicts token t: unembed only the positions that predict a scored token
+            keep = torch.zeros(x.shape, dtype=torch.bool)
+            for b, i in enumerate(idx):
+                keep[b, starts[i] - 1 : ends[i] - 1] = True
+            keep = keep.to(model.device)
+            logits = model.logits_at(x, keep, attention_mask=m)  # [n_scored, vocab], row-major
             if logits.dtype != torch.float32:
                 logits = logits.float()
-            # fused log-softmax + gather (cross-entropy) at each next token: [batch, pos - 1]
-            nxt = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
-            lp_all = -torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), nxt.reshape(-1), reduction="none",
-                ignore_index=-100).view(x.shape)[:, :-1]
-            bi_t = torch.as_tensor(bi, dtype=torch.long, device=logits.device)
-            pos_t = torch.as_tensor(pos, dtype=torch.long, device=logits.device) - 1
-            lp = lp_all[bi_t, pos_t].cpu().numpy()
-            top = None
-            if greedy:
-                top = (logits[bi_t, pos_t].argmax(dim=-1) == x[bi_t, pos_t + 1]).cpu().numpy()
+            target = x[:, 1:][keep[:, :-1]]
+            lp = -torch.cat([torch.nn.functional.cross_entropy(logits[s : s + _CE_ROWS], target[s : s + _CE_ROWS],
+                                                               reduction="none")
+                             for s in range(0, len(target), _CE_ROWS)]).cpu().numpy()
+            top = (logits.argmax(dim=-1) == target).cpu().numpy() if greedy else None
             k = 0
             for i in idx:
                 c = ends[i] - starts[i]

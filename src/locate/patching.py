@@ -54,6 +54,7 @@ from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
 from biaslens.hooks import act_name, canonical
+from biaslens.model import last_position_mask, logits_where
 
 if TYPE_CHECKING:
     from biaslens.model import BiasModel
@@ -358,17 +359,10 @@ def _in_block(p: "Patch") -> bool:
 def last_token_logits(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
                       hooks: Sequence = ()) -> torch.Tensor:
     """Logits at each row's last real token from one bridge forward, unembedding only those
-    positions (``logits_to_keep``) where the model takes it."""
-    last = lengths - 1
-    rows = torch.arange(len(ids), device=ids.device)
-    try:
-        logits = bridge.run_with_hooks(ids, fwd_hooks=list(hooks), attention_mask=mask,
-                                       logits_to_keep=last[:, None])
-        if logits.ndim == 3 and logits.shape[1] == 1:
-            return logits[:, 0]
-    except TypeError:  # a model whose forward takes no logits_to_keep
-        logits = bridge.run_with_hooks(ids, fwd_hooks=list(hooks), attention_mask=mask)
-    return logits[rows, last]
+    positions where the model takes it (:func:`biaslens.model.logits_where`)."""
+    hooks = list(hooks)
+    return logits_where(lambda **kw: bridge.run_with_hooks(ids, fwd_hooks=hooks, attention_mask=mask, **kw),
+                        last_position_mask(ids, lengths))
 
 
 # ---------------------------------------------------------------- fused blocks

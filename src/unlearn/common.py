@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-__all__ = ["SpanBatch", "encode_spans", "token_nll", "plain_logits", "lm_forward", "minibatches",
+__all__ = ["SpanBatch", "encode_spans", "token_nll", "span_nll", "plain_logits", "minibatches",
            "quick_gap", "quick_ppl", "Best", "Guard", "KeepTerm", "keep_term",
            "model_forward", "guarded_steps", "Timer", "seed_all", "trainable", "unique_params"]
 
@@ -80,19 +80,42 @@ def token_nll(logits: "Float[torch.Tensor, 'batch pos vocab']", batch: SpanBatch
     return -(tok * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def plain_logits(model: "BiasModel", input_ids, attention_mask=None) -> "Float[torch.Tensor, 'batch pos vocab']":
-    """Logits from a plain Hugging Face module holding the very Parameters of ``model.params``.
+def span_nll(model: Any, batch: SpanBatch, forward: Callable | None = None) -> "torch.Tensor":
+    """:func:`token_nll` of ``batch`` unembedding only the positions that predict a target token.
+
+    ``forward(input_ids, attention_mask, keep)`` returns logits ``[n_keep, vocab]`` at the
+    boolean ``keep`` (default: :func:`plain_logits` of ``model``, with gradients into its
+    Parameters). The loss and its gradients are those of the full-vocabulary logits at every
+    position; the positions no target reads are never computed."""
+    import torch
+
+    keep = torch.zeros_like(batch.target)
+    keep[:, :-1] = batch.target[:, 1:]
+    target = batch.input_ids[:, 1:][batch.target[:, 1:]]
+    if forward is None:
+        logits = plain_logits(model, batch.input_ids, batch.attention_mask, keep=keep)
+    else:
+        logits = forward(batch.input_ids, batch.attention_mask, keep)
+    if len(target) == 0:
+        return logits.float().sum() * 0.0
+    return torch.nn.functional.cross_entropy(logits.float(), target)
+
+
+def plain_logits(model: "BiasModel", input_ids, attention_mask=None, keep=None) -> "torch.Tensor":
+    """Logits from a plain Hugging Face module holding the very Parameters of ``model.params``:
+    ``[batch, pos, vocab]``, or ``[n_keep, vocab]`` at the positions where the boolean ``keep``
+    ``[batch, pos]`` is True (only those are unembedded, :func:`biaslens.model.logits_where`).
 
     Training takes gradients through it, not through the bridge: the bridge runs GPT-2's fused
     ``c_attn`` through q/k/v views, so its gradients would miss ``model.params``; in-place updates
     of the Parameters reach both (see :meth:`biaslens.model.BiasModel.plain_module`).
     """
+    from biaslens.model import logits_where
+
     module = model.plain_module()
-    return module(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
-def lm_forward(model: "BiasModel", batch: SpanBatch) -> "torch.Tensor":
-    return plain_logits(model, batch.input_ids, batch.attention_mask)
+    if keep is None:
+        return module(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits_where(lambda **kw: module(input_ids=input_ids, attention_mask=attention_mask, **kw).logits, keep)
 
 
 def minibatches(items: Sequence[Any], batch_size: int, rng: random.Random) -> Iterator[list[Any]]:
@@ -128,7 +151,7 @@ def quick_ppl(model: Any, texts: Sequence[str], batch_size: int = 32) -> float:
     with torch.no_grad():
         for s in range(0, len(texts), batch_size):
             b = encode_spans(model, list(texts[s : s + batch_size]), spans_only=False)
-            nll = token_nll(model.forward(b.input_ids, attention_mask=b.attention_mask), b)
+            nll = span_nll(model, b, lambda ids, m, keep: model.logits_at(ids, keep, attention_mask=m))
             n = int(b.target[:, 1:].sum())
             total += float(nll) * n
             count += n
@@ -242,7 +265,8 @@ class KeepTerm:
             ids.append([model.continuation_ids(p.text, male)[0], model.continuation_ids(p.text, female)[0]])
         self.ids = torch.tensor(ids, dtype=torch.long)
         # the plain module is faster than the bridge; an offset model's logits are its own forward
-        base_forward = model.forward if getattr(model, "large", None) is not None else model_forward(model)
+        base_forward = ((lambda ids, attention_mask=None, keep=None: model.logits_at(ids, keep, attention_mask=attention_mask))
+                        if getattr(model, "large", None) is not None else model_forward(model))
         with torch.no_grad():
             self.base = torch.cat([self._pair_logprobs(base_forward, self._rows(s)).cpu()
                                    for s in range(0, len(self.prompts), 64)])
@@ -254,15 +278,17 @@ class KeepTerm:
     def _pair_logprobs(self, forward: Callable, idx: Sequence[int]) -> "torch.Tensor":
         import torch
 
+        from biaslens.model import last_position_mask
+
         b = self.model.encode([self.prompts[i] for i in idx])
-        logits = forward(b.input_ids, attention_mask=b.attention_mask)
-        last = logits[torch.arange(len(idx), device=logits.device), b.lengths.to(logits.device) - 1]
+        last = forward(b.input_ids, attention_mask=b.attention_mask, keep=last_position_mask(b.input_ids, b.lengths))
         lp = torch.log_softmax(last.float(), dim=-1)
         return lp.gather(1, self.ids[list(idx)].to(lp.device))
 
     def loss(self, forward: Callable) -> "torch.Tensor":
-        """The keep term on the next mini-batch; ``forward(input_ids, attention_mask=...)`` returns
-        logits with gradients (e.g. :func:`plain_logits` of the model being trained)."""
+        """The keep term on the next mini-batch; ``forward(input_ids, attention_mask=..., keep=...)``
+        returns logits with gradients at the boolean ``keep`` positions (e.g. :func:`model_forward`
+        of the model being trained)."""
         import torch
 
         idx = next(self.stream)
@@ -283,8 +309,9 @@ def keep_term(model: Any, prompts: Sequence[Any] | None, weight: float, seed: in
 
 
 def model_forward(model: Any) -> Callable:
-    """``forward(input_ids, attention_mask=...)`` with gradients into ``model.params``."""
-    return lambda ids, attention_mask=None: plain_logits(model, ids, attention_mask)
+    """``forward(input_ids, attention_mask=..., keep=None)`` with gradients into ``model.params``:
+    every position's logits, or ``[n_keep, vocab]`` at the boolean ``keep``."""
+    return lambda ids, attention_mask=None, keep=None: plain_logits(model, ids, attention_mask, keep=keep)
 
 
 def guarded_steps(opt, objective: Callable[[], "torch.Tensor"], guard: Guard | None, max_steps: int,

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from biaslens.errors import BiasLensError
 from biaslens.unlearn.hparams import MaskedAscentHparams, resolve_hparams
-from biaslens.unlearn.common import (Best, Guard, Timer, encode_spans, guarded_steps, keep_term, lm_forward,
-                                     minibatches, model_forward, seed_all, token_nll, trainable, unique_params)
+from biaslens.unlearn.common import (Best, Guard, Timer, encode_spans, guarded_steps, keep_term,
+                                     minibatches, model_forward, seed_all, span_nll, trainable, unique_params)
 from biaslens.unlearn.select import validation_for
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ DEFAULT_LRS = (1e-4, 3e-4)
 def span_ascent_loss(model: "BiasModel", items: Sequence["SpanText"]):
     """The ascent objective of one mini-batch: minus the mean NLL of the span tokens."""
     b = encode_spans(model, items, spans_only=True)
-    return -token_nll(lm_forward(model, b), b)
+    return -span_nll(model, b)
 
 
 def masked_span_ascent(

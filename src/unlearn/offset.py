@@ -38,7 +38,7 @@ from biaslens.model import BiasModel
 from biaslens.prompts import TokenBatch
 from biaslens.unlearn.hparams import DEFAULT_ALPHAS, LOSSES, OffsetHparams, resolve_hparams
 from biaslens.unlearn.common import (Best, Guard, Timer, encode_spans, guarded_steps, keep_term, minibatches,
-                                     plain_logits, seed_all, token_nll, trainable, unique_params)
+                                     plain_logits, seed_all, span_nll, trainable, unique_params)
 from biaslens.unlearn.select import validation_for
 
 if TYPE_CHECKING:
@@ -151,6 +151,19 @@ class OffsetModel:
 
     __call__ = forward
 
+    def logits_at(self, ids, keep, fwd_hooks: Iterable = (), attention_mask=None) -> "Float[torch.Tensor, 'n_keep vocab']":
+        """Combined logits (Eq. 1) where the boolean ``keep`` ``[batch, pos]`` is True (row-major),
+        each model unembedding only those positions."""
+        import torch
+
+        if list(fwd_hooks):
+            raise BiasLensError("an offset model has no hooks of its own; hook the large model instead")
+        with torch.no_grad():
+            l_m = self.large.logits_at(ids, keep, attention_mask=attention_mask).float()
+            l_b = self.base.logits_at(ids, keep, attention_mask=attention_mask).float()
+        l_o = plain_logits(self.offset, ids, attention_mask, keep=keep).float()
+        return l_m + self.alpha * (l_o - l_b)
+
     def run_with_cache(self, *args, **kwargs):
         raise BiasLensError("an offset model has no activation cache; run_with_cache on the large model instead")
 
@@ -194,13 +207,15 @@ def offset_loss(om: OffsetModel, forget, retain, loss: str) -> "torch.Tensor":
     """The training objective of one step (see the module docstring)."""
     import torch
 
-    lf = om.forward(forget.input_ids, attention_mask=forget.attention_mask)
-    total = -token_nll(lf, forget)
+    def at(ids, mask, keep):
+        return om.logits_at(ids, keep, attention_mask=mask)
+
+    total = -span_nll(om, forget, at)
     if loss == "grad_ascent" or retain is None:
         return total
-    lr_ = om.forward(retain.input_ids, attention_mask=retain.attention_mask)
     if loss == "grad_diff":
-        return total + token_nll(lr_, retain)
+        return total + span_nll(om, retain, at)
+    lr_ = om.forward(retain.input_ids, attention_mask=retain.attention_mask)
     with torch.no_grad():
         p_ref = torch.log_softmax(om.large.forward(retain.input_ids, attention_mask=retain.attention_mask).float(), -1)
     lq = torch.log_softmax(lr_, -1)
@@ -287,8 +302,10 @@ def offset_unlearn(
     opt = torch.optim.Adam([offset.param(n) for n in names], lr=lr)
     timer = Timer()
 
-    def forward(ids, attention_mask=None):
-        return om.forward(ids, attention_mask=attention_mask)
+    def forward(ids, attention_mask=None, keep=None):
+        if keep is None:
+            return om.forward(ids, attention_mask=attention_mask)
+        return om.logits_at(ids, keep, attention_mask=attention_mask)
 
     def objective():
         fb = encode_spans(om, next(f_stream), spans_only=spans_only)

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from biaslens.errors import BiasLensError
+from biaslens.model import logits_where
 from biaslens.unlearn.select import validation_for
 from biaslens.unlearn.common import Best, Guard, keep_term, minibatches, seed_all
 from biaslens.unlearn.hparams import PCGU_VARIANTS, PCGUHparams, resolve_hparams
@@ -394,7 +395,8 @@ def pcgu_step(module, params: Sequence["torch.Tensor"], layout: UnitLayout, adv:
     if keep is not None:
         for p in params:
             p.grad = None
-        value = keep.loss(lambda ids, attention_mask=None: module(input_ids=ids, attention_mask=attention_mask).logits)
+        value = keep.loss(lambda ids, attention_mask=None, keep=None: logits_where(
+            lambda **kw: module(input_ids=ids, attention_mask=attention_mask, **kw).logits, keep))
         value.backward()
         grads_keep = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         for p in params:

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from biaslens.errors import BiasLensError
 from biaslens.unlearn.hparams import DEFAULT_LAMBDAS, TaskVectorHparams, resolve_hparams
 from biaslens.unlearn.select import validation_for
-from biaslens.unlearn.common import (Timer, encode_spans, keep_term, lm_forward, minibatches, model_forward,
-                                     seed_all, token_nll, trainable, unique_params)
+from biaslens.unlearn.common import (Timer, encode_spans, keep_term, minibatches, model_forward,
+                                     seed_all, span_nll, trainable, unique_params)
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +95,7 @@ def _fine_tune_full(model, names, texts, steps, lr, batch_size, rng, progress, k
     bar = tqdm(range(steps), desc="task vector: fine-tune", disable=not progress)
     for step in bar:
         b = encode_spans(model, next(stream), spans_only=False)
-        loss = token_nll(lm_forward(model, b), b)
+        loss = span_nll(model, b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if keep is not None:
@@ -134,7 +134,7 @@ def _fine_tune_lora(model, names, texts, steps, lr, batch_size, rank, alpha, rng
             for n, (B, A) in factors.items():
                 model.param(n).copy_((w0[n].float() + scale * B @ A).to(w0[n].dtype))
         b = encode_spans(model, next(stream), spans_only=False)
-        loss = token_nll(lm_forward(model, b), b)
+        loss = span_nll(model, b)
         for n in names:
             model.param(n).grad = None
         loss.backward()

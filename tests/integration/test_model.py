@@ -33,6 +33,37 @@ def test_logits_match_hf(arch, models, tiny_dirs):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_kept_positions_equal_the_full_logits(arch, models):
+    """Scoring unembeds only the positions it reads (``logits_to_keep``): the last-token logits,
+    any boolean set of positions, and score_rows' log-probabilities and argmax flags equal those
+    read off the full ``[batch, pos, vocab]`` logits."""
+    from biaslens.evaluate.scoring import score_rows
+
+    m = models[arch]
+    texts = ["The nurse said that she would be late.", "The electrician was promoted because",
+             "A clerk"]
+    b = m.encode(texts)
+    with torch.no_grad():
+        full = m.forward(b)
+        rows = torch.arange(len(texts))
+        assert torch.allclose(m.last_logits(b), full[rows, b.lengths - 1], atol=1e-5)
+        keep = b.attention_mask.bool().clone()
+        keep[0, 2] = False
+        got = m.logits_at(b.input_ids, keep, attention_mask=b.attention_mask)
+        assert got.shape == (int(keep.sum()), full.shape[-1])
+        assert torch.allclose(got, full[keep], atol=1e-5)
+    ids = [b.input_ids[i, : b.lengths[i]].tolist() for i in range(len(texts))]
+    starts, ends = [1, 3, 1], [len(ids[0]), len(ids[1]) - 1, len(ids[2])]
+    scores = score_rows(m, ids, starts, ends, batch_size=2, greedy=True)
+    lp = torch.log_softmax(full.float(), -1)
+    for i, r in enumerate(ids):
+        ref = [lp[i, t - 1, r[t]].item() for t in range(starts[i], ends[i])]
+        top = [int(lp[i, t - 1].argmax()) == r[t] for t in range(starts[i], ends[i])]
+        assert scores.logprobs[i] == pytest.approx(ref, abs=1e-5)
+        assert scores.greedy[i].tolist() == top
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_roles_multi_token_subject(arch, models):
     m = models[arch]
     text, subject = "The paralegal said that", "paralegal"

@@ -12,7 +12,7 @@ import torch
 import biaslens
 from biaslens.errors import BiasLensError, DataFormatError
 from biaslens.prompts import Prompt
-from biaslens.unlearn.common import encode_spans, token_nll, unique_params
+from biaslens.unlearn.common import encode_spans, span_nll, token_nll, unique_params
 from biaslens.unlearn.data import SpanText, diff_span, find_spans, read_span_jsonl, with_word_spans
 
 TEXTS = ["The nurse said that she was tired.", "The engineer said that he would be back soon.",
@@ -63,6 +63,30 @@ def test_masked_loss_gradient_reaches_only_span_positions(tiny):
     assert (g[~predicts_span] == 0).all()
     assert (g[predicts_span] > 0).all()
     assert int(predicts_span.sum()) == len(items)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("spans_only", [True, False])
+def test_span_nll_unembeds_only_target_positions_with_the_same_loss_and_gradient(tiny_dirs, arch, spans_only):
+    """The training losses unembed only the positions that predict a target token; the loss and
+    every weight's gradient equal those of the full-vocabulary logits at every position."""
+    from biaslens.unlearn.common import plain_logits
+
+    model = biaslens.load(tiny_dirs[arch])
+    b = encode_spans(model, with_word_spans(TEXTS), spans_only=spans_only)
+    params = [p for p in model.plain_module().parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    full = token_nll(plain_logits(model, b.input_ids, b.attention_mask), b)
+    g_full = torch.autograd.grad(full, params, allow_unused=True)
+    part = span_nll(model, b)
+    g_part = torch.autograd.grad(part, params, allow_unused=True)
+    assert torch.allclose(full, part, rtol=1e-6, atol=1e-6)
+    for a, c in zip(g_full, g_part):
+        assert (a is None) == (c is None)
+        if a is not None:
+            assert torch.allclose(a, c, rtol=1e-5, atol=1e-7)
+    assert any(a is not None and a.abs().sum() > 0 for a in g_full)
 
 
 def test_read_span_jsonl_formats_and_errors(tmp_path):
