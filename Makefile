@@ -8,8 +8,9 @@ export TOKENIZERS_PARALLELISM := false
 # Small models run far faster on one thread per process (thread sync dominates tiny matmuls).
 export OMP_NUM_THREADS ?= 1
 
-# The `make test` command; the canary (`make test-latest`) runs the same one.
-PYTEST_ARGS := -q -m "not slow" --durations=15
+# The `make test` command; the canary (`make test-latest`) runs the same one. pytest-xdist runs one
+# worker per core (at most 4, each on one thread); a file's tests share one worker and its fixtures.
+PYTEST_ARGS := -q -m "not slow" --durations=15 -n auto --maxprocesses=4 --dist loadfile
 
 .PHONY: setup lock demo test test-latest test-all test-unit test-integration test-acceptance bench clean
 

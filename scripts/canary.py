@@ -26,13 +26,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements.lock"
-DEFAULT_PYTEST_ARGS = '-q -m "not slow" --durations=15'
+DEFAULT_PYTEST_ARGS = '-q -m "not slow" --durations=15 -n auto --maxprocesses=4 --dist loadfile'
 
 # Loaded into the canary's pytest with -p: appends each failed test (or collection error) by node id as it
 # happens, so a run stopped by a timeout still tells what had failed, and the exit status at the end.
 PLUGIN = '''
 import json, os
 def _write(**row):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist: the controller writes each report once
+        return
     with open(os.environ["BIASLENS_CANARY_REPORT"], "a") as f:
         f.write(json.dumps(row) + "\\n")
 def pytest_runtest_logreport(report):
