@@ -382,6 +382,18 @@ def _activation(mod: Any) -> Callable | None:
 _FUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _with_block_weights(method: Callable) -> Callable:
+    """Run a :class:`FusedGPT2` method of block ``l`` inside :meth:`FusedGPT2.weights`."""
+    from functools import wraps
+
+    @wraps(method)
+    def run(self, l: int, *args, **kwargs):
+        with self.weights(l):
+            return method(self, l, *args, **kwargs)
+
+    return run
+
+
 class FusedGPT2:
     """The blocks of a GPT-2-architecture bridge as a few fused ops on the weights the bridge
     itself computes with (its q/k/v copies, the HF output, MLP and norm weights):
@@ -400,6 +412,46 @@ class FusedGPT2:
         self.blocks = list(bridge.blocks)
         self._qkv: dict[int, tuple] = {}
         self._tail = [p for m in (bridge.ln_final, bridge.unembed) for p in m.parameters()]
+        # per block, the HF modules whose weights accelerate keeps offloaded (meta in the module,
+        # materialised for a call by the module's hook): empty for a model loaded whole
+        from accelerate.utils import has_offloaded_params
+
+        self._offloaded = [[m for m in self._modules(blk) if has_offloaded_params(m)] for blk in self.blocks]
+        self._depth = [0] * len(self.blocks)
+
+    @staticmethod
+    def _modules(blk: Any) -> list:
+        """The HF modules whose weights block ``blk``'s fused ops read."""
+        mods = [blk.ln1, blk.ln2, blk.attn.q, blk.attn.k, blk.attn.v, blk.attn.o,
+                getattr(blk.mlp, "in"), blk.mlp.out]
+        return [m.original_component for m in mods]
+
+    @contextmanager
+    def weights(self, l: int):
+        """Block ``l``'s offloaded weights materialised while active (accelerate's
+        ``align_module_device``, the hooks' own pre- and post-forward), so the fused ops run on a
+        model placed by accelerate too; re-entrant; nothing to do for a model loaded whole.
+        Tensors saved for a backward keep the materialised weights alive after the context."""
+        mods = self._offloaded[l]
+        if not mods or self._depth[l]:
+            self._depth[l] += 1
+            try:
+                yield
+            finally:
+                self._depth[l] -= 1
+            return
+        from contextlib import ExitStack
+
+        from accelerate.utils import align_module_device
+
+        with ExitStack() as stack:
+            for m in mods:
+                stack.enter_context(align_module_device(m))
+            self._depth[l] += 1
+            try:
+                yield
+            finally:
+                self._depth[l] -= 1
 
     @classmethod
     def build(cls, bridge: Any) -> "FusedGPT2 | None":
@@ -479,6 +531,7 @@ class FusedGPT2:
         eps = getattr(ln.config, "eps", m.eps) if getattr(ln, "config", None) is not None else m.eps
         return torch.nn.functional.layer_norm(x, (x.shape[-1],), m.weight, m.bias, eps)
 
+    @_with_block_weights
     def kv(self, l: int, x: torch.Tensor, points: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[n, heads, pos, d_head]`` block ``l`` makes of input ``x``."""
         blk = self.blocks[l]
@@ -490,6 +543,7 @@ class FusedGPT2:
         k, v = kv.view(n, P, 2, H, d // H).unbind(2)
         return k.transpose(1, 2), v.transpose(1, 2)
 
+    @_with_block_weights
     def __call__(self, l: int, x: torch.Tensor, lo: int, prefix: tuple | None, points: dict,
                  keep_kv: list | None = None) -> torch.Tensor:
         """Block ``l`` at positions ``lo:lo + x.shape[1]``; ``prefix``: keys and values before;
@@ -543,6 +597,7 @@ class FusedGPT2:
         ha = self.blocks[l].attn.original_component
         return tuple(x.transpose(1, 2) for x in t.view(n, P, parts, ha.num_heads, ha.head_dim).unbind(2))
 
+    @_with_block_weights
     def packed(self, l: int, groups: list, taps: dict | None = None,
                before_attention: Callable | None = None, frozen: int = 0) -> None:
         """Block ``l`` over every group's ``x`` ``[n, P, d]`` (replaced by the block's output),
@@ -594,6 +649,7 @@ class FusedGPT2:
             g.x = out[at: at + n * P].view(n, P, d)
             at += n * P
 
+    @_with_block_weights
     def packed_last(self, l: int, groups: list, taps: dict | None = None,
                     before_attention: Callable | None = None, frozen: int = 0) -> list[torch.Tensor]:
         """The final block over every group, whole at each row's last position (``x[:, -1]``)
@@ -656,6 +712,7 @@ class FusedGPT2:
             at += x.shape[0]
         return res
 
+    @_with_block_weights
     def _mlp(self, l: int, h: torch.Tensor, k: int = 0) -> torch.Tensor:
         blk = self.blocks[l]
         fc, proj = getattr(blk.mlp, "in").original_component, blk.mlp.out.original_component
