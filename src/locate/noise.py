@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from biaslens.errors import BiasLensError
 from biaslens.hooks import act_name
@@ -125,37 +126,59 @@ def trace_noise(
     normalize: bool = True,
     n_boot: int = 1000,
     max_tokens: int = 8192,
+    max_rows: int | None = 256,
     progress: bool = True,
 ) -> EffectMap:
     """ROME-style causal trace of the bias metric over components × layers × token roles.
 
     Returns an :class:`EffectMap` (method ``"noise"``) whose effect at (component, layer, role)
     is the signed indirect effect of restoring that site, normalised by the total effect.
+
+    ``max_rows``: corrupted rows (prompts × ``n_samples``) traced at a time, so that working
+    memory stays bounded whatever the number of prompts (the patch engine keeps every block's
+    activations, keys and values of its base rows); the noise is drawn for all prompts first,
+    so the map does not depend on it. None: every prompt in one run.
     """
     components = list(components)
     batch, metric, metric_name = prepare(model, prompts, metric)
+    if max_rows is not None and max_rows < 1:
+        raise BiasLensError(f"max_rows must be at least 1 (got {max_rows}); or None for one run")
     L, B, roles = model.n_layers, len(batch), list(roles)
     base, nu = noise_base(model, batch, n_samples, noise_scale, seed)
     hooks = [act_name(LAYER_HOOKS[c], l) for c in components for l in range(L)]
-    src, clean_last = clean_source(model, batch, hooks + [act_name("resid_pre", l) for l in range(L)],
-                                   base.prompt_idx)
+    hooks += [act_name("resid_pre", l) for l in range(L)]
     sever_hooks = [act_name(LAYER_HOOKS[s], l) for s in sever for l in range(L)]
-    engine = PatchEngine(model, base, {"clean": src}, metric, cache_hooks=sever_hooks,
-                         max_tokens=max_tokens, progress=progress)
-    clean = metric_rows(metric, clean_last, torch.arange(B, device=clean_last.device))
-    corrupted = engine.base_metric.reshape(B, n_samples)
-    masks = role_masks(batch, base, roles)
-    present = torch.stack([batch.role_mask(r).any(1) for r in roles])
+    step = B if max_rows is None else max(1, max_rows // n_samples)
+    parts = [list(range(a, min(B, a + step))) for a in range(0, B, step)]
+    keys = list(components) + [f"resid_sever_{s}" for s in sever]
+    clean, corrupted, values, early = [], [], {k: [] for k in keys}, []
+    for idx in tqdm(parts, desc="noise trace", disable=not progress or len(parts) < 2, leave=False):
+        sub = batch.select(idx)
+        rows = slice(idx[0] * n_samples, (idx[-1] + 1) * n_samples)
+        delta = base.embed_delta[rows, : sub.input_ids.shape[1]]
+        sub_base = Base.from_batch(sub, n_samples, delta)
+        sub_metric = metric.subset(torch.tensor(idx)) if hasattr(metric, "subset") else metric
+        src, clean_last = clean_source(model, sub, hooks, sub_base.prompt_idx)
+        engine = PatchEngine(model, sub_base, {"clean": src}, sub_metric, cache_hooks=sever_hooks,
+                             max_tokens=max_tokens, progress=progress and len(parts) == 1)
+        clean.append(metric_rows(sub_metric, clean_last, torch.arange(len(sub), device=clean_last.device)))
+        corrupted.append(engine.base_metric.reshape(len(sub), n_samples))
+        early.append(engine.early_start)
+        masks = list(role_masks(sub, sub_base, roles).values())
+        sweeps = {c: layer_variants(c, range(L), masks, L, window if c != "resid" else 1) for c in components}
+        for s in sever:
+            sweeps[f"resid_sever_{s}"] = _severed_variants(s, L, masks)
+        for key, variants in sweeps.items():
+            values[key].append(engine.run(variants, desc=f"noise trace {key}").reshape(L, len(roles), len(sub), n_samples))
+        del engine, src
+    clean_t, corrupted_t = torch.cat(clean), torch.cat(corrupted)
+    present = torch.stack([batch.role_mask(r).any(1) for r in roles]).to(clean_t.device)
     per_prompt, meta = {}, {}
-    sweeps = {c: layer_variants(c, range(L), list(masks.values()), L, window if c != "resid" else 1)
-              for c in components}
-    for s in sever:
-        sweeps[f"resid_sever_{s}"] = _severed_variants(s, L, list(masks.values()))
-    for key, variants in sweeps.items():
-        vals = engine.run(variants, desc=f"noise trace {key}").reshape(L, len(roles), B, n_samples)
-        per_prompt[key], meta = signed_effects(vals, clean, corrupted, present, normalize)
+    for key in keys:
+        per_prompt[key], meta = signed_effects(torch.cat(values[key], 2), clean_t, corrupted_t, present, normalize)
     meta.update({"noise_std": nu, "noise_scale": noise_scale, "n_samples": n_samples, "seed": seed,
-                 "window": window, "sever": list(sever), "exact_engine_early_start": engine.early_start})
+                 "window": window, "sever": list(sever), "exact_engine_early_start": all(early),
+                 "runs": len(parts)})
     return EffectMap.from_per_prompt(
         per_prompt, model=model.name, method="noise", metric=metric_name, layers=range(L),
         roles=roles, n_boot=n_boot, seed=seed, meta=meta)
