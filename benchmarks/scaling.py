@@ -633,7 +633,8 @@ def write(rows: list[dict], out: Path, command: str, wall: float, threads: int, 
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     fits = {job: {"time": key, "exponents": s["exp"], "exponent_working_mb_vs_size": s["exp_mem_size"],
                   **{k: v for k, v in s.items() if k.startswith("proj_")}} for job, s in summ.items()}
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "several_runs": several, "wall_s": wall, "rows": rows,
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "several_runs": several, "wall_s": wall, "threads": threads,
+                                                    "device": device, "rows": rows,
                                                     "fits": fits}, indent=1), encoding="utf-8")
     print(f"wrote {out}")
 
