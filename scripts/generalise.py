@@ -313,7 +313,8 @@ _METRIC_KEYS = {"contrast", "gap", "definitional", "margin", "confident", "ppl",
                 "facts_accuracy",
                 "per_template", "feasible", "failed", "violations", "within_bounds", "violation", "seconds",
                 "definitional_accuracy", "definitional_share", "definitional_share_drop",
-                "definitional_broken", "facts_lost", "ppl_rise", "keep", "skipped", "rank_used"}
+                "definitional_broken", "facts_lost", "ppl_rise", "keep", "skipped", "rank_used",
+                "definitional_female", "definitional_male", "margin_female", "margin_male"}
 
 
 def sweep_rows(info: dict[str, Any]) -> list[dict[str, Any]]:

@@ -83,14 +83,14 @@ def run_validation(model: Any, ppl_texts, ppl_bound: float = 1.1, max_prompts: i
                    seed: int = 0):
     """The validation every method chooses its strength on (:mod:`biaslens.unlearn.select`): the
     model's whole validation split (``occupation_prompts("edit", "validation")``) and its
-    definitional validation prompts (with ``max_prompts``: at most that many of each,
+    definitional prompts (:func:`~biaslens.unlearn.select.default_definitional`; with ``max_prompts``: at most that many of each,
     :func:`~biaslens.unlearn.select.sample_prompts`), and ``ppl_texts`` (``run_data(...)
     ["ppl_texts"]``), under ``ppl_bound`` and the definitional bounds."""
     from biaslens.defaults import defaults_for
-    from biaslens.unlearn.select import Bounds, Validation, sample_prompts
+    from biaslens.unlearn.select import Bounds, Validation, default_definitional, sample_prompts
 
     d = defaults_for(model)
-    prompts, definitional = d.occupation_prompts("edit", "validation"), d.definitional_prompts("validation")
+    prompts, definitional = d.occupation_prompts("edit", "validation"), default_definitional(model)
     if max_prompts:  # templates x a few occupations (words) of both directions: still a contrast
         prompts = sample_prompts(prompts, max_prompts, seed)
         definitional = sample_prompts(definitional, max_prompts, seed)

@@ -10,11 +10,15 @@ They all choose it the same way, here:
   (:class:`Validation` refuses a prompt set that shares a template with them);
 * **bounds** (:class:`Bounds`), checked on validation data only: perplexity of the default
   general text up at most 10%; definitional accuracy (argmax of the matching pronoun,
-  ``definitional_prompts("validation")``) down at most 2 points; and definitional retention *by
-  margin*: on the definitional prompts the base model already separates (the matching pronoun's
-  share P(match) / (P(match) + P(other)) ≥ 0.9), the mean matching share may fall by at most 2
-  points. Argmax alone hides collapsed margins (a share falling from 0.98 to 0.57 still counts as
-  correct, and then flips on unseen templates; ``docs/results/unlearn.md``).
+  :func:`default_definitional`: the definitional words × the validation templates and a
+  word-balanced sample of the edit templates) down at most 2 points; and definitional retention
+  *by margin*: on the definitional prompts the base model already separates (the matching
+  pronoun's share P(match) / (P(match) + P(other)) ≥ 0.9), the mean matching share may fall by
+  at most 2 points. Argmax alone hides collapsed margins (a share falling from 0.98 to 0.57 still
+  counts as correct, and then flips on unseen templates; ``docs/results/unlearn.md``). Both hold
+  for the female and the male words separately as well as for all of them: a method that makes
+  the model say "he" more often can raise the male words' accuracy by as much as it lowers the
+  female words', and the total then hides the loss (``docs/results/generalise.md``).
 * **choice**: the candidate with the lowest validation contrast among those within every bound;
   the unchanged model when none lowers it.
 
@@ -34,8 +38,8 @@ from biaslens.prompts import female_rate
 if TYPE_CHECKING:
     from biaslens.model import BiasModel
 
-__all__ = ["Bounds", "Point", "Validation", "definitional_shares", "split_templates", "sample_prompts",
-           "validation_for"]
+__all__ = ["Bounds", "Point", "Validation", "default_definitional", "definitional_shares", "split_templates",
+           "sample_prompts", "validation_for"]
 
 
 @dataclass(frozen=True)
@@ -45,13 +49,15 @@ class Bounds:
     ``ppl_rise``: perplexity may rise by at most this fraction; ``definitional_drop``:
     definitional argmax accuracy may fall by at most this (a fraction, 0.02 = 2 points);
     ``margin_drop``: the mean matching share over the definitional prompts the base model
-    separates (share ≥ ``confident``) may fall by at most this.
+    separates (share ≥ ``confident``) may fall by at most this. ``per_gender``: both bounds hold
+    for the female and the male words separately too (a gender with no prompt is not checked).
     """
 
     ppl_rise: float = 0.10
     definitional_drop: float = 0.02
     margin_drop: float = 0.02
     confident: float = 0.9
+    per_gender: bool = True
 
     def __post_init__(self):
         for name in ("ppl_rise", "definitional_drop", "margin_drop"):
@@ -78,8 +84,8 @@ class Point:
     ``{"lambda": 0.5}`` or ``{"lr": 1e-4, "step": 20}``), the validation contrast, the retention
     numbers (``definitional``: argmax accuracy; ``margin``: mean matching share on the prompts
     the base separates; ``confident``: the fraction of those still at share ≥ the bound's
-    ``confident``, for information), and whether it is within the bounds (``why`` names the
-    first bound it breaks)."""
+    ``confident``, for information; ``by_gender``: ``{"female": (accuracy, margin), "male": ...}``),
+    and whether it is within the bounds (``why`` names the first bound it breaks)."""
 
     setting: dict[str, Any]
     contrast: float
@@ -90,11 +96,14 @@ class Point:
     ok: bool = True
     why: str = ""
     per_template: dict[str, float] = field(default_factory=dict)
+    by_gender: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def as_dict(self, per_template: bool = False) -> dict[str, Any]:
         d = {**self.setting, "contrast": self.contrast, "definitional": self.definitional,
              "margin": self.margin, "confident": self.confident, "ppl": self.ppl,
              "ok": self.ok, "why": self.why}
+        for g, (acc, margin) in self.by_gender.items():
+            d[f"definitional_{g}"], d[f"margin_{g}"] = acc, margin
         if per_template:
             d["per_template"] = dict(self.per_template)
         return d
@@ -111,6 +120,18 @@ def definitional_shares(model: Any, prompts: Sequence[Any], batch_size: int = 64
     female = np.array([female_rate(p) >= 0.5 for p in prompts])  # NaN (no rate): male
     margin = np.where(female, lp[:, 1] - lp[:, 0], lp[:, 0] - lp[:, 1])
     return 1.0 / (1.0 + np.exp(-margin))
+
+
+def default_definitional(model: Any, edit_sample: int = 512, seed: int = 0) -> list[Any]:
+    """The definitional prompts a selection checks by default (:mod:`biaslens.defaults`): the
+    definitional words × the validation templates, and a seeded sample of ``edit_sample`` of
+    the words × the edit templates (every word equally often), as LSDM's tuner checks the
+    validation templates and a sample of its keep prompts. Never a test template."""
+    from biaslens.defaults import balanced_sample, defaults_for
+
+    d = defaults_for(model)
+    edit = balanced_sample(d.definitional_prompts("edit"), edit_sample, seed) if edit_sample else []
+    return d.definitional_prompts("validation") + list(edit)
 
 
 def split_templates(model: Any, split: str) -> set[str]:
@@ -155,7 +176,8 @@ class Validation:
     """The validation measurements and the bounds of one selection.
 
     ``prompts`` (occupation prompts), ``definitional`` (definitional prompts) and ``ppl_texts``
-    default to the model's validation split and general text (:mod:`biaslens.defaults`); a prompt
+    default to the model's validation split (:func:`default_definitional` for the definitional
+    prompts) and general text (:mod:`biaslens.defaults`); a prompt
     whose template is one of the model's test templates is refused (choosing on the test
     templates would make the held-out numbers meaningless). Call :meth:`start` on the unchanged
     model first; then :meth:`measure` each candidate and :meth:`best` for the choice.
@@ -169,7 +191,7 @@ class Validation:
         d = defaults_for(model)
         self.prompts = list(prompts) if prompts is not None else d.occupation_prompts("edit", "validation")
         self.definitional = (list(definitional) if definitional is not None
-                             else d.definitional_prompts("validation"))
+                             else default_definitional(model))
         self.ppl_texts = list(ppl_texts) if ppl_texts is not None else d.general_lines(100)
         self.bounds = bounds or Bounds()
         if not self.prompts:
@@ -177,6 +199,7 @@ class Validation:
         self._refuse_test_templates(model)
         self.base: Point | None = None
         self.separated: Any = None  # mask of the definitional prompts the base model separates
+        self.female: Any = None  # mask of the definitional prompts with a female word
         self.points: list[Point] = []
 
     def _refuse_test_templates(self, model) -> None:
@@ -211,9 +234,13 @@ class Validation:
         if not math.isfinite(contrast):
             raise BiasLensError("the validation contrast of the unchanged model is not finite")
         if shares is not None:
+            import numpy as np
+
             self.separated = shares >= self.bounds.confident
+            self.female = np.array([female_rate(p) >= 0.5 for p in self.definitional])
         acc, margin, conf = self._definitional(shares)
-        self.base = Point(setting or {"step": 0}, contrast, acc, margin, conf, ppl, True, "base", per)
+        self.base = Point(setting or {"step": 0}, contrast, acc, margin, conf, ppl, True, "base", per,
+                          self._by_gender(shares))
         self.points = [self.base]
         return self.base
 
@@ -226,19 +253,36 @@ class Validation:
             return acc, float("nan"), float("nan")
         return acc, float(shares[sep].mean()), float((shares[sep] >= self.bounds.confident).mean())
 
+    def _by_gender(self, shares) -> dict[str, tuple[float, float]]:
+        """``{gender: (argmax accuracy, mean share on the separated prompts)}`` for each gender
+        with a definitional prompt (margin NaN where the base separates none of its prompts)."""
+        if shares is None or self.female is None:
+            return {}
+        out = {}
+        for g, mask in (("female", self.female), ("male", ~self.female)):
+            if mask.any():
+                sep = mask & self.separated
+                out[g] = (float((shares[mask] > 0.5).mean()),
+                          float(shares[sep].mean()) if sep.any() else float("nan"))
+        return out
+
     def measure(self, model, **setting) -> Point:
         """Measure a candidate, check it against the bounds, and record it."""
         if self.base is None:
             raise RuntimeError("Validation.start must measure the unchanged model first")
         contrast, per, shares, ppl = self._numbers(model)
         acc, margin, conf = self._definitional(shares)
-        ok, why = self.check(contrast, acc, margin, ppl)
-        p = Point(dict(setting), contrast, acc, margin, conf, ppl, ok, why, per)
+        by_gender = self._by_gender(shares)
+        ok, why = self.check(contrast, acc, margin, ppl, by_gender)
+        p = Point(dict(setting), contrast, acc, margin, conf, ppl, ok, why, per, by_gender)
         self.points.append(p)
         return p
 
-    def check(self, contrast: float, acc: float, margin: float, ppl: float) -> tuple[bool, str]:
-        """Whether numbers are within the bounds (and, if not, the first bound broken)."""
+    def check(self, contrast: float, acc: float, margin: float, ppl: float,
+              by_gender: dict[str, tuple[float, float]] | None = None) -> tuple[bool, str]:
+        """Whether numbers are within the bounds (and, if not, the first bound broken);
+        ``by_gender`` as :attr:`Point.by_gender`, checked against the base's when the bounds are
+        ``per_gender``."""
         b, base = self.bounds, self.base
         if not math.isfinite(contrast):
             return False, "validation contrast not finite"
@@ -249,6 +293,14 @@ class Validation:
         if math.isfinite(base.margin) and not margin >= base.margin - b.margin_drop - 1e-12:
             return False, (f"definitional margin: mean matching share {margin:.3f} < {base.margin:.3f} - "
                            f"{b.margin_drop:g} on the {int(self.separated.sum())} prompts the base separates")
+        for g, (acc_g, margin_g) in (by_gender or {}).items() if b.per_gender else ():
+            acc0, margin0 = base.by_gender.get(g, (float("nan"), float("nan")))
+            if math.isfinite(acc0) and not acc_g >= acc0 - b.definitional_drop - 1e-12:
+                return False, (f"definitional accuracy of the {g} words {acc_g:.3f} < {acc0:.3f} - "
+                               f"{b.definitional_drop:g}")
+            if math.isfinite(margin0) and not margin_g >= margin0 - b.margin_drop - 1e-12:
+                return False, (f"definitional margin of the {g} words: mean matching share {margin_g:.3f} "
+                               f"< {margin0:.3f} - {b.margin_drop:g}")
         return True, ""
 
     # ------------------------------------------------------------------ choosing

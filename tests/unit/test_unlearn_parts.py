@@ -212,17 +212,28 @@ def test_offset_export_round_trip(tiny, tmp_path):
 
 def test_validation_defaults_to_the_validation_split_and_refuses_test_templates(tiny):
     """The strength is scored on occupation_prompts("edit", "validation") and the definitional
-    validation prompts; any prompt set sharing a template with the test split is refused."""
+    words on the validation templates plus a word-balanced sample of the edit templates; any
+    prompt set sharing a template with the test split is refused."""
     from biaslens.defaults import defaults_for
     from biaslens.evaluate.contrast import template_of
+    from biaslens.prompts import female_rate
     from biaslens.unlearn.select import Validation, split_templates
 
     d = defaults_for(tiny)
     v = Validation(tiny)
     assert [p.text for p in v.prompts] == [p.text for p in d.occupation_prompts("edit", "validation")]
-    assert [p.text for p in v.definitional] == [p.text for p in d.definitional_prompts("validation")]
+    val_def = d.definitional_prompts("validation")
+    assert [p.text for p in v.definitional[: len(val_def)]] == [p.text for p in val_def]
+    extra = v.definitional[len(val_def):]
+    edit_tpl = {template_of(p) for p in d.definitional_prompts("edit")}
+    assert len(extra) == min(512, len(d.definitional_prompts("edit"))) and {template_of(p) for p in extra} <= edit_tpl
+    words = {}
+    for p in extra:
+        words[p.occupation] = words.get(p.occupation, 0) + 1
+    assert max(words.values()) - min(words.values()) <= 1  # every word equally often
+    assert {female_rate(p) >= 0.5 for p in extra} == {True, False}
     test = split_templates(tiny, "test")
-    assert test and not ({template_of(p) for p in v.prompts} & test)
+    assert test and not ({template_of(p) for p in v.prompts + v.definitional} & test)
     leak = d.occupation_prompts("edit", "validation")[:20] + d.occupation_prompts("edit", "test")[:1]
     with pytest.raises(BiasLensError, match="never on the test templates"):
         Validation(tiny, prompts=leak)
@@ -255,6 +266,37 @@ def test_bounds_and_the_choice():
     assert v.best() is v.base
     with pytest.raises(BiasLensError, match="non-negative"):
         Bounds(ppl_rise=-0.1)
+
+
+def test_bounds_hold_for_each_gender():
+    """A candidate that makes the model say "he" more often raises the male words' accuracy
+    as much as it lowers the female words': the totals are unchanged, the per-gender check
+    refuses it (and passes it when per_gender is off)."""
+    import numpy as np
+
+    from biaslens.unlearn.select import Bounds, Point, Validation
+
+    v = Validation.__new__(Validation)
+    v.bounds, v.ppl_texts = Bounds(), ["x"]
+    v.separated = np.array([True, True, True, True])
+    v.female = np.array([True, True, False, False])
+    base_shares = np.array([0.97, 0.95, 0.93, 0.95])
+    v.base = Point({"step": 0}, 0.3, 1.0, 0.95, 1.0, 3.0, by_gender=v._by_gender(base_shares))
+    assert v.base.by_gender == {"female": (1.0, pytest.approx(0.96)), "male": (1.0, pytest.approx(0.94))}
+    shifted = np.array([0.92, 0.91, 0.98, 0.99])  # female words down 4 points, male up 4.5: mean 0.95
+    acc, margin, _ = v._definitional(shifted)
+    assert acc == 1.0 and margin == pytest.approx(0.95)
+    ok, why = v.check(0.1, acc, margin, 3.0, v._by_gender(shifted))
+    assert not ok and why.startswith("definitional margin of the female words")
+    flipped = np.array([0.97, 0.45, 0.99, 0.99])  # one female word flips, the male words gain
+    ok, why = v.check(0.1, 0.75, 0.85, 3.0, v._by_gender(flipped))
+    assert not ok and why.startswith("definitional accuracy") and "female" not in why  # the total fails first
+    v.bounds = Bounds(definitional_drop=0.3, margin_drop=0.2)
+    ok, why = v.check(0.1, 0.75, 0.85, 3.0, v._by_gender(flipped))
+    assert not ok and why.startswith("definitional accuracy of the female words 0.500")
+    v.bounds = Bounds(per_gender=False)
+    assert v.check(0.1, acc, margin, 3.0, v._by_gender(shifted)) == (True, "")
+    assert v.check(0.1, 1.0, 0.95, 3.0) == (True, "")  # no per-gender numbers: the totals only
 
 
 def test_keep_term_is_zero_at_the_start_and_pulls_back(tiny):
