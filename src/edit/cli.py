@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["METHODS", "add_arguments", "read_occupations", "occupation_prompts", "run",
@@ -101,6 +102,7 @@ def run(args) -> int:
     from biaslens.export import export
     from biaslens.io import prepare, staging
 
+    t_start = time.perf_counter()
     out = prepare(args.out, args.force)  # fail before loading a large model
     layers = "auto" if args.layers == "auto" else parse_layers(args.layers)
     rows = read_occupations(args.occupations) if args.occupations else None
@@ -125,7 +127,11 @@ def run(args) -> int:
         prompts, keep = defaults_for(model).edit_sample(args.max_prompts, prompts)
     progress = not args.quiet
     print(f"biaslens edit: measuring {args.model} before the edit", file=sys.stderr)
+    clock = {"load": round(time.perf_counter() - t_start, 3)}
+    t = time.perf_counter()
     before = edit_measures(model, prompts, args.corpus, args.limit)
+    clock["measure_before"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
     if args.method == "lsdm":
         delta = lsdm(model, prompts, layers=layers, role=args.role, effect_map=effects,
                      corpus=args.corpus, hparams=args.hparams, keep_prompts=keep,
@@ -144,12 +150,16 @@ def run(args) -> int:
     else:
         delta = counterfactual_finetune(model, layers, prompts, keep_prompts=keep, hparams=args.hparams,
                                         effect_map=effects, progress=progress)
+    clock["edit"] = round(time.perf_counter() - t, 3)
     print("biaslens edit: measuring after the edit", file=sys.stderr)
+    t = time.perf_counter()
     after = edit_measures(model, prompts, args.corpus, args.limit)
+    clock["measure_after"] = round(time.perf_counter() - t, 3)
     report = {"model": args.model, "method": args.method, "site": delta.info.get("site"),
               "effect_map": delta.info.get("effect_map"), "hyperparameters": delta.hparams,
               "diagnostics": delta.info.get("diagnostics"), "changed_tensors": delta.stats(),
-              "before": before, "after": after, "summary": edit_summary(before, after)}
+              "before": before, "after": after, "summary": edit_summary(before, after),
+              "seconds": clock}  # wall seconds of each phase (export not included)
     from biaslens import jsonio
 
     with staging(out, args.force, command="edit") as tmp:  # OUT = model/ + report.json, as one

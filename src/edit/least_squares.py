@@ -308,7 +308,9 @@ def lsdm(
     tune_lam = tune == "auto" and "mom2_weight" not in fixed
     tune_keep = tune == "auto" and "keep_weight" not in fixed and bool(keep)
     tuning = tune_layers or tune_lam or tune_keep
+    t_map = 0.0
     if tuning:
+        t_map = time.perf_counter()
         emap, map_source = (site_map(model, prompts, effect_map) if (tune_layers or role == "auto"
                             or effect_map is not None) else (None, "explicit"))
         from biaslens.edit.site import candidate_roles, candidate_windows
@@ -324,6 +326,7 @@ def lsdm(
         role_windows = {r: [check_layers(model, w, r) for w in (
             candidate_windows(emap, r, model.n_layers, grid.top_layers, grid.min_effect_ratio)
             if tune_layers else [check_layers(model, layers, r)])] for r in roles}
+        t_map = time.perf_counter() - t_map
         role = roles[0]
         site = {"layers": None, "role": role, "source": "tuned" if tune_layers else
                 ("explicit" if not isinstance(layers, str) else map_source), "map": emap}
@@ -339,6 +342,7 @@ def lsdm(
                            hp.cov_batch_size, cache_dir, progress=progress, paths_out=paths)
     t_cov = time.perf_counter() - t_cov
     record = None
+    t_tune = time.perf_counter()
     if tuning:
         from biaslens.edit.tune import Candidate, default_validation, tune_lsdm
 
@@ -378,6 +382,7 @@ def lsdm(
     else:
         cache = EditCache(model, prompts, keep, role, hp)
         layers = site["layers"]
+    t_tune = time.perf_counter() - t_tune
     factors = (cached_factors({l: covs[l] for l in layers}, {l: paths[l] for l in layers if l in paths},
                               hp.mom2_weight, hp.ridge) if hp.mom2_weight > 0 else None)
     names = [model.mlp_out_name(l) for l in layers]
@@ -394,6 +399,9 @@ def lsdm(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     diag["seconds"]["key_statistics"] = round(t_cov, 3)
+    if tuning:  # the effect map (tracing, unless one was given) and the whole sweep
+        diag["seconds"]["site_map"] = round(t_map, 3)
+        diag["seconds"]["tuning"] = round(t_tune, 3)
     return model.delta_since(snap, method="lsdm", hparams=hp.to_dict(), info=info)
 
 

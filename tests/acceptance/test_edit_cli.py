@@ -64,6 +64,13 @@ def test_edit_writes_model_and_report(files, tiny_dirs, tmp_path, capsys):
     assert printed[0].startswith("contrast_test.mean_abs_contrast") and "cut" in printed[0]
     assert {c["name"] for c in report["changed_tensors"]} == {
         "transformer.h.0.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.weight"}
+    # where the time went: every phase of the command, wall seconds; inside the edit the keep
+    # weight was tuned (hp.json names none) but the site was given, so nothing was traced
+    assert set(report["seconds"]) == {"load", "measure_before", "edit", "measure_after"}
+    assert all(math.isfinite(v) and v >= 0 for v in report["seconds"].values())
+    inner = report["diagnostics"]["seconds"]
+    assert report["diagnostics"]["tuning"]["tuned"] == ["keep_weight"]
+    assert inner["site_map"] < 0.1 and 0 < inner["tuning"] < report["seconds"]["edit"]
     manifest = json.loads((out / "model" / "manifest.json").read_text())
     assert manifest["method"] == "lsdm" and manifest["site"]["layers"] == [0, 1]
     assert (out / "model" / "delta.safetensors").exists()

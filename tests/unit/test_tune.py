@@ -121,6 +121,8 @@ def test_the_choice_is_the_best_within_bounds_and_the_sweep_is_recorded(tuned):
     assert rec["tuned"] == ["layers", "mom2_weight", "keep_weight"]
     assert rec["windows"] == [[1], [0], [0, 1]]
     assert {tuple(c["layers"]) for c in sweep} == {(1,), (0,), (0, 1)}
+    secs = delta.info["diagnostics"]["seconds"]  # the effect map was given: reading it is instant
+    assert secs["site_map"] < 1.0 and secs["tuning"] >= sum(c["seconds"] for c in sweep) - 0.5 > 0
     ch = rec["chosen"]
     assert delta.info["site"] == {"layers": ch["layers"], "role": "last", "source": "tuned"}
     assert delta.info["effect_map"]["mlp_effect_at_site"]  # the map the windows came from
