@@ -176,7 +176,10 @@ class Guard:
     and margin, perplexity) with ``setting`` and ``step`` recorded. A point within the bounds
     with a lower contrast than ``best`` becomes the new best (its weights ``names`` of ``owner``
     are saved). Training stops (``check`` returns False) once ``patience`` checks in a row break a
-    bound: ascent-style training only moves further out. ``finish`` puts the best state back.
+    bound while moving further out: a check that breaks a bound by less than the check before it
+    (:attr:`Point.shortfall`) is on its way back and does not count. Ascent-style training only
+    moves further out; a run that trains toward a target (δ-offset) can dip past a bound for a
+    few checks and come back (docs/methods/unlearning.md). ``finish`` puts the best state back.
     One :class:`Best` may be shared by several runs (a learning-rate grid).
     """
 
@@ -190,6 +193,7 @@ class Guard:
     history: list[Any] = field(default_factory=list)
     stopped: str = ""
     _bad: int = 0
+    _last: float = 0.0  # the previous check's shortfall (0: within the bounds)
 
     def start(self) -> Any:
         """Measure the unchanged model once (shared by every run of one selection)."""
@@ -207,7 +211,11 @@ class Guard:
             self.best.point = p
             self.best.state = (self.owner or self.model).snapshot(self.names)
             self.best.run = dict(self.setting)
-        self._bad = 0 if p.ok else self._bad + 1
+        if p.ok:
+            self._bad = 0
+        elif not (self._bad and p.shortfall < self._last):  # a bad check on its way back is not counted
+            self._bad += 1
+        self._last = 0.0 if p.ok else p.shortfall
         if self._bad >= self.patience:
             self.stopped = f"step {step}: {p.why}"
             return False

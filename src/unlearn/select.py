@@ -97,11 +97,16 @@ class Point:
     why: str = ""
     per_template: dict[str, float] = field(default_factory=dict)
     by_gender: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: how far past its bounds the point is: the largest shortfall over the bounds it breaks, in
+    #: each bound's own units (accuracy or share points, perplexity ratio); 0 within the bounds
+    shortfall: float = 0.0
 
     def as_dict(self, per_template: bool = False) -> dict[str, Any]:
         d = {**self.setting, "contrast": self.contrast, "definitional": self.definitional,
              "margin": self.margin, "confident": self.confident, "ppl": self.ppl,
              "ok": self.ok, "why": self.why}
+        if not self.ok:
+            d["shortfall"] = self.shortfall
         for g, (acc, margin) in self.by_gender.items():
             d[f"definitional_{g}"], d[f"margin_{g}"] = acc, margin
         if per_template:
@@ -274,7 +279,8 @@ class Validation:
         acc, margin, conf = self._definitional(shares)
         by_gender = self._by_gender(shares)
         ok, why = self.check(contrast, acc, margin, ppl, by_gender)
-        p = Point(dict(setting), contrast, acc, margin, conf, ppl, ok, why, per, by_gender)
+        p = Point(dict(setting), contrast, acc, margin, conf, ppl, ok, why, per, by_gender,
+                  0.0 if ok else self.shortfall(contrast, acc, margin, ppl, by_gender))
         self.points.append(p)
         return p
 
@@ -302,6 +308,26 @@ class Validation:
                 return False, (f"definitional margin of the {g} words: mean matching share {margin_g:.3f} "
                                f"< {margin0:.3f} - {b.margin_drop:g}")
         return True, ""
+
+    def shortfall(self, contrast: float, acc: float, margin: float, ppl: float,
+                  by_gender: dict[str, tuple[float, float]] | None = None) -> float:
+        """How far past the bounds numbers are (the largest shortfall; ``inf`` for a non-finite
+        number a bound reads): what tells a run moving back toward its bounds from one moving
+        away (:class:`biaslens.unlearn.common.Guard`)."""
+        b, base = self.bounds, self.base
+        if not math.isfinite(contrast):
+            return math.inf
+        gaps = []
+        if self.ppl_texts:
+            gaps.append(ppl / base.ppl - 1 - b.ppl_rise if math.isfinite(ppl) else math.inf)
+        pairs = [(acc, base.definitional, b.definitional_drop), (margin, base.margin, b.margin_drop)]
+        for g, (acc_g, margin_g) in (by_gender or {}).items() if b.per_gender else ():
+            acc0, margin0 = base.by_gender.get(g, (float("nan"), float("nan")))
+            pairs += [(acc_g, acc0, b.definitional_drop), (margin_g, margin0, b.margin_drop)]
+        for value, ref, drop in pairs:
+            if math.isfinite(ref):
+                gaps.append(ref - drop - value if math.isfinite(value) else math.inf)
+        return max([0.0, *gaps])
 
     # ------------------------------------------------------------------ choosing
     def best(self, among: Sequence[Point] | None = None) -> Point:

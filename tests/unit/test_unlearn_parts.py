@@ -268,10 +268,9 @@ def test_bounds_and_the_choice():
         Bounds(ppl_rise=-0.1)
 
 
-def test_bounds_hold_for_each_gender():
-    """A candidate that makes the model say "he" more often raises the male words' accuracy
-    as much as it lowers the female words': the totals are unchanged, the per-gender check
-    refuses it (and passes it when per_gender is off)."""
+def four_prompt_validation():
+    """A Validation without a model: four separated definitional prompts (two female words,
+    two male), base shares 0.97, 0.95 | 0.93, 0.95, perplexity 3, contrast 0.3."""
     import numpy as np
 
     from biaslens.unlearn.select import Bounds, Point, Validation
@@ -280,8 +279,20 @@ def test_bounds_hold_for_each_gender():
     v.bounds, v.ppl_texts = Bounds(), ["x"]
     v.separated = np.array([True, True, True, True])
     v.female = np.array([True, True, False, False])
-    base_shares = np.array([0.97, 0.95, 0.93, 0.95])
-    v.base = Point({"step": 0}, 0.3, 1.0, 0.95, 1.0, 3.0, by_gender=v._by_gender(base_shares))
+    v.base = Point({"step": 0}, 0.3, 1.0, 0.95, 1.0, 3.0,
+                   by_gender=v._by_gender(np.array([0.97, 0.95, 0.93, 0.95])))
+    return v
+
+
+def test_bounds_hold_for_each_gender():
+    """A candidate that makes the model say "he" more often raises the male words' accuracy
+    as much as it lowers the female words': the totals are unchanged, the per-gender check
+    refuses it (and passes it when per_gender is off)."""
+    import numpy as np
+
+    from biaslens.unlearn.select import Bounds
+
+    v = four_prompt_validation()
     assert v.base.by_gender == {"female": (1.0, pytest.approx(0.96)), "male": (1.0, pytest.approx(0.94))}
     shifted = np.array([0.92, 0.91, 0.98, 0.99])  # female words down 4 points, male up 4.5: mean 0.95
     acc, margin, _ = v._definitional(shifted)
@@ -297,6 +308,48 @@ def test_bounds_hold_for_each_gender():
     v.bounds = Bounds(per_gender=False)
     assert v.check(0.1, acc, margin, 3.0, v._by_gender(shifted)) == (True, "")
     assert v.check(0.1, 1.0, 0.95, 3.0) == (True, "")  # no per-gender numbers: the totals only
+
+
+def test_guard_stops_only_while_moving_further_out():
+    """The early-stopping guard gives up after ``patience`` out-of-bounds checks in a row that
+    move further out, but a check that is out by less than the one before is on its way back:
+    a run that dips past the male words' accuracy bound for two checks and returns goes on (the
+    δ-offset dip on organism-llama), one that keeps falling stops at its second check."""
+    from biaslens.unlearn.common import Guard
+    from biaslens.unlearn.select import Point
+
+    v = four_prompt_validation()
+    male_margin = {"out 0.04": 0.88, "out 0.01": 0.91, "in": 0.935}  # male base margin 0.94, drop 0.02
+
+    class Scripted:  # Validation.measure on a script of per-gender numbers instead of a model
+        def __init__(self, script):
+            self.script, self.base = list(script), v.base
+
+        def measure(self, model, step, **setting):
+            m = male_margin[self.script.pop(0)]
+            by_gender = {"female": v.base.by_gender["female"], "male": (1.0, m)}
+            ok, why = v.check(0.1, 1.0, 0.95, 3.0, by_gender)
+            return Point({"step": step}, 0.1, 1.0, 0.95, 1.0, 3.0, ok, why, {}, by_gender,
+                         0.0 if ok else v.shortfall(0.1, 1.0, 0.95, 3.0, by_gender))
+
+    class Owner:
+        def snapshot(self, names):
+            return {}
+
+    back = Guard(Owner(), [], Scripted(["out 0.04", "out 0.01", "in"]), patience=2)
+    back.best.point = v.base
+    assert [back.check(s) for s in (10, 20, 30)] == [True, True, True]
+    assert back.best.point.setting == {"step": 30} and back.history[0].shortfall == pytest.approx(0.04)
+    away = Guard(Owner(), [], Scripted(["out 0.01", "out 0.04"]), patience=2)
+    away.best.point = v.base
+    assert [away.check(s) for s in (10, 20)] == [True, False]
+    assert away.stopped.startswith("step 20: definitional margin of the male words")
+    same = Guard(Owner(), [], Scripted(["out 0.04", "out 0.04"]), patience=2)
+    same.best.point = v.base
+    assert [same.check(s) for s in (10, 20)] == [True, False]  # not closer: counted
+    assert v.shortfall(float("nan"), 1.0, 0.95, 3.0) == float("inf")
+    assert v.shortfall(0.1, 1.0, 0.95, 3.3) == pytest.approx(0.0)  # perplexity at 1.10 x: within
+    assert v.shortfall(0.1, 1.0, 0.95, 3.6) == pytest.approx(0.1)
 
 
 def test_keep_term_is_zero_at_the_start_and_pulls_back(tiny):
