@@ -284,50 +284,51 @@ class Validation:
         self.points.append(p)
         return p
 
+    def _broken(self, contrast: float, acc: float, margin: float, ppl: float,
+                by_gender: dict[str, tuple[float, float]] | None = None):
+        """Each bound the numbers break, in the order :meth:`check` reports them: ``(why,
+        shortfall)``, the shortfall in the bound's own units (``inf`` for a non-finite number)."""
+        b, base = self.bounds, self.base
+
+        def gap(value: float, ref: float, drop: float) -> float:
+            return ref - drop - value if math.isfinite(value) else math.inf
+
+        if not math.isfinite(contrast):
+            yield "validation contrast not finite", math.inf
+            return
+        if self.ppl_texts and not (math.isfinite(ppl) and ppl <= (1 + b.ppl_rise) * base.ppl):
+            yield (f"perplexity {ppl:.4g} > {1 + b.ppl_rise:g} x {base.ppl:.4g}",
+                   ppl / base.ppl - 1 - b.ppl_rise if math.isfinite(ppl) else math.inf)
+        if math.isfinite(base.definitional) and not acc >= base.definitional - b.definitional_drop - 1e-12:
+            yield (f"definitional accuracy {acc:.3f} < {base.definitional:.3f} - {b.definitional_drop:g}",
+                   gap(acc, base.definitional, b.definitional_drop))
+        if math.isfinite(base.margin) and not margin >= base.margin - b.margin_drop - 1e-12:
+            yield (f"definitional margin: mean matching share {margin:.3f} < {base.margin:.3f} - "
+                   f"{b.margin_drop:g} on the {int(self.separated.sum())} prompts the base separates",
+                   gap(margin, base.margin, b.margin_drop))
+        for g, (acc_g, margin_g) in (by_gender or {}).items() if b.per_gender else ():
+            acc0, margin0 = base.by_gender.get(g, (float("nan"), float("nan")))
+            if math.isfinite(acc0) and not acc_g >= acc0 - b.definitional_drop - 1e-12:
+                yield (f"definitional accuracy of the {g} words {acc_g:.3f} < {acc0:.3f} - "
+                       f"{b.definitional_drop:g}", gap(acc_g, acc0, b.definitional_drop))
+            if math.isfinite(margin0) and not margin_g >= margin0 - b.margin_drop - 1e-12:
+                yield (f"definitional margin of the {g} words: mean matching share {margin_g:.3f} "
+                       f"< {margin0:.3f} - {b.margin_drop:g}", gap(margin_g, margin0, b.margin_drop))
+
     def check(self, contrast: float, acc: float, margin: float, ppl: float,
               by_gender: dict[str, tuple[float, float]] | None = None) -> tuple[bool, str]:
         """Whether numbers are within the bounds (and, if not, the first bound broken);
         ``by_gender`` as :attr:`Point.by_gender`, checked against the base's when the bounds are
         ``per_gender``."""
-        b, base = self.bounds, self.base
-        if not math.isfinite(contrast):
-            return False, "validation contrast not finite"
-        if self.ppl_texts and not (math.isfinite(ppl) and ppl <= (1 + b.ppl_rise) * base.ppl):
-            return False, f"perplexity {ppl:.4g} > {1 + b.ppl_rise:g} x {base.ppl:.4g}"
-        if math.isfinite(base.definitional) and not acc >= base.definitional - b.definitional_drop - 1e-12:
-            return False, f"definitional accuracy {acc:.3f} < {base.definitional:.3f} - {b.definitional_drop:g}"
-        if math.isfinite(base.margin) and not margin >= base.margin - b.margin_drop - 1e-12:
-            return False, (f"definitional margin: mean matching share {margin:.3f} < {base.margin:.3f} - "
-                           f"{b.margin_drop:g} on the {int(self.separated.sum())} prompts the base separates")
-        for g, (acc_g, margin_g) in (by_gender or {}).items() if b.per_gender else ():
-            acc0, margin0 = base.by_gender.get(g, (float("nan"), float("nan")))
-            if math.isfinite(acc0) and not acc_g >= acc0 - b.definitional_drop - 1e-12:
-                return False, (f"definitional accuracy of the {g} words {acc_g:.3f} < {acc0:.3f} - "
-                               f"{b.definitional_drop:g}")
-            if math.isfinite(margin0) and not margin_g >= margin0 - b.margin_drop - 1e-12:
-                return False, (f"definitional margin of the {g} words: mean matching share {margin_g:.3f} "
-                               f"< {margin0:.3f} - {b.margin_drop:g}")
-        return True, ""
+        first = next(self._broken(contrast, acc, margin, ppl, by_gender), None)
+        return (True, "") if first is None else (False, first[0])
 
     def shortfall(self, contrast: float, acc: float, margin: float, ppl: float,
                   by_gender: dict[str, tuple[float, float]] | None = None) -> float:
-        """How far past the bounds numbers are (the largest shortfall; ``inf`` for a non-finite
-        number a bound reads): what tells a run moving back toward its bounds from one moving
-        away (:class:`biaslens.unlearn.common.Guard`)."""
-        b, base = self.bounds, self.base
-        if not math.isfinite(contrast):
-            return math.inf
-        gaps = []
-        if self.ppl_texts:
-            gaps.append(ppl / base.ppl - 1 - b.ppl_rise if math.isfinite(ppl) else math.inf)
-        pairs = [(acc, base.definitional, b.definitional_drop), (margin, base.margin, b.margin_drop)]
-        for g, (acc_g, margin_g) in (by_gender or {}).items() if b.per_gender else ():
-            acc0, margin0 = base.by_gender.get(g, (float("nan"), float("nan")))
-            pairs += [(acc_g, acc0, b.definitional_drop), (margin_g, margin0, b.margin_drop)]
-        for value, ref, drop in pairs:
-            if math.isfinite(ref):
-                gaps.append(ref - drop - value if math.isfinite(value) else math.inf)
-        return max([0.0, *gaps])
+        """How far past the bounds numbers are: the largest shortfall over the bounds they break
+        (0 within them; ``inf`` for a non-finite number a bound reads). It tells a run moving back
+        toward its bounds from one moving away (:class:`biaslens.unlearn.common.Guard`)."""
+        return max([0.0, *(g for _, g in self._broken(contrast, acc, margin, ppl, by_gender))])
 
     # ------------------------------------------------------------------ choosing
     def best(self, among: Sequence[Point] | None = None) -> Point:
