@@ -177,7 +177,7 @@ class Guard:
     with a lower contrast than ``best`` becomes the new best (its weights ``names`` of ``owner``
     are saved). Training stops (``check`` returns False) once ``patience`` checks in a row break a
     bound while moving further out: a check that breaks a bound by less than the check before it
-    (:attr:`Point.shortfall`) is on its way back and does not count. Ascent-style training only
+    (:attr:`Point.shortfall`) is on its way back and does not count. Ascent-style training mostly
     moves further out; a run that trains toward a target (δ-offset) can dip past a bound for a
     few checks and come back (docs/methods/unlearning.md). ``finish`` puts the best state back.
     One :class:`Best` may be shared by several runs (a learning-rate grid).

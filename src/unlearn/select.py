@@ -278,9 +278,9 @@ class Validation:
         contrast, per, shares, ppl = self._numbers(model)
         acc, margin, conf = self._definitional(shares)
         by_gender = self._by_gender(shares)
-        ok, why = self.check(contrast, acc, margin, ppl, by_gender)
-        p = Point(dict(setting), contrast, acc, margin, conf, ppl, ok, why, per, by_gender,
-                  0.0 if ok else self.shortfall(contrast, acc, margin, ppl, by_gender))
+        broken = list(self._broken(contrast, acc, margin, ppl, by_gender))  # as check() and shortfall()
+        p = Point(dict(setting), contrast, acc, margin, conf, ppl, not broken, broken[0][0] if broken else "",
+                  per, by_gender, max([0.0, *(g for _, g in broken)]))
         self.points.append(p)
         return p
 
