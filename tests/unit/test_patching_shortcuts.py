@@ -93,3 +93,43 @@ def test_final_block_outputs_before_the_last_position_are_the_base_value(setup):
     # only the last positions were computed: one row per (component, prompt), no block run
     assert eng.stats["unembed_rows"] - before["unembed_rows"] == 2 * len(lengths)
     assert eng.stats["block_tokens"] == before["block_tokens"]
+
+
+@pytest.mark.parametrize("act", [None, "gelu_tanh", "gelu"])
+@pytest.mark.parametrize("conv", [True, False])
+def test_fused_matmul_equals_addmm_then_activation(act, conv):
+    """The fused blocks' matmul (oneDNN with the activation fused in where this torch has it)
+    gives addmm's numbers then the activation, to rounding, in both weight layouts; with
+    ``torch.backends.mkldnn`` switched off it is addmm itself, bitwise."""
+    from biaslens.locate.patching import _ACTS, fused_matmul
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(37, 64, generator=g), torch.randn(64, 96, generator=g) / 8, torch.randn(96, generator=g)
+    ref = torch.addmm(b, x, w)
+    ref = ref if act is None else _ACTS[act](ref)
+    wl = w if conv else w.t().contiguous()
+    with torch.no_grad():
+        got = fused_matmul(x, wl, b, conv, act)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        with torch.backends.mkldnn.flags(enabled=False):
+            plain = fused_matmul(x, wl, b, conv, act)
+            want = torch.addmm(b, x, w) if conv else torch.nn.functional.linear(x, wl, b)
+            want = want if act is None else _ACTS[act](want)
+    assert torch.equal(plain, want)
+
+
+@pytest.mark.parametrize("k", [0, 5])
+def test_fused_matmul_gradient_reaches_the_unfrozen_rows_only(k):
+    """Through ``_lin`` with frozen weights, ``x`` gets autograd's gradient at rows ``k:`` and
+    zeros at the ``k`` frozen rows before them."""
+    from biaslens.locate.patching import _lin
+
+    g = torch.Generator().manual_seed(1)
+    x0, w, b = torch.randn(12, 16, generator=g), torch.randn(16, 8, generator=g), torch.randn(8, generator=g)
+    gy = torch.randn(12, 8, generator=g)
+    x = x0.clone().requires_grad_(True)
+    (_lin(x, w, b, k, True, "gelu_tanh") * gy).sum().backward()
+    ref = x0.clone().requires_grad_(True)
+    (torch.nn.functional.gelu(torch.addmm(b, ref, w), approximate="tanh") * gy).sum().backward()
+    assert torch.all(x.grad[:k] == 0)
+    torch.testing.assert_close(x.grad[k:], ref.grad[k:], rtol=1e-5, atol=1e-5)
