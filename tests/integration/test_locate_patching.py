@@ -357,3 +357,36 @@ def test_neuron_screening_matches_exact_ranking(tiny_dirs):
     assert screened.neurons[0]["screened"] and not exact.neurons[0]["screened"]
     assert (screened.neurons[0]["layer"], screened.neurons[0]["neuron"]) == (
         exact.neurons[0]["layer"], exact.neurons[0]["neuron"])
+
+
+@pytest.mark.parametrize("family,screen", [("gpt2", False), ("llama", True)])
+def test_swap_trace_in_parts_equals_one_run(tiny_dirs, family, screen):
+    """The swap trace run on at most 2 prompts at a time (3 parts of 5 prompts) gives one run's
+    per-prompt maps, head effects, neurons (exact, or screened by attribution summed over the
+    parts) and total effects."""
+    import biaslens
+    from biaslens.locate.swap import trace_swap
+
+    m = biaslens.load(tiny_dirs[family])
+    kw = dict(top_n=4, progress=False, n_boot=20)
+    if screen:
+        kw.update(max_exact_neurons=1, screen_pool=32)
+    prompts = MULTI + CLEAN[1:2]
+    one = trace_swap(m, prompts, "man", max_rows=None, **kw)
+    parts = trace_swap(m, prompts, "man", max_rows=2, **kw)
+    assert (one.meta["runs"], parts.meta["runs"]) == (1, 3)
+    for k, v in one.per_prompt.items():
+        np.testing.assert_allclose(parts.per_prompt[k], v, rtol=1e-4, atol=1e-5, equal_nan=True, err_msg=k)
+    np.testing.assert_allclose(parts.heads["effects"], one.heads["effects"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(parts.heads["nde_effects"], one.heads["nde_effects"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(parts.meta["te_per_prompt"], one.meta["te_per_prompt"], rtol=1e-5, atol=1e-6)
+    assert [(n["layer"], n["neuron"]) for n in parts.neurons] == [(n["layer"], n["neuron"]) for n in one.neurons]
+    assert all(n["screened"] == screen for n in parts.neurons)
+    np.testing.assert_allclose([n["effect"] for n in parts.neurons], [n["effect"] for n in one.neurons],
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([n["nde"] for n in parts.neurons], [n["nde"] for n in one.neurons],
+                               rtol=1e-4, atol=1e-5)
+    from biaslens.errors import BiasLensError
+
+    with pytest.raises(BiasLensError, match="max_rows"):
+        trace_swap(m, prompts, "man", max_rows=0, **kw)
