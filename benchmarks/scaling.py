@@ -28,7 +28,8 @@ What each job runs (fixed units, the same at every point of the grid):
   and cached; ``lsdm_cached``: the same edit again, reading those statistics.
 - ``evaluate``: :func:`biaslens.evaluate.occupational_bias` on the prompts.
 - ``pcgu_step``: one PCGU step (k = 1000 row units, lr 1e-5, the transformer blocks' weights,
-  no validation, no keep term) on one batch holding every prompt's pronoun pair.
+  no validation, no keep term) on one batch holding every prompt's pronoun pair; each side's
+  forward and backward runs in parts of at most ``GRAD_TOKENS`` (1,024) tokens, as PCGU does.
 
 Measurement: one child process per grid point (model shape, prompts, length); it loads the model,
 runs one warm-up forward (so the weights, memory-mapped from safetensors, are resident), then runs
@@ -395,7 +396,7 @@ WHAT = {
     "lsdm_cached": "the Gauss-Newton targets (forward and backward over the prompts) and the d_mlp × d_mlp solve; "
                    "the general text is not read",
     "evaluate": "one forward per batch of prompts, two pronoun columns read at the last token",
-    "pcgu_step": "a forward and backward over both sides of every pair, then per-unit gradient cosines over all "
+    "pcgu_step": "a forward and backward over both sides of every pair (in parts of at most 1,024 tokens), then per-unit gradient cosines over all "
                  "block weights, top-k and the update",
 }
 
@@ -558,7 +559,8 @@ def write(rows: list[dict], out: Path, command: str, wall: float, threads: int, 
         "same edit with those statistics read from the cache.",
         "- **evaluate** — `occupational_bias` on the prompts.",
         f"- **pcgu_step** — one PCGU step, k = {PCGU_K:,} row units, lr 1e-5, block weights, no validation, "
-        "no keep term, one batch of every prompt's pronoun pair.",
+        "no keep term, one batch of every prompt's pronoun pair (each side's forward and backward in parts of at "
+        "most 1,024 tokens).",
         "",
         "## Summary",
         "",

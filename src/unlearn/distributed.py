@@ -88,6 +88,9 @@ class FSDPEngine(Engine):
     ``torch.chunk`` split), per-unit statistics are all-reduced; the model is a :class:`ShardedModel`."""
 
     method = "pcgu-fsdp"
+    # Every rank must run the same number of forwards (each all-gathers the blocks), so a rank's
+    # share of a batch runs as one part, not in parts of GRAD_TOKENS as in one process.
+    grad_tokens = None
 
     def __init__(self):
         dist = _dist()

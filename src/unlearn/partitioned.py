@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 __all__ = ["PARTITIONS", "VARIANTS", "FORMS", "OPTIMIZERS", "EPS", "PCGUConfig", "UnitLayout",
            "unit_layout", "unit_stats", "unit_cosines", "select_units", "step_units", "ScoredBatch",
            "encode_side", "side_scores", "check_pairs", "pair_batches", "n_steps", "Engine",
-           "side_grads", "pcgu_step", "GROUPS", "pcgu_params", "plain_module", "progress_bar",
+           "GRAD_TOKENS", "side_grads", "pcgu_step", "GROUPS", "pcgu_params", "plain_module", "progress_bar",
            "DEFAULT_KS", "DEFAULT_LRS", "DEFAULT_VARIANTS", "resolve_form", "pcgu", "run"]
 
 PARTITIONS = ("rows", "columns")
@@ -68,6 +68,7 @@ VARIANTS = PCGU_VARIANTS
 FORMS = ("sentence", "token")
 OPTIMIZERS = ("sgd",)
 EPS = 1e-8
+GRAD_TOKENS = 1024  # tokens per forward and backward of one side of a batch (side_grads)
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,13 @@ class ScoredBatch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def rows(self, start: int, stop: int) -> "ScoredBatch":
+        """Rows ``start:stop``, cut to their longest row (right padding: the logits of the kept
+        positions do not depend on the padding after them)."""
+        width = int(self.attention_mask[start:stop].sum(1).max())
+        return ScoredBatch(self.input_ids[start:stop, :width], self.attention_mask[start:stop, :width],
+                           self.score[start:stop, :width], self.mean)
+
 
 def encode_side(model: "BiasModel", pairs: Sequence["ContrastPair"], side: str, form: str) -> ScoredBatch:
     """One side (``"adv"``/``"dis"``) of ``pairs`` as a right-padded :class:`ScoredBatch`."""
@@ -324,6 +332,8 @@ class Engine:
 
     method = "pcgu"
     world, rank = 1, 0
+    #: tokens per forward and backward of a side (:func:`side_grads`); None: a side's rows at once
+    grad_tokens: int | None = GRAD_TOKENS
 
     def prepare(self, model: "BiasModel", names: Sequence[str]) -> tuple[Any, list["torch.Tensor"]]:
         """The module to differentiate and the trained parameters (in ``names`` order)."""
@@ -352,19 +362,40 @@ class Engine:
 
 
 def side_grads(module, params: Sequence["torch.Tensor"], batch: ScoredBatch,
-               weights: "Float[torch.Tensor, 'batch']") -> tuple[list["torch.Tensor"], "torch.Tensor"]:
+               weights: "Float[torch.Tensor, 'batch']",
+               max_tokens: int | None = GRAD_TOKENS) -> tuple[list["torch.Tensor"], "torch.Tensor"]:
     """Gradients of ``Σ_i weights_i · s_i`` for ``params`` (taken from ``.grad``, which is left
-    empty) and the detached scores."""
+    empty) and the detached scores.
+
+    A batch of more than ``max_tokens`` (rows × padded width) runs as parts of whole rows of at
+    most that many tokens each (at least one row), one forward and backward per part, the
+    gradients summed in ``.grad``: the memory of the activations, and of the vocabulary-wide
+    logits the scores need, is that of one part whatever the batch size. The sum is the same as
+    one backward over the batch, up to the order of the additions. A batch within
+    ``max_tokens`` (or with ``max_tokens=None``) runs as one part.
+    """
     import torch
 
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     for p in params:
         p.grad = None
-    s = side_scores(module, batch)
-    (s * weights).sum().backward()
+    n, width = batch.input_ids.shape
+    if max_tokens is None or n * width <= max_tokens:
+        parts = [None]
+    else:
+        per = max(1, max_tokens // width)
+        parts = [(a, min(a + per, n)) for a in range(0, n, per)]
+    scores = []
+    for part in parts:
+        b, w = (batch, weights) if part is None else (batch.rows(*part), weights[part[0]: part[1]])
+        s = side_scores(module, b)
+        (s * w).sum().backward()
+        scores.append(s.detach())
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]  # unused: 0
     for p in params:
         p.grad = None
-    return grads, s.detach()
+    return grads, torch.cat(scores)
 
 
 def pcgu_step(module, params: Sequence["torch.Tensor"], layout: UnitLayout, adv: ScoredBatch,
@@ -380,8 +411,8 @@ def pcgu_step(module, params: Sequence["torch.Tensor"], layout: UnitLayout, adv:
     import torch
 
     engine = engine or Engine()
-    grads_a, s_a = side_grads(module, params, adv, weights)
-    grads_d, s_d = side_grads(module, params, dis, weights)
+    grads_a, s_a = side_grads(module, params, adv, weights, engine.grad_tokens)
+    grads_d, s_d = side_grads(module, params, dis, weights, engine.grad_tokens)
     local_a = [engine.local(g) for g in grads_a]
     local_d = [engine.local(g) for g in grads_d]
     offsets = [engine.row_offset(p) for p in params]

@@ -177,6 +177,48 @@ def test_selection_is_the_k_lowest_cosine_units(word_dirs, pairs):
     assert set(delta.names) == set(expect)
 
 
+@pytest.mark.parametrize("form", ["sentence", "token"])
+def test_gradients_in_parts_equal_one_backward(word_dirs, pairs, form):
+    """A side bigger than max_tokens runs in parts of whole rows, each cut to its longest row, and
+    gives one backward's gradients and scores; a PCGU step through such parts picks the same units
+    and moves them the same way."""
+    import torch
+
+    from biaslens.unlearn import partitioned as P
+
+    model = biaslens.load(word_dirs["neox"])
+    module = plain_module(model)
+    names = pcgu_params(model)
+    params = [dict(module.named_parameters())[n] for n in names]
+    batch = encode_side(model, pairs[:11], "adv", form)
+    assert batch.attention_mask.sum(1).min() < batch.input_ids.shape[1]  # rows of different lengths
+    weights = torch.linspace(0.5, 1.5, len(batch))
+    with P._Trainable(model, names):
+        whole, s_whole = P.side_grads(module, params, batch, weights, max_tokens=None)
+        parts, s_parts = P.side_grads(module, params, batch, weights, max_tokens=3 * batch.input_ids.shape[1])
+        single, s_single = P.side_grads(module, params, batch, weights, max_tokens=1)  # a row per part
+    assert torch.allclose(s_parts, s_whole, atol=1e-5) and torch.allclose(s_single, s_whole, atol=1e-5)
+    for n, a, b, c in zip(names, whole, parts, single):
+        scale = float(a.abs().max()) + 1e-12
+        assert float((a - b).abs().max()) <= 1e-5 * scale, n
+        assert float((a - c).abs().max()) <= 1e-5 * scale, n
+    with pytest.raises(ValueError, match="max_tokens"):
+        P.side_grads(module, params, batch, weights, max_tokens=0)
+
+    kw = dict(k=30, lr=0.05, batch_size=len(pairs), max_steps=1, progress=False, form=form, **RAW)
+    one = pcgu(biaslens.load(word_dirs["neox"]), pairs, **kw)
+    old = P.Engine.grad_tokens
+    P.Engine.grad_tokens = 16
+    try:
+        split = pcgu(biaslens.load(word_dirs["neox"]), pairs, **kw)
+    finally:
+        P.Engine.grad_tokens = old
+    assert one.info["history"][0]["units"] == split.info["history"][0]["units"]
+    assert abs(one.info["history"][0]["loss_gap"] - split.info["history"][0]["loss_gap"]) < 1e-5
+    for n in one.names:
+        assert torch.allclose(one.diff(n), split.diff(n), atol=1e-7, rtol=1e-4), n
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
