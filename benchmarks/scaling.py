@@ -91,7 +91,8 @@ NOISE_DEFAULT_SITES_FACTOR = (3 * 6 * 10) / (1 * 2 * 2)
 COV_TOKENS = 8192
 PCGU_K = 1000
 MMAP_THRESHOLD = 131072
-CHILD_TIMEOUT = 1200
+#: seconds a child may spend on one job (the clock restarts as each job reports); then it is killed
+JOB_TIMEOUT = 1200
 
 
 def nonembedding_params(shape: str) -> int:
@@ -305,8 +306,20 @@ def measure(point: dict, jobs: list[str], args) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    timer = threading.Timer(CHILD_TIMEOUT, proc.kill)
-    timer.start()
+    state = {"timer": None, "timed_out": False}
+
+    def arm() -> None:  # one job's time limit, from its start (the previous job's report)
+        if state["timer"] is not None:
+            state["timer"].cancel()
+
+        def expire() -> None:
+            state["timed_out"] = True
+            proc.kill()
+
+        state["timer"] = threading.Timer(JOB_TIMEOUT, expire)
+        state["timer"].start()
+
+    arm()
     err: list[str] = []
     drain = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
     drain.start()
@@ -316,6 +329,7 @@ def measure(point: dict, jobs: list[str], args) -> list[dict]:
             continue
         r = json.loads(line)
         rows.append(r)
+        arm()
         if "error" in r:
             print(f"  {r['job']:<14} {r['shape']:<7} n={r['n']} len={r['seq_len'] or 'native'}: {r['error']}", flush=True)
             continue
@@ -323,10 +337,10 @@ def measure(point: dict, jobs: list[str], args) -> list[dict]:
               f"{r['seconds']:8.2f} s  working {r['working_mb']:6.0f} MB  process peak "
               f"{r['process_peak_mb']:6.0f} MB  (child {time.perf_counter() - t0:.0f} s)", flush=True)
     proc.wait()
-    timer.cancel()
+    state["timer"].cancel()
     drain.join(5)
     done = {r["job"] for r in rows}
-    why = (f"timed out ({CHILD_TIMEOUT} s)" if proc.returncode == -9 and time.perf_counter() - t0 >= CHILD_TIMEOUT
+    why = (f"timed out (over {JOB_TIMEOUT} s for one job)" if proc.returncode == -9 and state["timed_out"]
            else "killed by SIGKILL (signal 9: on Linux the out-of-memory killer, unless someone sent it)"
            if proc.returncode == -9 and not err
            else f"child exited {proc.returncode}: " + ((err or ["?"])[-1].strip()[:160]))
