@@ -379,7 +379,8 @@ def test_swap_trace_in_parts_equals_one_run(tiny_dirs, family, screen):
         np.testing.assert_allclose(parts.per_prompt[k], v, rtol=1e-4, atol=1e-5, equal_nan=True, err_msg=k)
     np.testing.assert_allclose(parts.heads["effects"], one.heads["effects"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(parts.heads["nde_effects"], one.heads["nde_effects"], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(parts.meta["te_per_prompt"], one.meta["te_per_prompt"], rtol=1e-5, atol=1e-6)
+    # float32 forwards of 2 and of 5 padded rows differ by ~1e-6 (2.0e-6 seen on tiny LLaMA)
+    np.testing.assert_allclose(parts.meta["te_per_prompt"], one.meta["te_per_prompt"], rtol=1e-4, atol=1e-5)
     assert [(n["layer"], n["neuron"]) for n in parts.neurons] == [(n["layer"], n["neuron"]) for n in one.neurons]
     assert all(n["screened"] == screen for n in parts.neurons)
     np.testing.assert_allclose([n["effect"] for n in parts.neurons], [n["effect"] for n in one.neurons],
