@@ -59,7 +59,9 @@ def main(argv: list[str]) -> int:
         if cfg.get("sweep"):
             for c in tuning.get("sweep", []):
                 print("   ", c.get("role", ""), c["layers"], round(c["mom2_weight"], 1), c["keep_weight"],
-                      round(c["contrast"], 4), c["failed"])
+                      round(c["contrast"], 4), c["failed"],
+                      f"share drop {c.get('definitional_share_drop', float('nan')):.4f}",
+                      f"below floor {c.get('definitional_broken')}")
     return 0
 
 
