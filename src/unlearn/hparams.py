@@ -31,6 +31,10 @@ DEFAULT_LAMBDAS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 LOSSES = ("grad_ascent", "grad_diff", "kl")
 #: the offset strengths α tried on the chosen checkpoint (the training α is always among them)
 DEFAULT_ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0)
+#: the definitional keep-term weights β that masked-span ascent and δ-offset try by default, each
+#: a run chosen from on the validation split (without validation the first). On both organisms
+#: validation chose 100 over the earlier fixed 30 for both methods (docs/methods/unlearning.md)
+DEFAULT_KEEP_WEIGHTS = (100.0, 30.0)
 
 H = TypeVar("H", bound="UnlearnHparams")
 
@@ -230,7 +234,8 @@ class TaskVectorHparams(UnlearnHparams):
 @dataclass
 class MaskedAscentHparams(UnlearnHparams):
     """Masked-span gradient ascent (Lu et al. 2024;
-    :func:`biaslens.unlearn.masked_ascent.masked_span_ascent`): one ``lr`` or the grid ``lrs``."""
+    :func:`biaslens.unlearn.masked_ascent.masked_span_ascent`): one ``lr`` or the grid ``lrs``,
+    one ``keep_weight`` or the grid ``keep_weights`` (both grids chosen from on validation)."""
 
     lr: float | None = None
     lrs: list[float] | None = None
@@ -238,26 +243,28 @@ class MaskedAscentHparams(UnlearnHparams):
     ppl_bound: float = 1.1
     batch_size: int = 16
     eval_every: int = 10
-    keep_weight: float = 30.0
+    keep_weight: float | None = None
+    keep_weights: list[float] | None = None
     params: Any = None
     patience: int = 2
     seed: int = 0
 
-    OPTIONAL: ClassVar[dict[str, str]] = {"lr": "float"}
-    SEQUENCES: ClassVar[dict[str, str]] = {"lrs": "float"}
+    OPTIONAL: ClassVar[dict[str, str]] = {"lr": "float", "keep_weight": "float"}
+    SEQUENCES: ClassVar[dict[str, str]] = {"lrs": "float", "keep_weights": "float"}
     NAMES: ClassVar[tuple[str, ...]] = ("params",)
     RANGES: ClassVar[dict[str, Range]] = {
         "lr": _POSITIVE, "lrs": _POSITIVE, "max_steps": _POSITIVE_INT, "ppl_bound": _PPL_BOUND,
         "batch_size": _POSITIVE_INT, "eval_every": _POSITIVE_INT, "keep_weight": _NON_NEGATIVE,
-        "patience": _POSITIVE_INT, "seed": SEED_RANGE,
+        "keep_weights": _NON_NEGATIVE, "patience": _POSITIVE_INT, "seed": SEED_RANGE,
     }
 
 
 @dataclass
 class OffsetHparams(UnlearnHparams):
     """δ-offset unlearning (Huang et al. 2024; :func:`biaslens.unlearn.offset.offset_unlearn`):
-    the offset pair's training (``loss``, ``lr``, ``max_steps``) and the strengths ``alphas``
-    tried on the chosen checkpoint (None: keep ``alpha``)."""
+    the offset pair's training (``loss``, ``lr``, ``max_steps``), one ``keep_weight`` or the grid
+    ``keep_weights`` (one training run each, chosen from on validation) and the strengths
+    ``alphas`` tried on the chosen checkpoint (None: keep ``alpha``)."""
 
     alpha: float = 1.0
     alphas: list[float] | None = field(default_factory=lambda: list(DEFAULT_ALPHAS))
@@ -268,16 +275,18 @@ class OffsetHparams(UnlearnHparams):
     spans_only: bool = False
     ppl_bound: float = 1.1
     eval_every: int = 10
-    keep_weight: float = 30.0
+    keep_weight: float | None = None
+    keep_weights: list[float] | None = None
     patience: int = 2
     seed: int = 0
 
-    SEQUENCES: ClassVar[dict[str, str]] = {"alphas": "float"}
+    OPTIONAL: ClassVar[dict[str, str]] = {"keep_weight": "float"}
+    SEQUENCES: ClassVar[dict[str, str]] = {"alphas": "float", "keep_weights": "float"}
     FLAGS: ClassVar[tuple[str, ...]] = ("spans_only",)
     RANGES: ClassVar[dict[str, Range]] = {
         "lr": _POSITIVE, "max_steps": _POSITIVE_INT, "batch_size": _POSITIVE_INT,
         "ppl_bound": _PPL_BOUND, "eval_every": _POSITIVE_INT, "keep_weight": _NON_NEGATIVE,
-        "patience": _POSITIVE_INT, "seed": SEED_RANGE,
+        "keep_weights": _NON_NEGATIVE, "patience": _POSITIVE_INT, "seed": SEED_RANGE,
     }
 
     def __post_init__(self) -> None:

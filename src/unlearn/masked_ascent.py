@@ -10,8 +10,8 @@ where S are the tokens inside the marked spans; the other tokens of the sentence
 objective): ascent on the stereotyped pronoun alone lowers *every* pronoun after a gendered
 subject, so on the organism definitional margins collapsed before the stereotype was a third gone.
 
-The strength — the number of steps and the learning rate (``lrs``, a grid) — is chosen on the
-validation split (:mod:`biaslens.unlearn.select`: the stereotype contrast on
+The strength — the number of steps, the learning rate (``lrs``, a grid) and the keep weight
+(``keep_weights``, a grid) — is chosen on the validation split (:mod:`biaslens.unlearn.select`: the stereotype contrast on
 ``occupation_prompts("edit", "validation")``, under the perplexity and definitional bounds):
 the checkpoint (every ``eval_every`` steps) with the lowest validation contrast within the bounds;
 a run stops once ``patience`` checks in a row break a bound. Adam on every parameter (the paper
@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 from biaslens.errors import BiasLensError
-from biaslens.unlearn.hparams import MaskedAscentHparams, resolve_hparams
+from biaslens.unlearn.hparams import DEFAULT_KEEP_WEIGHTS, MaskedAscentHparams, resolve_hparams
 from biaslens.unlearn.common import (Best, Guard, Timer, encode_spans, guarded_steps, keep_term,
                                      minibatches, model_forward, seed_all, span_nll, trainable, unique_params)
 from biaslens.unlearn.select import validation_for
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from biaslens.model import BiasModel
     from biaslens.unlearn.data import SpanText
 
-__all__ = ["masked_span_ascent", "span_ascent_loss", "DEFAULT_LRS"]
+__all__ = ["masked_span_ascent", "span_ascent_loss", "DEFAULT_LRS", "DEFAULT_KEEP_WEIGHTS"]
 
 #: the learning rates tried by default (Adam); the validation split picks one
 DEFAULT_LRS = (1e-4, 3e-4)
@@ -60,7 +60,8 @@ def masked_span_ascent(
     ppl_texts: Sequence[str] | None = None,
     validation: Any = "auto",
     keep_prompts: Sequence[Any] | None = None,
-    keep_weight: float = 30.0,
+    keep_weight: float | None = None,
+    keep_weights: Sequence[float] | None = None,
     params: Sequence[str] | None = None,
     patience: int = 2,
     seed: int = 0,
@@ -71,6 +72,8 @@ def masked_span_ascent(
     (the model is left at the chosen checkpoint).
 
     ``lr`` runs one learning rate, ``lrs`` a grid (default :data:`DEFAULT_LRS`; without
+    validation its first value); ``keep_weight`` one keep-term weight, ``keep_weights`` a grid
+    (default :data:`DEFAULT_KEEP_WEIGHTS`, every pair of weight and rate a run; without
     validation its first value); each run is
     checked every ``eval_every`` steps on ``validation`` (``"auto"``: the model's validation split,
     ``val_prompts`` / ``ppl_texts`` replacing its prompts / perplexity text, ``bounds`` or
@@ -82,9 +85,9 @@ def masked_span_ascent(
     import torch
 
     hpar = resolve_hparams(MaskedAscentHparams, hparams, masked_span_ascent, locals())
-    (lr, lrs, max_steps, ppl_bound, batch_size, eval_every, keep_weight, params, patience, seed) = (
+    (lr, lrs, max_steps, ppl_bound, batch_size, eval_every, keep_weight, keep_weights, params, patience, seed) = (
         hpar.lr, hpar.lrs, hpar.max_steps, hpar.ppl_bound, hpar.batch_size, hpar.eval_every, hpar.keep_weight,
-        hpar.params, hpar.patience, hpar.seed)
+        hpar.keep_weights, hpar.params, hpar.patience, hpar.seed)
 
     items = [t for t in texts_with_spans if getattr(t, "spans", ())]
     if not items:
@@ -99,36 +102,48 @@ def masked_span_ascent(
         raise BiasLensError("need max_steps >= 1, eval_every >= 1 and learning rates > 0")
     if val is None and len(grid) > 1:
         raise BiasLensError("a learning-rate grid needs validation to choose from it; pass one lr or validation='auto'")
-    keep = keep_term(model, keep_prompts, keep_weight, seed)
+    weights = ([keep_weight] if keep_weight is not None and keep_weights is None
+               else list(keep_weights if keep_weights is not None else DEFAULT_KEEP_WEIGHTS))
+    if val is None and keep_weights is None:
+        weights = weights[:1]
+    if val is None and len(weights) > 1:
+        raise BiasLensError("a keep-weight grid needs validation to choose from it; pass one keep_weight "
+                            "or validation='auto'")
+    # one keep term (its base probabilities measured once); each run sets its weight
+    keep = keep_term(model, keep_prompts, max(weights), seed) if max(weights) > 0 else None
     forward = model_forward(model)
     names = unique_params(model, params)
     original = model.snapshot(names)
     best, runs, timer = Best(), [], Timer()
-    for rate in grid:
+    for weight, rate in [(w, r) for w in weights for r in grid]:
         model.restore(original)
         rng = seed_all(seed)
-        guard = Guard(model, names, val, setting={"lr": rate}, patience=patience, best=best) if val else None
+        setting = {"lr": rate, "keep_weight": weight} if len(weights) > 1 else {"lr": rate}
+        guard = Guard(model, names, val, setting=setting, patience=patience, best=best) if val else None
         if guard is not None:
             guard.start()
-        if keep is not None:
-            keep.stream = minibatches(list(range(len(keep.prompts))), keep.batch_size, seed_all(seed))
+        use_keep = keep if keep is not None and weight > 0 else None
+        if use_keep is not None:
+            use_keep.weight = float(weight)
+            use_keep.stream = minibatches(list(range(len(keep.prompts))), keep.batch_size, seed_all(seed))
         stream = minibatches(items, batch_size, rng)
 
-        def objective():
+        def objective(use_keep=use_keep, stream=stream):
             obj = span_ascent_loss(model, next(stream))
-            return obj + keep.loss(forward) if keep is not None else obj
+            return obj + use_keep.loss(forward) if use_keep is not None else obj
 
         restore_flags = trainable(model, names)
         opt = torch.optim.Adam([model.param(n) for n in names], lr=rate)
         try:
             values = guarded_steps(opt, objective, guard, max_steps, eval_every,
-                                   f"masked-span ascent (lr {rate:g})", progress)
+                                   f"masked-span ascent (lr {rate:g}, keep weight {weight:g})", progress)
         finally:
             restore_flags()
-        runs.append({"lr": rate, "steps_run": len(values), "objective": values,
+        runs.append({"lr": rate, "keep_weight": weight, "steps_run": len(values), "objective": values,
                      **(guard.info() if guard is not None else {})})
     if val is not None:
         model.restore(original if best.state is None else best.state)
+    chosen_weight = float(best.run.get("keep_weight", weights[0])) if val is not None else float(weights[0])
     bad = model.check_finite(names)
     if bad:
         model.restore(original)
@@ -136,12 +151,14 @@ def masked_span_ascent(
                             "the model was restored")
     hp = {**hpar.to_dict(), "lrs": grid, "max_steps": max_steps, "ppl_bound": ppl_bound, "batch_size": batch_size,
           "eval_every": eval_every, "seed": seed, "optimizer": "Adam", "n_forget": len(items),
-          "keep_weight": keep_weight if keep is not None else 0.0,
+          "keep_weight": chosen_weight if keep is not None else 0.0, "keep_weights": weights,
           "n_keep_prompts": len(keep.prompts) if keep is not None else 0, "patience": patience}
     chosen = best.point.as_dict() if val is not None else None
     info = {"paper": "Lu et al. 2024, Towards Transfer Unlearning (arXiv 2407.16951)",
             "runs": runs, "seconds": timer.seconds(), "chosen": chosen,
-            "chosen_run": dict(best.run) if val is not None else {"lr": grid[0]},
-            "stopped": next((r.get("stopped") for r in runs if r["lr"] == best.run.get("lr")), "max_steps"),
+            "chosen_run": ({"keep_weight": chosen_weight, **best.run} if val is not None
+                           else {"lr": grid[0], "keep_weight": chosen_weight}),
+            "stopped": next((r.get("stopped") for r in runs if r["lr"] == best.run.get("lr")
+                             and r["keep_weight"] == chosen_weight), "max_steps"),
             **({"selection": val.info(best.point)} if val is not None else {})}
     return model.delta_since(original, method="masked-span-ascent", hparams=hp, info=info)

@@ -18,9 +18,9 @@ Strength, chosen on the validation split like every unlearning method here
 (:mod:`biaslens.unlearn.select`: stereotype contrast on ``occupation_prompts("edit",
 "validation")`` under the perplexity and definitional bounds): the checkpoint (every
 ``eval_every`` steps, training at ``alpha``) and then the offset's strength α (``alphas``, the
-combined logits need no retraining) with the lowest validation contrast within the bounds. The
-definitional keep term (:class:`~biaslens.unlearn.common.KeepTerm`, ``keep_weight``; 0 = the
-paper's losses) is added to the loss on the combined logits: the forget loss alone lowers every
+combined logits need no retraining) with the lowest validation contrast within the bounds, over
+one training run per keep weight (``keep_weights``). The definitional keep term
+(:class:`~biaslens.unlearn.common.KeepTerm`, weight ``keep_weight``; 0 = the paper's losses) is added to the loss on the combined logits: the forget loss alone lowers every
 pronoun after a gendered subject. :class:`OffsetModel` holds the three models (it is none of
 them): it scores (``last_logits``, ``target_logprobs``, ``sequence_logprobs``) and generates with
 l̃, so every evaluation function runs on it unchanged, and refuses what only one model has; :func:`export_offset`
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from biaslens.errors import BiasLensError, ExportError
 from biaslens.model import BiasModel
 from biaslens.prompts import TokenBatch
-from biaslens.unlearn.hparams import DEFAULT_ALPHAS, LOSSES, OffsetHparams, resolve_hparams
+from biaslens.unlearn.hparams import DEFAULT_ALPHAS, DEFAULT_KEEP_WEIGHTS, LOSSES, OffsetHparams, resolve_hparams
 from biaslens.unlearn.common import (Best, Guard, Timer, encode_spans, guarded_steps, keep_term, minibatches,
                                      plain_logits, seed_all, span_nll, trainable, unique_params)
 from biaslens.unlearn.select import validation_for
@@ -244,7 +244,8 @@ def offset_unlearn(
     ppl_texts: Sequence[str] | None = None,
     validation: Any = "auto",
     keep_prompts: Sequence[Any] | None = None,
-    keep_weight: float = 30.0,
+    keep_weight: float | None = None,
+    keep_weights: Sequence[float] | None = None,
     patience: int = 2,
     seed: int = 0,
     progress: bool = True,
@@ -257,7 +258,10 @@ def offset_unlearn(
     uses whole sequences). ``validation``: ``"auto"`` (the model's validation split, with
     ``val_prompts`` / ``ppl_texts`` replacing its prompts / perplexity text and ``bounds`` or
     perplexity up at most ``ppl_bound`` − 1), a :class:`~biaslens.unlearn.select.Validation`, or
-    None (no selection: ``max_steps`` at ``alpha``). ``alphas``: the strengths tried on the chosen
+    None (no selection: ``max_steps`` at ``alpha``). ``keep_weight``: one weight of the definitional
+    keep term; ``keep_weights``: a grid (default :data:`~biaslens.unlearn.hparams.DEFAULT_KEEP_WEIGHTS`),
+    one training run each from the same start, the validation split choosing the run and its
+    checkpoint (without validation the first weight). ``alphas``: the strengths tried on the chosen
     checkpoint (None: keep ``alpha``). Returns the :class:`OffsetModel`; ``om.delta`` is
     M'_o − M_o and ``om.delta.info["selection"]`` the checkpoints and α tried. ``hparams``: an
     :class:`~biaslens.unlearn.hparams.OffsetHparams` (or its dict, or a JSON file) holding the
@@ -268,9 +272,10 @@ def offset_unlearn(
     import biaslens
 
     hpar = resolve_hparams(OffsetHparams, hparams, offset_unlearn, locals())
-    (alpha, alphas, loss, lr, max_steps, batch_size, spans_only, ppl_bound, eval_every, keep_weight, patience,
-     seed) = (hpar.alpha, hpar.alphas, hpar.loss, hpar.lr, hpar.max_steps, hpar.batch_size, hpar.spans_only,
-              hpar.ppl_bound, hpar.eval_every, hpar.keep_weight, hpar.patience, hpar.seed)
+    (alpha, alphas, loss, lr, max_steps, batch_size, spans_only, ppl_bound, eval_every, keep_weight, keep_weights,
+     patience, seed) = (hpar.alpha, hpar.alphas, hpar.loss, hpar.lr, hpar.max_steps, hpar.batch_size,
+                        hpar.spans_only, hpar.ppl_bound, hpar.eval_every, hpar.keep_weight, hpar.keep_weights,
+                        hpar.patience, hpar.seed)
 
     if loss not in LOSSES:
         raise BiasLensError(f"unknown offset loss '{loss}' (use one of: {', '.join(LOSSES)})")
@@ -284,22 +289,22 @@ def offset_unlearn(
     offset = biaslens.load(base.path or base.spec, device=str(base.device), dtype=base.dtype)
     om = OffsetModel(model, base, offset, alpha)
     val = validation_for(om, validation, val_prompts, ppl_texts, bounds, ppl_bound, scorer=model)
-    if keep_prompts is None and keep_weight:
+    weights = ([keep_weight] if keep_weight is not None and keep_weights is None
+               else list(keep_weights if keep_weights is not None else DEFAULT_KEEP_WEIGHTS))
+    if val is None and keep_weights is None:
+        weights = weights[:1]
+    if val is None and len(weights) > 1:
+        raise BiasLensError("a keep-weight grid needs validation to choose from it; pass one keep_weight "
+                            "or validation='auto'")
+    if keep_prompts is None and max(weights) > 0:
         from biaslens.defaults import defaults_for
 
         keep_prompts = defaults_for(model).definitional_prompts("edit")
-    keep = keep_term(om, keep_prompts, keep_weight, seed)
-    rng = seed_all(seed)
+    # one keep term (its base probabilities measured once); each run sets its weight
+    keep = keep_term(om, keep_prompts, max(weights), seed) if max(weights) > 0 else None
     names = unique_params(offset)
     original = offset.snapshot(names)
-    best = Best()
-    guard = (Guard(om, names, val, owner=offset, setting={"alpha": float(alpha)}, patience=patience, best=best)
-             if val is not None else None)
-    start = guard.start() if guard is not None else None
-    f_stream = minibatches(list(forget), batch_size, rng)
-    r_stream = minibatches(list(retain), batch_size, rng) if retain else None
-    restore_flags = trainable(offset, names)
-    opt = torch.optim.Adam([offset.param(n) for n in names], lr=lr)
+    best, runs, guards, start = Best(), [], [], None
     timer = Timer()
 
     def forward(ids, attention_mask=None, keep=None):
@@ -307,24 +312,50 @@ def offset_unlearn(
             return om.forward(ids, attention_mask=attention_mask)
         return om.logits_at(ids, keep, attention_mask=attention_mask)
 
-    def objective():
-        fb = encode_spans(om, next(f_stream), spans_only=spans_only)
-        rb = encode_spans(om, next(r_stream), spans_only=False) if r_stream else None
-        value = offset_loss(om, fb, rb, loss)
-        return value + keep.loss(forward) if keep is not None else value
+    for weight in weights:  # one training run per keep weight, from the same start
+        offset.restore(original)
+        use_keep = keep if keep is not None and weight > 0 else None
+        if use_keep is not None:
+            use_keep.weight = float(weight)
+            use_keep.stream = minibatches(list(range(len(use_keep.prompts))), use_keep.batch_size,
+                                          seed_all(seed))
+        rng = seed_all(seed)
+        setting = {"alpha": float(alpha), **({"keep_weight": float(weight)} if len(weights) > 1 else {})}
+        guard = (Guard(om, names, val, owner=offset, setting=setting, patience=patience, best=best)
+                 if val is not None else None)
+        if guard is not None:
+            start = guard.start()
+            guards.append(guard)
+        f_stream = minibatches(list(forget), batch_size, rng)
+        r_stream = minibatches(list(retain), batch_size, rng) if retain else None
 
-    try:
-        losses = guarded_steps(opt, objective, guard, max_steps, eval_every, f"offset unlearning ({loss})", progress)
-    finally:
-        restore_flags()
+        def objective(use_keep=use_keep, f_stream=f_stream, r_stream=r_stream):
+            fb = encode_spans(om, next(f_stream), spans_only=spans_only)
+            rb = encode_spans(om, next(r_stream), spans_only=False) if r_stream else None
+            value = offset_loss(om, fb, rb, loss)
+            return value + use_keep.loss(forward) if use_keep is not None else value
+
+        restore_flags = trainable(offset, names)
+        opt = torch.optim.Adam([offset.param(n) for n in names], lr=lr)
+        try:
+            losses = guarded_steps(opt, objective, guard, max_steps, eval_every,
+                                   f"offset unlearning ({loss}, keep weight {weight:g})", progress)
+        finally:
+            restore_flags()
+        runs.append({"keep_weight": float(weight), "steps_run": len(losses), "losses": losses,
+                     "stopped": (guard.stopped or "max_steps") if guard is not None
+                     else ("max_steps" if len(losses) == max_steps else "objective")})
+    chosen_weight = float(best.run.get("keep_weight", weights[0])) if val is not None else float(weights[0])
+    chosen_run = next(r for r in runs if r["keep_weight"] == chosen_weight)
+    losses = chosen_run["losses"]
     alpha_points: list[Any] = []
-    if guard is not None:
-        guard.finish(original)
+    if val is not None:
+        guards[-1].finish(original)  # the best state of every run (one shared Best)
         chosen = best.point
         if alphas is not None and best.state is not None:
             for a in sorted({float(x) for x in alphas} - {float(alpha)}):
                 om.alpha = a
-                alpha_points.append(val.measure(om, alpha=a, step=chosen.setting.get("step")))
+                alpha_points.append(val.measure(om, **{**best.run, "alpha": a}, step=chosen.setting.get("step")))
             pick = val.best([chosen, *alpha_points])
             chosen = pick if pick is not val.base else chosen
         om.alpha = float(chosen.setting.get("alpha", alpha)) if best.state is not None else float(alpha)
@@ -336,13 +367,15 @@ def offset_unlearn(
           "loss": loss, "lr": lr, "max_steps": max_steps, "batch_size": batch_size, "spans_only": spans_only,
           "ppl_bound": ppl_bound, "eval_every": eval_every, "seed": seed, "optimizer": "Adam",
           "n_forget": len(forget), "n_retain": len(retain or []),
-          "keep_weight": keep_weight if keep is not None else 0.0,
+          "keep_weight": chosen_weight if keep is not None else 0.0, "keep_weights": weights,
           "n_keep_prompts": len(keep.prompts) if keep is not None else 0, "patience": patience}
     info = {"paper": "Huang et al. 2024, Offset Unlearning for Large Language Models (arXiv 2404.11045)",
-            "losses": losses, "seconds": timer.seconds(), "alpha": om.alpha,
-            **({"start": start.as_dict(), **guard.info(), "chosen": chosen.as_dict(),
+            "losses": losses, "seconds": timer.seconds(), "alpha": om.alpha, "keep_weight": chosen_weight,
+            "runs": [{k: v for k, v in r.items() if k != "losses"} for r in runs],
+            **({"start": start.as_dict(), "history": [p.as_dict() for g in guards for p in g.history],
+                "stopped": chosen_run["stopped"], "chosen": chosen.as_dict(),
                 "alpha_sweep": [p.as_dict() for p in alpha_points], "selection": val.info(chosen)}
-               if guard is not None else {"stopped": "max_steps" if len(losses) == max_steps else "objective"})}
+               if val is not None else {"stopped": chosen_run["stopped"]})}
     om.delta = offset.delta_since(original, method="offset", hparams=hp, info=info)
     om.info_ = {"small_model": base.spec, "training": info}
     return om

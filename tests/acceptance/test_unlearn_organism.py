@@ -111,8 +111,8 @@ def ascent_run(organism):
         from biaslens.defaults import defaults_for
 
         keep = defaults_for(model).definitional_prompts("edit")[::3]  # a third of the keep set: quicker
-        d = masked_span_ascent(model, data["forget"], lrs=[3e-4], max_steps=20, eval_every=10, validation=val,
-                               keep_prompts=keep, progress=False)
+        d = masked_span_ascent(model, data["forget"], lrs=[3e-4], keep_weight=30.0, max_steps=20, eval_every=10,
+                               validation=val, keep_prompts=keep, progress=False)
         return model, d, model
 
     try:
@@ -122,8 +122,9 @@ def ascent_run(organism):
 
 
 def test_masked_span_ascent_cuts_heldout_contrast(ascent_run):
-    """20 steps at the grid's larger learning rate (the default run, 200 steps over the grid,
-    is the slow test below and the acceptance script)."""
+    """20 steps at the grid's larger learning rate and the grid's smaller keep weight (30), one
+    run (the default run, up to 200 steps over both grids, is the slow test below and the
+    acceptance script; the weight of 100 it chooses learns too slowly for 20 steps)."""
     _check(ascent_run, min_cut=0.30)
     info = ascent_run["delta"].info
     assert info["chosen"]["step"] > 0 and info["selection"]["changed"]
@@ -147,14 +148,15 @@ def test_strength_is_chosen_on_validation_prompts_only(ascent_run, organism):
 
 @pytest.mark.slow
 def test_masked_span_ascent_defaults_cut_heldout_contrast(organism):
-    """Short of 40% on this organism (30% in docs/results/generalise.md): the female words'
-    definitional margin on validation falls past its 2-point bound after 30 steps."""
+    """The default grids (learning rate × keep weight): 40% or more (74% in
+    docs/results/generalise.md, keep weight 100; with the weight fixed at 30 it was 30%, the
+    female words' validation margin past its bound after 30 steps)."""
     from biaslens.unlearn.masked_ascent import masked_span_ascent
 
     def method(model, data, val):
         return model, masked_span_ascent(model, data["forget"], validation=val, progress=False), model
 
-    _check(_run(organism, method), min_cut=0.15)
+    _check(_run(organism, method), min_cut=0.40)
 
 
 @pytest.mark.slow
@@ -178,7 +180,7 @@ def test_offset_cuts_heldout_contrast(organism):
         om = offset_unlearn(model, model, data["forget"], data["retain"], validation=val, progress=False)
         return om, om.delta, om.offset
 
-    _check(_run(organism, method), min_cut=0.25)  # 37% in docs/results/unlearn.md: short of 40%
+    _check(_run(organism, method), min_cut=0.40)  # 45% in docs/results/generalise.md (keep weight 100)
 
 
 @pytest.mark.slow

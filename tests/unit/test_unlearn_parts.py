@@ -454,3 +454,53 @@ def test_sample_prompts_keeps_a_contrast_on_every_template(tiny):
             rates = [p.female_rate for p in few if template_of(p) == t]
             assert max(rates) > 0.5 > min(rates)
         assert sample_prompts(prompts, 10 ** 6) == list(prompts)
+
+
+@pytest.mark.parametrize("method", ["masked-span ascent", "offset"])
+def test_keep_weight_grid_keeps_the_best_run_and_equals_it_run_alone(tiny, method):
+    """A keep-weight grid trains once per weight from the same start; the choice is the lowest
+    validation contrast within the bounds over every check of every run, and the weights it
+    leaves are those of the run made with the chosen weight alone (same seed, same step)."""
+    from biaslens.unlearn.masked_ascent import masked_span_ascent
+    from biaslens.unlearn.offset import offset_unlearn
+
+    def run(**kw):
+        if method == "offset":
+            om = offset_unlearn(tiny, tiny, with_word_spans(TEXTS), PPL, loss="grad_diff", lr=3e-3, max_steps=4,
+                                eval_every=2, alphas=None, validation=_loose(tiny), progress=False, **kw)
+            return om.delta, {n: om.delta.diff(n).clone() for n in om.delta.names}
+        d = masked_span_ascent(tiny, with_word_spans(TEXTS), lrs=[3e-3], max_steps=4, eval_every=2,
+                               validation=_loose(tiny), progress=False, **kw)
+        diffs = {n: d.diff(n).clone() for n in d.names}
+        d.undo(tiny)
+        return d, diffs
+
+    before = tiny.weight_hash()
+    grid, diffs = run(keep_weights=[0.0, 50.0])
+    assert tiny.weight_hash() == before
+    assert grid.hparams["keep_weights"] == [0.0, 50.0]
+    assert [r["keep_weight"] for r in grid.info["runs"]] == [0.0, 50.0]
+    points = [p for p in grid.info["selection"]["sweep"] if p["ok"]]
+    assert {p["keep_weight"] for p in points} == {0.0, 50.0}  # both runs were checked
+    chosen = grid.info["selection"]["chosen"]
+    assert chosen["contrast"] == min([grid.info["selection"]["base"]["contrast"]] + [p["contrast"] for p in points])
+    w = grid.hparams["keep_weight"]
+    assert chosen["step"] > 0 and diffs  # a checkpoint beat the unchanged model: the grid chose
+    assert w == chosen["keep_weight"]
+    alone, alone_diffs = run(keep_weight=w)
+    assert alone.info["selection"]["chosen"]["step"] == chosen["step"]
+    assert set(alone_diffs) == set(diffs)
+    for n in diffs:
+        assert torch.allclose(alone_diffs[n], diffs[n], atol=1e-6), n
+
+
+def test_keep_weight_grid_without_validation_runs_the_first_weight(tiny):
+    from biaslens.unlearn.hparams import DEFAULT_KEEP_WEIGHTS
+    from biaslens.unlearn.masked_ascent import masked_span_ascent
+
+    d = masked_span_ascent(tiny, with_word_spans(TEXTS), lr=1e-3, max_steps=1, validation=None, progress=False)
+    assert d.hparams["keep_weight"] == DEFAULT_KEEP_WEIGHTS[0] and len(d.info["runs"]) == 1
+    d.undo(tiny)
+    with pytest.raises(BiasLensError, match="keep-weight grid needs validation"):
+        masked_span_ascent(tiny, with_word_spans(TEXTS), lr=1e-3, max_steps=1, keep_weights=[0.0, 5.0],
+                           validation=None, progress=False)
