@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 __all__ = ["SpanBatch", "encode_spans", "token_nll", "span_nll", "plain_logits", "minibatches",
            "quick_gap", "quick_ppl", "Best", "Guard", "KeepTerm", "keep_term",
-           "model_forward", "guarded_steps", "Timer", "seed_all", "trainable", "unique_params"]
+           "model_forward", "guarded_steps", "adam_run", "keep_weight_grid", "for_run", "Timer", "seed_all", "trainable",
+           "unique_params"]
 
 if TYPE_CHECKING:
     import torch
@@ -316,10 +317,51 @@ def keep_term(model: Any, prompts: Sequence[Any] | None, weight: float, seed: in
     return KeepTerm(model, prompts, weight, seed=seed) if weight else None
 
 
+def keep_weight_grid(keep_weight: float | None, keep_weights: Sequence[float] | None, validated: bool,
+                     default: Sequence[float]) -> list[float]:
+    """The keep weights a method runs: ``keep_weight`` alone when it is given and ``keep_weights``
+    is not, else the grid ``keep_weights`` (``default`` when None). Without validation there is
+    nothing to choose with: the default grid's first weight, and an explicit grid is refused."""
+    from biaslens.errors import BiasLensError
+
+    weights = ([float(keep_weight)] if keep_weight is not None and keep_weights is None
+               else [float(w) for w in (keep_weights if keep_weights is not None else default)])
+    if not validated and keep_weights is None:
+        weights = weights[:1]
+    if not validated and len(weights) > 1:
+        raise BiasLensError("a keep-weight grid needs validation to choose from it; pass one keep_weight "
+                            "or validation='auto'")
+    return weights
+
+
+def for_run(keep: "KeepTerm | None", weight: float, seed: int) -> "KeepTerm | None":
+    """``keep`` set up for one run of a keep-weight grid: its weight ``weight`` and its prompt
+    stream restarted from ``seed`` (None when there is no term or ``weight`` is 0)."""
+    if keep is None or weight <= 0:
+        return None
+    keep.weight = float(weight)
+    keep.stream = minibatches(list(range(len(keep.prompts))), keep.batch_size, seed_all(seed))
+    return keep
+
+
 def model_forward(model: Any) -> Callable:
     """``forward(input_ids, attention_mask=..., keep=None)`` with gradients into ``model.params``:
     every position's logits, or ``[n_keep, vocab]`` at the boolean ``keep``."""
     return lambda ids, attention_mask=None, keep=None: plain_logits(model, ids, attention_mask, keep=keep)
+
+
+def adam_run(owner: Any, names: Sequence[str], objective: Callable[[], "torch.Tensor"], lr: float,
+             guard: "Guard | None", max_steps: int, eval_every: int, desc: str, progress: bool = True) -> list[float]:
+    """One training run: Adam at ``lr`` on ``owner``'s parameters ``names`` (only they require
+    grad meanwhile) through :func:`guarded_steps`; returns the objective per step."""
+    import torch
+
+    restore_flags = trainable(owner, names)
+    opt = torch.optim.Adam([owner.param(n) for n in names], lr=lr)
+    try:
+        return guarded_steps(opt, objective, guard, max_steps, eval_every, desc, progress)
+    finally:
+        restore_flags()
 
 
 def guarded_steps(opt, objective: Callable[[], "torch.Tensor"], guard: Guard | None, max_steps: int,

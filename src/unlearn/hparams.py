@@ -23,7 +23,7 @@ from biaslens.edit.hparams import SEED_RANGE, Loadable, Range, read_object
 from biaslens.errors import BiasLensError, DataFormatError
 
 __all__ = ["PCGU_VARIANTS", "PCGUHparams", "TaskVectorHparams", "MaskedAscentHparams", "OffsetHparams", "UnlearnHparams",
-           "resolve_hparams", "DEFAULT_LAMBDAS", "DEFAULT_ALPHAS", "LOSSES"]
+           "resolve_hparams", "DEFAULT_LAMBDAS", "DEFAULT_ALPHAS", "DEFAULT_KEEP_WEIGHTS", "LOSSES"]
 
 #: the task-vector strengths λ swept on validation (:mod:`biaslens.unlearn.task_vector`)
 DEFAULT_LAMBDAS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)

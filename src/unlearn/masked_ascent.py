@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from biaslens.errors import BiasLensError
 from biaslens.unlearn.hparams import DEFAULT_KEEP_WEIGHTS, MaskedAscentHparams, resolve_hparams
-from biaslens.unlearn.common import (Best, Guard, Timer, encode_spans, guarded_steps, keep_term,
-                                     minibatches, model_forward, seed_all, span_nll, trainable, unique_params)
+from biaslens.unlearn.common import (Best, Guard, Timer, adam_run, encode_spans, for_run, keep_term,
+                                     keep_weight_grid, minibatches, model_forward, seed_all, span_nll,
+                                     unique_params)
 from biaslens.unlearn.select import validation_for
 
 if TYPE_CHECKING:
@@ -82,8 +83,6 @@ def masked_span_ascent(
     records every checkpoint of every run and the choice. ``hparams``: a
     :class:`~biaslens.unlearn.hparams.MaskedAscentHparams` (or its dict, or a JSON file) holding
     the keyword hyperparameters."""
-    import torch
-
     hpar = resolve_hparams(MaskedAscentHparams, hparams, masked_span_ascent, locals())
     (lr, lrs, max_steps, ppl_bound, batch_size, eval_every, keep_weight, keep_weights, params, patience, seed) = (
         hpar.lr, hpar.lrs, hpar.max_steps, hpar.ppl_bound, hpar.batch_size, hpar.eval_every, hpar.keep_weight,
@@ -102,13 +101,7 @@ def masked_span_ascent(
         raise BiasLensError("need max_steps >= 1, eval_every >= 1 and learning rates > 0")
     if val is None and len(grid) > 1:
         raise BiasLensError("a learning-rate grid needs validation to choose from it; pass one lr or validation='auto'")
-    weights = ([keep_weight] if keep_weight is not None and keep_weights is None
-               else list(keep_weights if keep_weights is not None else DEFAULT_KEEP_WEIGHTS))
-    if val is None and keep_weights is None:
-        weights = weights[:1]
-    if val is None and len(weights) > 1:
-        raise BiasLensError("a keep-weight grid needs validation to choose from it; pass one keep_weight "
-                            "or validation='auto'")
+    weights = keep_weight_grid(keep_weight, keep_weights, val is not None, DEFAULT_KEEP_WEIGHTS)
     # one keep term (its base probabilities measured once); each run sets its weight
     keep = keep_term(model, keep_prompts, max(weights), seed) if max(weights) > 0 else None
     forward = model_forward(model)
@@ -122,23 +115,15 @@ def masked_span_ascent(
         guard = Guard(model, names, val, setting=setting, patience=patience, best=best) if val else None
         if guard is not None:
             guard.start()
-        use_keep = keep if keep is not None and weight > 0 else None
-        if use_keep is not None:
-            use_keep.weight = float(weight)
-            use_keep.stream = minibatches(list(range(len(keep.prompts))), keep.batch_size, seed_all(seed))
+        use_keep = for_run(keep, weight, seed)
         stream = minibatches(items, batch_size, rng)
 
         def objective(use_keep=use_keep, stream=stream):
             obj = span_ascent_loss(model, next(stream))
             return obj + use_keep.loss(forward) if use_keep is not None else obj
 
-        restore_flags = trainable(model, names)
-        opt = torch.optim.Adam([model.param(n) for n in names], lr=rate)
-        try:
-            values = guarded_steps(opt, objective, guard, max_steps, eval_every,
-                                   f"masked-span ascent (lr {rate:g}, keep weight {weight:g})", progress)
-        finally:
-            restore_flags()
+        values = adam_run(model, names, objective, rate, guard, max_steps, eval_every,
+                          f"masked-span ascent (lr {rate:g}, keep weight {weight:g})", progress)
         runs.append({"lr": rate, "keep_weight": weight, "steps_run": len(values), "objective": values,
                      **(guard.info() if guard is not None else {})})
     if val is not None:

@@ -37,8 +37,9 @@ from biaslens.errors import BiasLensError, ExportError
 from biaslens.model import BiasModel
 from biaslens.prompts import TokenBatch
 from biaslens.unlearn.hparams import DEFAULT_ALPHAS, DEFAULT_KEEP_WEIGHTS, LOSSES, OffsetHparams, resolve_hparams
-from biaslens.unlearn.common import (Best, Guard, Timer, encode_spans, guarded_steps, keep_term, minibatches,
-                                     plain_logits, seed_all, span_nll, trainable, unique_params)
+from biaslens.unlearn.common import (Best, Guard, Timer, adam_run, encode_spans, for_run, keep_term,
+                                     keep_weight_grid, minibatches, plain_logits, seed_all, span_nll,
+                                     unique_params)
 from biaslens.unlearn.select import validation_for
 
 if TYPE_CHECKING:
@@ -267,8 +268,6 @@ def offset_unlearn(
     :class:`~biaslens.unlearn.hparams.OffsetHparams` (or its dict, or a JSON file) holding the
     keyword hyperparameters.
     """
-    import torch
-
     import biaslens
 
     hpar = resolve_hparams(OffsetHparams, hparams, offset_unlearn, locals())
@@ -289,13 +288,7 @@ def offset_unlearn(
     offset = biaslens.load(base.path or base.spec, device=str(base.device), dtype=base.dtype)
     om = OffsetModel(model, base, offset, alpha)
     val = validation_for(om, validation, val_prompts, ppl_texts, bounds, ppl_bound, scorer=model)
-    weights = ([keep_weight] if keep_weight is not None and keep_weights is None
-               else list(keep_weights if keep_weights is not None else DEFAULT_KEEP_WEIGHTS))
-    if val is None and keep_weights is None:
-        weights = weights[:1]
-    if val is None and len(weights) > 1:
-        raise BiasLensError("a keep-weight grid needs validation to choose from it; pass one keep_weight "
-                            "or validation='auto'")
+    weights = keep_weight_grid(keep_weight, keep_weights, val is not None, DEFAULT_KEEP_WEIGHTS)
     if keep_prompts is None and max(weights) > 0:
         from biaslens.defaults import defaults_for
 
@@ -314,11 +307,7 @@ def offset_unlearn(
 
     for weight in weights:  # one training run per keep weight, from the same start
         offset.restore(original)
-        use_keep = keep if keep is not None and weight > 0 else None
-        if use_keep is not None:
-            use_keep.weight = float(weight)
-            use_keep.stream = minibatches(list(range(len(use_keep.prompts))), use_keep.batch_size,
-                                          seed_all(seed))
+        use_keep = for_run(keep, weight, seed)
         rng = seed_all(seed)
         setting = {"alpha": float(alpha), **({"keep_weight": float(weight)} if len(weights) > 1 else {})}
         guard = (Guard(om, names, val, owner=offset, setting=setting, patience=patience, best=best)
@@ -335,13 +324,8 @@ def offset_unlearn(
             value = offset_loss(om, fb, rb, loss)
             return value + use_keep.loss(forward) if use_keep is not None else value
 
-        restore_flags = trainable(offset, names)
-        opt = torch.optim.Adam([offset.param(n) for n in names], lr=lr)
-        try:
-            losses = guarded_steps(opt, objective, guard, max_steps, eval_every,
-                                   f"offset unlearning ({loss}, keep weight {weight:g})", progress)
-        finally:
-            restore_flags()
+        losses = adam_run(offset, names, objective, lr, guard, max_steps, eval_every,
+                          f"offset unlearning ({loss}, keep weight {weight:g})", progress)
         runs.append({"keep_weight": float(weight), "steps_run": len(losses), "losses": losses,
                      "stopped": (guard.stopped or "max_steps") if guard is not None
                      else ("max_steps" if len(losses) == max_steps else "objective")})
