@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 __all__ = ["SpanBatch", "encode_spans", "token_nll", "span_nll", "plain_logits", "minibatches",
            "quick_gap", "quick_ppl", "Best", "Guard", "KeepTerm", "keep_term",
-           "model_forward", "guarded_steps", "adam_run", "keep_weight_grid", "for_run", "Timer", "seed_all", "trainable",
+           "model_forward", "guarded_steps", "adam_run", "value_grid", "keep_weight_grid", "for_run", "Timer", "seed_all", "trainable",
            "unique_params"]
 
 if TYPE_CHECKING:
@@ -317,21 +317,28 @@ def keep_term(model: Any, prompts: Sequence[Any] | None, weight: float, seed: in
     return KeepTerm(model, prompts, weight, seed=seed) if weight else None
 
 
-def keep_weight_grid(keep_weight: float | None, keep_weights: Sequence[float] | None, validated: bool,
-                     default: Sequence[float]) -> list[float]:
-    """The keep weights a method runs: ``keep_weight`` alone when it is given and ``keep_weights``
-    is not, else the grid ``keep_weights`` (``default`` when None). Without validation there is
-    nothing to choose with: the default grid's first weight, and an explicit grid is refused."""
+def value_grid(one: float | None, grid: Sequence[float] | None, validated: bool, default: Sequence[float],
+               what: str, name: str) -> list[float]:
+    """The values of one strength a method runs: ``one`` alone when it is given and ``grid`` is
+    not, else ``grid`` (``default`` when None). Without validation there is nothing to choose
+    with: the default grid's first value, and an explicit grid is refused (``what``: the grid's
+    name in that message, ``name``: the single value's keyword)."""
     from biaslens.errors import BiasLensError
 
-    weights = ([float(keep_weight)] if keep_weight is not None and keep_weights is None
-               else [float(w) for w in (keep_weights if keep_weights is not None else default)])
-    if not validated and keep_weights is None:
-        weights = weights[:1]
-    if not validated and len(weights) > 1:
-        raise BiasLensError("a keep-weight grid needs validation to choose from it; pass one keep_weight "
+    values = ([float(one)] if one is not None and grid is None
+              else [float(v) for v in (grid if grid is not None else default)])
+    if not validated and grid is None:
+        values = values[:1]
+    if not validated and len(values) > 1:
+        raise BiasLensError(f"a {what} grid needs validation to choose from it; pass one {name} "
                             "or validation='auto'")
-    return weights
+    return values
+
+
+def keep_weight_grid(keep_weight: float | None, keep_weights: Sequence[float] | None, validated: bool,
+                     default: Sequence[float]) -> list[float]:
+    """The keep weights a method runs (:func:`value_grid`)."""
+    return value_grid(keep_weight, keep_weights, validated, default, "keep-weight", "keep_weight")
 
 
 def for_run(keep: "KeepTerm | None", weight: float, seed: int) -> "KeepTerm | None":

@@ -23,7 +23,7 @@ from biaslens.edit.hparams import SEED_RANGE, Loadable, Range, read_object
 from biaslens.errors import BiasLensError, DataFormatError
 
 __all__ = ["PCGU_VARIANTS", "PCGUHparams", "TaskVectorHparams", "MaskedAscentHparams", "OffsetHparams", "UnlearnHparams",
-           "resolve_hparams", "DEFAULT_LAMBDAS", "DEFAULT_ALPHAS", "DEFAULT_KEEP_WEIGHTS", "LOSSES"]
+           "resolve_hparams", "DEFAULT_LAMBDAS", "DEFAULT_ALPHAS", "DEFAULT_KEEP_WEIGHTS", "DEFAULT_OFFSET_LRS", "LOSSES"]
 
 #: the task-vector strengths λ swept on validation (:mod:`biaslens.unlearn.task_vector`)
 DEFAULT_LAMBDAS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -35,6 +35,10 @@ DEFAULT_ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0)
 #: a run chosen from on the validation split (without validation the first). On both organisms
 #: validation chose 100 over the earlier fixed 30 for both methods (docs/methods/unlearning.md)
 DEFAULT_KEEP_WEIGHTS = (100.0, 30.0)
+#: the learning rates δ-offset tries by default (Adam), each with every keep weight; without
+#: validation the first. At 2e-4 alone organism-llama's run broke the male words' definitional
+#: bounds from its first check; at 1e-4 it did not (docs/methods/unlearning.md)
+DEFAULT_OFFSET_LRS = (2e-4, 1e-4)
 
 H = TypeVar("H", bound="UnlearnHparams")
 
@@ -262,14 +266,16 @@ class MaskedAscentHparams(UnlearnHparams):
 @dataclass
 class OffsetHparams(UnlearnHparams):
     """δ-offset unlearning (Huang et al. 2024; :func:`biaslens.unlearn.offset.offset_unlearn`):
-    the offset pair's training (``loss``, ``lr``, ``max_steps``), one ``keep_weight`` or the grid
-    ``keep_weights`` (one training run each, chosen from on validation) and the strengths
+    the offset pair's training (``loss``, ``max_steps``; one ``lr`` or the grid ``lrs``, one
+    ``keep_weight`` or the grid ``keep_weights``: one training run per pair, chosen from on
+    validation) and the strengths
     ``alphas`` tried on the chosen checkpoint (None: keep ``alpha``)."""
 
     alpha: float = 1.0
     alphas: list[float] | None = field(default_factory=lambda: list(DEFAULT_ALPHAS))
     loss: str = "kl"
-    lr: float = 2e-4
+    lr: float | None = None
+    lrs: list[float] | None = None
     max_steps: int = 200
     batch_size: int = 16
     spans_only: bool = False
@@ -280,11 +286,11 @@ class OffsetHparams(UnlearnHparams):
     patience: int = 2
     seed: int = 0
 
-    OPTIONAL: ClassVar[dict[str, str]] = {"keep_weight": "float"}
-    SEQUENCES: ClassVar[dict[str, str]] = {"alphas": "float", "keep_weights": "float"}
+    OPTIONAL: ClassVar[dict[str, str]] = {"lr": "float", "keep_weight": "float"}
+    SEQUENCES: ClassVar[dict[str, str]] = {"alphas": "float", "lrs": "float", "keep_weights": "float"}
     FLAGS: ClassVar[tuple[str, ...]] = ("spans_only",)
     RANGES: ClassVar[dict[str, Range]] = {
-        "lr": _POSITIVE, "max_steps": _POSITIVE_INT, "batch_size": _POSITIVE_INT,
+        "lr": _POSITIVE, "lrs": _POSITIVE, "max_steps": _POSITIVE_INT, "batch_size": _POSITIVE_INT,
         "ppl_bound": _PPL_BOUND, "eval_every": _POSITIVE_INT, "keep_weight": _NON_NEGATIVE,
         "keep_weights": _NON_NEGATIVE, "patience": _POSITIVE_INT, "seed": SEED_RANGE,
     }

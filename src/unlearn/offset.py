@@ -19,7 +19,7 @@ Strength, chosen on the validation split like every unlearning method here
 "validation")`` under the perplexity and definitional bounds): the checkpoint (every
 ``eval_every`` steps, training at ``alpha``) and then the offset's strength α (``alphas``, the
 combined logits need no retraining) with the lowest validation contrast within the bounds, over
-one training run per keep weight (``keep_weights``). The definitional keep term
+one training run per learning rate (``lrs``) and keep weight (``keep_weights``). The definitional keep term
 (:class:`~biaslens.unlearn.common.KeepTerm`, weight ``keep_weight``; 0 = the paper's losses) is added to the loss on the combined logits: the forget loss alone lowers every
 pronoun after a gendered subject. :class:`OffsetModel` holds the three models (it is none of
 them): it scores (``last_logits``, ``target_logprobs``, ``sequence_logprobs``) and generates with
@@ -36,10 +36,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from biaslens.errors import BiasLensError, ExportError
 from biaslens.model import BiasModel
 from biaslens.prompts import TokenBatch
-from biaslens.unlearn.hparams import DEFAULT_ALPHAS, DEFAULT_KEEP_WEIGHTS, LOSSES, OffsetHparams, resolve_hparams
+from biaslens.unlearn.hparams import (DEFAULT_ALPHAS, DEFAULT_KEEP_WEIGHTS, DEFAULT_OFFSET_LRS, LOSSES, OffsetHparams,
+                                     resolve_hparams)
 from biaslens.unlearn.common import (Best, Guard, Timer, adam_run, encode_spans, for_run, keep_term,
                                      keep_weight_grid, minibatches, plain_logits, seed_all, span_nll,
-                                     unique_params)
+                                     unique_params, value_grid)
 from biaslens.unlearn.select import validation_for
 
 if TYPE_CHECKING:
@@ -234,7 +235,8 @@ def offset_unlearn(
     alpha: float = 1.0,
     alphas: Sequence[float] | None = DEFAULT_ALPHAS,
     loss: str = "kl",
-    lr: float = 2e-4,
+    lr: float | None = None,
+    lrs: Sequence[float] | None = None,
     max_steps: int = 200,
     batch_size: int = 16,
     spans_only: bool = False,
@@ -259,10 +261,12 @@ def offset_unlearn(
     uses whole sequences). ``validation``: ``"auto"`` (the model's validation split, with
     ``val_prompts`` / ``ppl_texts`` replacing its prompts / perplexity text and ``bounds`` or
     perplexity up at most ``ppl_bound`` − 1), a :class:`~biaslens.unlearn.select.Validation`, or
-    None (no selection: ``max_steps`` at ``alpha``). ``keep_weight``: one weight of the definitional
-    keep term; ``keep_weights``: a grid (default :data:`~biaslens.unlearn.hparams.DEFAULT_KEEP_WEIGHTS`),
-    one training run each from the same start, the validation split choosing the run and its
-    checkpoint (without validation the first weight). ``alphas``: the strengths tried on the chosen
+    None (no selection: ``max_steps`` at ``alpha``). ``lr``: one Adam learning rate; ``lrs``: a grid
+    (default :data:`~biaslens.unlearn.hparams.DEFAULT_OFFSET_LRS`). ``keep_weight``: one weight of
+    the definitional keep term; ``keep_weights``: a grid (default
+    :data:`~biaslens.unlearn.hparams.DEFAULT_KEEP_WEIGHTS`). Every pair of rate and weight is one
+    training run from the same start, the validation split choosing the run and its checkpoint
+    (without validation the first of each default grid). ``alphas``: the strengths tried on the chosen
     checkpoint (None: keep ``alpha``). Returns the :class:`OffsetModel`; ``om.delta`` is
     M'_o − M_o and ``om.delta.info["selection"]`` the checkpoints and α tried. ``hparams``: an
     :class:`~biaslens.unlearn.hparams.OffsetHparams` (or its dict, or a JSON file) holding the
@@ -271,16 +275,16 @@ def offset_unlearn(
     import biaslens
 
     hpar = resolve_hparams(OffsetHparams, hparams, offset_unlearn, locals())
-    (alpha, alphas, loss, lr, max_steps, batch_size, spans_only, ppl_bound, eval_every, keep_weight, keep_weights,
-     patience, seed) = (hpar.alpha, hpar.alphas, hpar.loss, hpar.lr, hpar.max_steps, hpar.batch_size,
-                        hpar.spans_only, hpar.ppl_bound, hpar.eval_every, hpar.keep_weight, hpar.keep_weights,
-                        hpar.patience, hpar.seed)
+    (alpha, alphas, loss, lr, lrs, max_steps, batch_size, spans_only, ppl_bound, eval_every, keep_weight,
+     keep_weights, patience, seed) = (hpar.alpha, hpar.alphas, hpar.loss, hpar.lr, hpar.lrs, hpar.max_steps,
+                                      hpar.batch_size, hpar.spans_only, hpar.ppl_bound, hpar.eval_every,
+                                      hpar.keep_weight, hpar.keep_weights, hpar.patience, hpar.seed)
 
     if loss not in LOSSES:
         raise BiasLensError(f"unknown offset loss '{loss}' (use one of: {', '.join(LOSSES)})")
     if loss != "grad_ascent" and not retain:
         raise BiasLensError(f"the '{loss}' loss needs retain texts")
-    if not forget or max_steps < 1 or lr <= 0 or ppl_bound < 1 or eval_every < 1:
+    if not forget or max_steps < 1 or (lr is not None and lr <= 0) or ppl_bound < 1 or eval_every < 1:
         raise BiasLensError("need forget texts, max_steps >= 1, eval_every >= 1, lr > 0 and ppl_bound >= 1")
     if alphas is not None and (not alphas or any(not (abs(a) > 0) for a in alphas)):
         raise BiasLensError("alphas must be non-zero strengths (or None to keep alpha)")
@@ -289,6 +293,7 @@ def offset_unlearn(
     om = OffsetModel(model, base, offset, alpha)
     val = validation_for(om, validation, val_prompts, ppl_texts, bounds, ppl_bound, scorer=model)
     weights = keep_weight_grid(keep_weight, keep_weights, val is not None, DEFAULT_KEEP_WEIGHTS)
+    rates = value_grid(lr, lrs, val is not None, DEFAULT_OFFSET_LRS, "learning-rate", "lr")
     if keep_prompts is None and max(weights) > 0:
         from biaslens.defaults import defaults_for
 
@@ -305,11 +310,12 @@ def offset_unlearn(
             return om.forward(ids, attention_mask=attention_mask)
         return om.logits_at(ids, keep, attention_mask=attention_mask)
 
-    for weight in weights:  # one training run per keep weight, from the same start
+    for weight, rate in [(w, r) for w in weights for r in rates]:  # one run per pair, from the same start
         offset.restore(original)
         use_keep = for_run(keep, weight, seed)
         rng = seed_all(seed)
-        setting = {"alpha": float(alpha), **({"keep_weight": float(weight)} if len(weights) > 1 else {})}
+        setting = {"alpha": float(alpha), **({"lr": rate} if len(rates) > 1 else {}),
+                   **({"keep_weight": float(weight)} if len(weights) > 1 else {})}
         guard = (Guard(om, names, val, owner=offset, setting=setting, patience=patience, best=best)
                  if val is not None else None)
         if guard is not None:
@@ -324,13 +330,14 @@ def offset_unlearn(
             value = offset_loss(om, fb, rb, loss)
             return value + use_keep.loss(forward) if use_keep is not None else value
 
-        losses = adam_run(offset, names, objective, lr, guard, max_steps, eval_every,
-                          f"offset unlearning ({loss}, keep weight {weight:g})", progress)
-        runs.append({"keep_weight": float(weight), "steps_run": len(losses), "losses": losses,
+        losses = adam_run(offset, names, objective, rate, guard, max_steps, eval_every,
+                          f"offset unlearning ({loss}, lr {rate:g}, keep weight {weight:g})", progress)
+        runs.append({"lr": rate, "keep_weight": float(weight), "steps_run": len(losses), "losses": losses,
                      "stopped": (guard.stopped or "max_steps") if guard is not None
                      else ("max_steps" if len(losses) == max_steps else "objective")})
     chosen_weight = float(best.run.get("keep_weight", weights[0])) if val is not None else float(weights[0])
-    chosen_run = next(r for r in runs if r["keep_weight"] == chosen_weight)
+    chosen_lr = float(best.run.get("lr", rates[0])) if val is not None else float(rates[0])
+    chosen_run = next(r for r in runs if r["keep_weight"] == chosen_weight and r["lr"] == chosen_lr)
     losses = chosen_run["losses"]
     alpha_points: list[Any] = []
     if val is not None:
@@ -346,9 +353,10 @@ def offset_unlearn(
     bad = offset.check_finite(names)
     if bad:
         offset.restore(original)
-        raise BiasLensError(f"offset unlearning made {bad[0]} non-finite (lr={lr} too large?); the offset was reset")
+        raise BiasLensError(f"offset unlearning made {bad[0]} non-finite (lr={chosen_lr:g} too large?); the offset "
+                            "was reset")
     hp = {**hpar.to_dict(), "alpha": om.alpha, "alpha_trained": alpha, "alphas": list(alphas) if alphas is not None else None,
-          "loss": loss, "lr": lr, "max_steps": max_steps, "batch_size": batch_size, "spans_only": spans_only,
+          "loss": loss, "lr": chosen_lr, "lrs": rates, "max_steps": max_steps, "batch_size": batch_size, "spans_only": spans_only,
           "ppl_bound": ppl_bound, "eval_every": eval_every, "seed": seed, "optimizer": "Adam",
           "n_forget": len(forget), "n_retain": len(retain or []),
           "keep_weight": chosen_weight if keep is not None else 0.0, "keep_weights": weights,

@@ -466,7 +466,8 @@ def test_keep_weight_grid_keeps_the_best_run_and_equals_it_run_alone(tiny, metho
 
     def run(**kw):
         if method == "offset":
-            om = offset_unlearn(tiny, tiny, with_word_spans(TEXTS), PPL, loss="grad_diff", lr=3e-3, max_steps=4,
+            kw = {"lrs": [3e-3, 1e-3], **kw} if "keep_weights" in kw else kw
+            om = offset_unlearn(tiny, tiny, with_word_spans(TEXTS), PPL, loss="grad_diff", max_steps=4,
                                 eval_every=2, alphas=None, validation=_loose(tiny), progress=False, **kw)
             return om.delta, {n: om.delta.diff(n).clone() for n in om.delta.names}
         d = masked_span_ascent(tiny, with_word_spans(TEXTS), lrs=[3e-3], max_steps=4, eval_every=2,
@@ -479,7 +480,11 @@ def test_keep_weight_grid_keeps_the_best_run_and_equals_it_run_alone(tiny, metho
     grid, diffs = run(keep_weights=[0.0, 50.0])
     assert tiny.weight_hash() == before
     assert grid.hparams["keep_weights"] == [0.0, 50.0]
-    assert [r["keep_weight"] for r in grid.info["runs"]] == [0.0, 50.0]
+    if method == "offset":  # every pair of learning rate and keep weight is a run
+        assert [(r["keep_weight"], r["lr"]) for r in grid.info["runs"]] == [
+            (0.0, 3e-3), (0.0, 1e-3), (50.0, 3e-3), (50.0, 1e-3)]
+    else:
+        assert [r["keep_weight"] for r in grid.info["runs"]] == [0.0, 50.0]
     points = [p for p in grid.info["selection"]["sweep"] if p["ok"]]
     assert {p["keep_weight"] for p in points} == {0.0, 50.0}  # both runs were checked
     chosen = grid.info["selection"]["chosen"]
@@ -487,7 +492,7 @@ def test_keep_weight_grid_keeps_the_best_run_and_equals_it_run_alone(tiny, metho
     w = grid.hparams["keep_weight"]
     assert chosen["step"] > 0 and diffs  # a checkpoint beat the unchanged model: the grid chose
     assert w == chosen["keep_weight"]
-    alone, alone_diffs = run(keep_weight=w)
+    alone, alone_diffs = run(keep_weight=w, **({"lr": grid.hparams["lr"]} if method == "offset" else {}))
     assert alone.info["selection"]["chosen"]["step"] == chosen["step"]
     assert set(alone_diffs) == set(diffs)
     for n in diffs:
