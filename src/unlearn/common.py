@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 __all__ = ["SpanBatch", "encode_spans", "token_nll", "span_nll", "plain_logits", "minibatches",
            "quick_gap", "quick_ppl", "Best", "Guard", "KeepTerm", "keep_term",
-           "model_forward", "guarded_steps", "adam_run", "value_grid", "keep_weight_grid", "for_run", "Timer", "seed_all", "trainable",
-           "unique_params"]
+           "model_forward", "guarded_steps", "adam_run", "value_grid", "keep_weight_grid", "for_run", "Timer",
+           "seed_all", "trainable", "unique_params"]
 
 if TYPE_CHECKING:
     import torch

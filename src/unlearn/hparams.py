@@ -268,8 +268,8 @@ class OffsetHparams(UnlearnHparams):
     """δ-offset unlearning (Huang et al. 2024; :func:`biaslens.unlearn.offset.offset_unlearn`):
     the offset pair's training (``loss``, ``max_steps``; one ``lr`` or the grid ``lrs``, one
     ``keep_weight`` or the grid ``keep_weights``: one training run per pair, chosen from on
-    validation) and the strengths
-    ``alphas`` tried on the chosen checkpoint (None: keep ``alpha``)."""
+    validation) and the strengths ``alphas`` tried on the chosen checkpoint (None: keep
+    ``alpha``)."""
 
     alpha: float = 1.0
     alphas: list[float] | None = field(default_factory=lambda: list(DEFAULT_ALPHAS))

@@ -11,8 +11,8 @@ objective): ascent on the stereotyped pronoun alone lowers *every* pronoun after
 subject, so on the organism definitional margins collapsed before the stereotype was a third gone.
 
 The strength — the number of steps, the learning rate (``lrs``, a grid) and the keep weight
-(``keep_weights``, a grid) — is chosen on the validation split (:mod:`biaslens.unlearn.select`: the stereotype contrast on
-``occupation_prompts("edit", "validation")``, under the perplexity and definitional bounds):
+(``keep_weights``, a grid) — is chosen on the validation split (:mod:`biaslens.unlearn.select`:
+the stereotype contrast on ``occupation_prompts("edit", "validation")``, under the perplexity and definitional bounds):
 the checkpoint (every ``eval_every`` steps) with the lowest validation contrast within the bounds;
 a run stops once ``patience`` checks in a row break a bound. Adam on every parameter (the paper
 leaves the optimiser open).
@@ -26,7 +26,7 @@ from biaslens.errors import BiasLensError
 from biaslens.unlearn.hparams import DEFAULT_KEEP_WEIGHTS, MaskedAscentHparams, resolve_hparams
 from biaslens.unlearn.common import (Best, Guard, Timer, adam_run, encode_spans, for_run, keep_term,
                                      keep_weight_grid, minibatches, model_forward, seed_all, span_nll,
-                                     unique_params)
+                                     unique_params, value_grid)
 from biaslens.unlearn.select import validation_for
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from biaslens.model import BiasModel
     from biaslens.unlearn.data import SpanText
 
-__all__ = ["masked_span_ascent", "span_ascent_loss", "DEFAULT_LRS", "DEFAULT_KEEP_WEIGHTS"]
+__all__ = ["masked_span_ascent", "span_ascent_loss", "DEFAULT_LRS"]
 
 #: the learning rates tried by default (Adam); the validation split picks one
 DEFAULT_LRS = (1e-4, 3e-4)
@@ -94,13 +94,9 @@ def masked_span_ascent(
     if ppl_bound < 1:
         raise BiasLensError("need ppl_bound >= 1")
     val = validation_for(model, validation, val_prompts, ppl_texts, bounds, ppl_bound)
-    grid = [lr] if lr is not None and lrs is None else list(lrs if lrs is not None else DEFAULT_LRS)
-    if val is None and lrs is None:  # nothing to choose with: one run
-        grid = grid[:1]
+    grid = value_grid(lr, lrs, val is not None, DEFAULT_LRS, "learning-rate", "lr")
     if max_steps < 1 or not grid or any(not (x > 0) for x in grid) or eval_every < 1:
         raise BiasLensError("need max_steps >= 1, eval_every >= 1 and learning rates > 0")
-    if val is None and len(grid) > 1:
-        raise BiasLensError("a learning-rate grid needs validation to choose from it; pass one lr or validation='auto'")
     weights = keep_weight_grid(keep_weight, keep_weights, val is not None, DEFAULT_KEEP_WEIGHTS)
     # one keep term (its base probabilities measured once); each run sets its weight
     keep = keep_term(model, keep_prompts, max(weights), seed) if max(weights) > 0 else None

@@ -19,9 +19,10 @@ Strength, chosen on the validation split like every unlearning method here
 "validation")`` under the perplexity and definitional bounds): the checkpoint (every
 ``eval_every`` steps, training at ``alpha``) and then the offset's strength α (``alphas``, the
 combined logits need no retraining) with the lowest validation contrast within the bounds, over
-one training run per learning rate (``lrs``) and keep weight (``keep_weights``). The definitional keep term
-(:class:`~biaslens.unlearn.common.KeepTerm`, weight ``keep_weight``; 0 = the paper's losses) is added to the loss on the combined logits: the forget loss alone lowers every
-pronoun after a gendered subject. :class:`OffsetModel` holds the three models (it is none of
+one training run per learning rate (``lrs``) and keep weight (``keep_weights``). The
+definitional keep term (:class:`~biaslens.unlearn.common.KeepTerm`, weight ``keep_weight``; 0 =
+the paper's losses) is added to the loss on the combined logits: the forget loss alone lowers
+every pronoun after a gendered subject. :class:`OffsetModel` holds the three models (it is none of
 them): it scores (``last_logits``, ``target_logprobs``, ``sequence_logprobs``) and generates with
 l̃, so every evaluation function runs on it unchanged, and refuses what only one model has; :func:`export_offset`
 writes the pair with α and a manifest, :func:`load_offset` reads it back.
