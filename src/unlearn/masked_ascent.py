@@ -99,7 +99,7 @@ def masked_span_ascent(
         raise BiasLensError("need max_steps >= 1, eval_every >= 1 and learning rates > 0")
     weights = keep_weight_grid(keep_weight, keep_weights, val is not None, DEFAULT_KEEP_WEIGHTS)
     # one keep term (its base probabilities measured once); each run sets its weight
-    keep = keep_term(model, keep_prompts, max(weights), seed) if max(weights) > 0 else None
+    keep = keep_term(model, keep_prompts, max(weights), seed)  # None when every weight is 0
     forward = model_forward(model)
     names = unique_params(model, params)
     original = model.snapshot(names)

@@ -300,7 +300,7 @@ def offset_unlearn(
 
         keep_prompts = defaults_for(model).definitional_prompts("edit")
     # one keep term (its base probabilities measured once); each run sets its weight
-    keep = keep_term(om, keep_prompts, max(weights), seed) if max(weights) > 0 else None
+    keep = keep_term(om, keep_prompts, max(weights), seed)  # None when every weight is 0
     names = unique_params(offset)
     original = offset.snapshot(names)
     best, runs, guards, start = Best(), [], [], None
